@@ -1,0 +1,58 @@
+"""Turns a chat (or a prompt and images) into what the engine runs: prompt token ids with every image
+pad expanded to the image's token count, and the preprocessed images in prompt order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from serving.engine.image_processor import ImageProcessor, ProcessedImage
+from serving.engine.models.config import ModelConfig
+from serving.engine.tokenizer import Tokenizer
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    images: list[ProcessedImage] = field(default_factory=list)
+
+
+class InputProcessor:
+    def __init__(
+        self, model_config: ModelConfig, tokenizer: Tokenizer, image_processor: ImageProcessor
+    ) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    def from_messages(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Prompt:
+        """`messages` in chat-template form; its image parts, in order, stand for `images`."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.from_rendered(text, images)
+
+    def from_user_prompt(self, prompt: str, images: list[Image.Image]) -> Prompt:
+        """One user message: the images in the order given, then the text."""
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+        content.append({"type": "text", "text": prompt})
+        return self.from_messages([{"role": "user", "content": content}], images)
+
+    def from_rendered(self, text: str, images: list[Image.Image]) -> Prompt:
+        processed = [self.image_processor(im) for im in images]
+        return Prompt(self.expand(self.tokenizer.encode(text), processed), processed)
+
+    def expand(self, token_ids: list[int], images: list[ProcessedImage]) -> list[int]:
+        pad = self.model_config.image_token_id
+        if token_ids.count(pad) != len(images):
+            raise ValueError(
+                f"the prompt has {token_ids.count(pad)} image placeholders for {len(images)} images"
+            )
+        sizes = iter(self.model_config.num_image_tokens(im.grid_thw) for im in images)
+        out: list[int] = []
+        for token in token_ids:
+            if token == pad:
+                out.extend([pad] * next(sizes))
+            else:
+                out.append(token)
+        return out

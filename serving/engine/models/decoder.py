@@ -1,0 +1,89 @@
+"""Qwen2 decoder with multimodal rotary embeddings (M-RoPE), running over the paged KV pool."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from serving.engine.attention import AttentionBatch, paged_attention
+from serving.engine.kv_cache import KVPool
+from serving.engine.models.config import TextConfig
+from serving.engine.models.layers import GatedMLP, RMSNorm, apply_rotary
+
+
+class MRotary:
+    """cos/sin for M-RoPE: the rotary frequencies are split into (t, h, w) sections, each section
+    turned by its own coordinate of the token's 3-D position."""
+
+    def __init__(self, cfg: TextConfig, device: torch.device) -> None:
+        dim = cfg.head_dim
+        self.inv_freq = 1.0 / (
+            cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim)
+        )
+        self.section = list(cfg.mrope_section)
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (3, T) → cos, sin of shape (T, 1, head_dim)."""
+        freqs = positions[..., None].float() * self.inv_freq  # (3, T, head_dim/2)
+        freqs = torch.cat([part[i % 3] for i, part in enumerate(freqs.split(self.section, dim=-1))], dim=-1)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        return self.o_proj(paged_attention(q, k, v, kv[0], kv[1], batch))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, "silu", bias=False)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv, batch):  # noqa: ANN001 - hot path, types as in Decoder.forward
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary: MRotary | None = None
+
+    def forward(
+        self, embeds: torch.Tensor, positions: torch.Tensor, pool: KVPool, batch: AttentionBatch
+    ) -> torch.Tensor:
+        """Packed embeddings (T, D) and their M-RoPE positions (3, T) → final hidden states (T, D)."""
+        if self.rotary is None:
+            self.rotary = MRotary(self.cfg, embeds.device)
+        cos, sin = self.rotary(positions, embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, pool.layer(i), batch)
+        return self.norm(x)
