@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from serving.engine.image_processor import CLIP_MEAN, CLIP_STD
 from serving.engine.models.config import load_model_config
 from serving.engine.models.qwen2_vl import Qwen2VL
 
@@ -40,115 +41,15 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_WORDS = [
-    "the",
-    "a",
-    "an",
-    "one",
-    "two",
-    "three",
-    "red",
-    "green",
-    "blue",
-    "small",
-    "large",
-    "image",
-    "picture",
-    "photo",
-    "cat",
-    "dog",
-    "bird",
-    "tree",
-    "house",
-    "car",
-    "road",
-    "sky",
-    "sun",
-    "cloud",
-    "water",
-    "river",
-    "mountain",
-    "person",
-    "people",
-    "man",
-    "woman",
-    "child",
-    "table",
-    "chair",
-    "window",
-    "door",
-    "book",
-    "is",
-    "are",
-    "was",
-    "were",
-    "has",
-    "have",
-    "shows",
-    "show",
-    "there",
-    "here",
-    "this",
-    "that",
-    "what",
-    "which",
-    "where",
-    "who",
-    "how",
-    "why",
-    "when",
-    "and",
-    "or",
-    "but",
-    "with",
-    "without",
-    "on",
-    "in",
-    "under",
-    "over",
-    "near",
-    "left",
-    "right",
-    "top",
-    "bottom",
-    "middle",
-    "color",
-    "shape",
-    "square",
-    "circle",
-    "line",
-    "light",
-    "dark",
-    "bright",
-    "describe",
-    "answer",
-    "question",
-    "model",
-    "vision",
-    "language",
-    "token",
-    "text",
-    "encode",
-    "prefill",
-    "decode",
-    "serve",
-    "request",
-    "stream",
-    "fast",
-    "slow",
-    "good",
-    "bad",
-    "yes",
-    "no",
-    "please",
-    "thank",
-    "you",
-    "assistant",
-    "user",
-    "system",
-    "of",
-    "to",
-]
+_WORDS = (
+    "the a an one two three red green blue small large image picture photo cat dog bird tree house "
+    "car road sky sun cloud water river mountain person people man woman child table chair window "
+    "door book is are was were has have shows show there here this that what which where who how why "
+    "when and or but with without on in under over near left right top bottom middle color shape "
+    "square circle line light dark bright describe answer question model vision language token text "
+    "encode prefill decode serve request stream fast slow good bad yes no please thank you assistant "
+    "user system of to "
+).split()
 
 
 @dataclass(frozen=True)
@@ -222,7 +123,8 @@ def _config(preset: Preset, family: str, tok: Tokenizer) -> dict[str, Any]:
     else:
         vision_config = dict(common, hidden_size=v["embed_dim"], out_hidden_size=t["hidden_size"],
                              intermediate_size=v["embed_dim"] * v["mlp_ratio"], hidden_act="silu",
-                             window_size=56, fullatt_block_indexes=[v["depth"] - 1], tokens_per_second=2)  # fmt: skip
+                             window_size=56, fullatt_block_indexes=[v["depth"] - 1],
+                             tokens_per_second=2)  # fmt: skip
         arch = "Qwen2_5_VLForConditionalGeneration"
     return dict(
         architectures=[arch], model_type=family, dtype="float32", tie_word_embeddings=False,
@@ -273,8 +175,9 @@ def build_model(out: str | Path, preset: str = "tiny", family: str = "qwen2_vl",
         _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": [im_end, eot],
                                                       "pad_token_id": eot, "do_sample": False})  # fmt: skip
         _write_json(tmp / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-            "bos_token": None, "model_max_length": 32768, "chat_template": CHAT_TEMPLATE,
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>", "bos_token": None, "model_max_length": 32768,
+            "chat_template": CHAT_TEMPLATE,
         })  # fmt: skip
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         _write_json(tmp / "preprocessor_config.json", {
@@ -283,7 +186,7 @@ def build_model(out: str | Path, preset: str = "tiny", family: str = "qwen2_vl",
             "min_pixels": p.min_pixels, "max_pixels": p.max_pixels,
             "size": {"shortest_edge": p.min_pixels, "longest_edge": p.max_pixels},
             "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
         })  # fmt: skip
         model = Qwen2VL(load_model_config(tmp))
         save_file(
