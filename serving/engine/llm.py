@@ -21,6 +21,7 @@ import torch
 from serving.config import EngineConfig
 from serving.engine.image_processor import ImageProcessor, ImageProcessorConfig
 from serving.engine.inputs import InputProcessor, Prompt
+from serving.engine.kv_cache import KVExport
 from serving.engine.models.config import load_model_config
 from serving.engine.runner import ModelRunner
 from serving.engine.sampler import sample
@@ -28,6 +29,16 @@ from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import Sequence
 from serving.engine.tokenizer import Tokenizer
 from serving.types import FinishReason, SamplingParams, TokenDelta
+
+
+@dataclass
+class Prefilled:
+    """What a prefill hands to decode: the first token, the rope delta and the KV it produced."""
+
+    request_id: str
+    first_token: int
+    rope_delta: int
+    kv: KVExport
 
 
 @dataclass
@@ -49,6 +60,8 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, self.model_config)
         self.scheduler = Scheduler(cfg, self.runner.pool)
         self._seqs: dict[str, Sequence] = {}
+        self._prefill_only: set[str] = set()
+        self.held: dict[str, Sequence] = {}  # prefilled, KV kept for a decode worker to take
         self._ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------------
@@ -72,16 +85,53 @@ class LLMEngine:
             raise ValueError("request needs more KV cache than this worker has")
         return seq
 
-    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        prefill_only: bool = False,
+    ) -> str:
+        """Queue a request. With prefill_only it stops after its first token and its KV is held
+        (see `held`, `export_kv`, `release`) for a decode worker to take."""
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._seqs:
+        if request_id in self._seqs or request_id in self.held:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = self.make_sequence(request_id, prompt, params)
         self._seqs[request_id] = seq
+        if prefill_only:
+            self._prefill_only.add(request_id)
         self.scheduler.add(seq)
         return request_id
 
+    def add_prefilled(self, prompt: Prompt, params: SamplingParams, prefilled: Prefilled) -> bool:
+        """Continue a request another worker prefilled: import its KV blocks and join the decode batch.
+        Returns False, importing nothing, when the pool has no room for the request yet."""
+        seq = self.make_sequence(prefilled.request_id, Prompt(prompt.token_ids), params)
+        seq.num_image_tokens = sum(self.model_config.num_image_tokens(im.grid_thw) for im in prompt.images)
+        if not self.scheduler.can_admit(seq):
+            return False
+        seq.block_table = self.runner.pool.import_blocks(prefilled.kv)
+        seq.num_cached = prefilled.kv.num_tokens
+        seq.rope_delta = prefilled.rope_delta
+        seq.append(prefilled.first_token)  # the prefill worker already streamed it; this primes stops
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add_running(seq)
+        return True
+
+    def export_kv(self, request_id: str) -> Prefilled:
+        seq = self.held[request_id]
+        kv = self.runner.pool.export_blocks(seq.block_table, seq.num_cached)
+        return Prefilled(request_id, seq.output_token_ids[0], seq.rope_delta, kv)
+
+    def release(self, request_id: str) -> None:
+        """Give back the KV blocks of a held request (taken, cancelled or expired)."""
+        if seq := self.held.pop(request_id, None):
+            self.runner.pool.free(seq.block_table)
+
     def abort(self, request_id: str) -> None:
+        self._prefill_only.discard(request_id)
+        self.release(request_id)
         if seq := self._seqs.pop(request_id, None):
             seq.finish(FinishReason.ABORT)
             self.scheduler.finish(seq)
@@ -123,6 +173,12 @@ class LLMEngine:
             if delta.finished:
                 self.scheduler.finish(seq)
                 self._seqs.pop(seq.request_id, None)
+                self._prefill_only.discard(seq.request_id)
+            elif seq.request_id in self._prefill_only:
+                self._prefill_only.discard(seq.request_id)
+                self._seqs.pop(seq.request_id)
+                seq.image_embeds = None
+                self.held[seq.request_id] = seq
             elif seq not in self.scheduler.running:
                 seq.image_embeds = None  # the prompt is in the KV cache now
                 self.scheduler.add_running(seq)

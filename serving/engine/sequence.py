@@ -48,9 +48,13 @@ class Sequence:
 
     @property
     def generator(self) -> torch.Generator:
+        """The random source for this request's next token. Seeded requests derive it from (seed,
+        output index) alone, so a request samples the same tokens on whichever worker each step runs."""
+        if self.params.seed is not None:
+            step_seed = (self.params.seed * 1_000_003 + len(self.output_token_ids)) % 2**63
+            return torch.Generator().manual_seed(step_seed)
         if self._generator is None:
-            seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
-            self._generator = torch.Generator().manual_seed(seed)
+            self._generator = torch.Generator().manual_seed(random.getrandbits(63))
         return self._generator
 
     @property

@@ -1,0 +1,103 @@
+"""`epd`: the command line. Subcommands parse flags into the typed config and call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from serving.config import DEFAULT_PRESET, EngineConfig, default_model_dir
+
+
+def _model_dir(arg: str | None) -> str:
+    """The given model directory, or the built-in default (built on first use)."""
+    if arg:
+        if not (Path(arg) / "config.json").exists():
+            raise SystemExit(f"error: {arg} is not a model directory (no config.json)")
+        return arg
+    from serving.engine.models.builder import ensure_model
+
+    return str(ensure_model(default_model_dir(DEFAULT_PRESET), DEFAULT_PRESET))
+
+
+def cmd_model_build(args: argparse.Namespace) -> None:
+    from serving.engine.models.builder import build_model
+
+    out = Path(args.out) if args.out else default_model_dir(args.preset)
+    build_model(out, args.preset, family=args.family, seed=args.seed)
+    print(out)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from serving.engine.llm import LLMEngine
+    from serving.types import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=_model_dir(args.model), device=args.device, dtype=args.dtype))
+    images = []
+    for path in args.image:
+        with Image.open(path) as im:
+            im.load()
+            images.append(im)
+    prompt = engine.inputs.from_user_prompt(args.prompt, images)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    result = engine.generate([(prompt, params)])[0]
+    if args.json:
+        print(
+            json.dumps(
+                {"token_ids": result.token_ids, "text": result.text, "finish_reason": result.finish_reason}
+            )
+        )
+    else:
+        print(result.text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epd", description="EPD Serve: disaggregated VLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="manage models").add_subparsers(dest="model_command", required=True)
+    build = model.add_parser("build", help="build the built-in random-weight model in Hugging Face format")
+    build.add_argument("--out", help="output directory (default: the cache directory, epd-PRESET)")
+    build.add_argument("--preset", choices=["tiny", "small"], default=DEFAULT_PRESET)
+    build.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_vl")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(func=cmd_model_build)
+
+    gen = sub.add_parser("generate", help="run one request through encode, prefill and decode in-process")
+    gen.add_argument("--model", help="model directory (default: the built-in epd-tiny, built if missing)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--image", action="append", default=[], help="image file; repeat for several")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    gen.add_argument(
+        "--json", action="store_true", help="print one JSON line: token_ids, text, finish_reason"
+    )
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

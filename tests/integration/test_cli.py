@@ -1,0 +1,60 @@
+"""`epd generate` runs the three stages in-process and prints the engine's greedy output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from serving.types import SamplingParams
+from tests.conftest import make_image
+
+
+def run_epd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_generate_json_matches_engine(tiny_model, engine, tmp_path):
+    paths = []
+    for i, (w, h) in enumerate([(60, 40), (30, 90)]):
+        paths.append(tmp_path / f"{i}.png")
+        make_image(w, h, seed=i).save(paths[-1])
+    args = [
+        "generate",
+        "--model",
+        str(tiny_model),
+        "--prompt",
+        "What is here?",
+        "--max-tokens",
+        "10",
+        "--json",
+    ]
+    for p in paths:
+        args += ["--image", str(p)]
+    result = run_epd(*args)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    prompt = engine.inputs.from_user_prompt("What is here?", [make_image(60, 40, 0), make_image(30, 90, 1)])
+    expected = engine.generate([(prompt, SamplingParams(max_tokens=10))])[0]
+    assert out == {"token_ids": expected.token_ids, "text": expected.text, "finish_reason": "length"}
+
+
+def test_generate_builds_default_model_when_missing(tmp_path):
+    env = dict(os.environ, EPD_CACHE_DIR=str(tmp_path))
+    result = run_epd("generate", "--prompt", "hi", "--max-tokens", "3", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["token_ids"]) == 3
+    assert (tmp_path / "models" / "epd-tiny" / "config.json").exists()
+
+
+def test_bad_model_dir_is_a_clear_error(tmp_path):
+    result = run_epd("generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert result.returncode != 0 and "not a model directory" in result.stderr

@@ -1,0 +1,83 @@
+"""Greedy tokens from our engine equal transformers' generate(do_sample=False), token for token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+import serving.engine.runner as runner_module
+from serving.config import EngineConfig
+from serving.engine.inputs import Prompt
+from serving.engine.llm import LLMEngine
+from serving.types import SamplingParams
+from tests.conftest import make_image
+
+MAX_TOKENS = 24
+CASES = {
+    "text": [],
+    "one-image": [(56, 84)],
+    "two-images-different-sizes": [(112, 56), (42, 70)],
+    "sides-not-multiple-of-28": [(101, 67)],
+}
+HF_CLASSES = {
+    "tiny_model": Qwen2VLForConditionalGeneration,
+    "tiny25_model": Qwen2_5_VLForConditionalGeneration,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CLASSES))
+def pair(request) -> tuple[LLMEngine, torch.nn.Module]:
+    model_dir: Path = request.getfixturevalue(request.param)
+    ours = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=256, block_size=8))
+    reference = HF_CLASSES[request.param].from_pretrained(model_dir, dtype=torch.float32).eval()
+    return ours, reference
+
+
+def prompt_for(engine: LLMEngine, case: str) -> Prompt:
+    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case])]
+    return engine.inputs.from_user_prompt("Describe what you see in detail.", images)
+
+
+def reference_tokens(model: torch.nn.Module, engine: LLMEngine, prompt: Prompt) -> list[int]:
+    ids = torch.tensor([prompt.token_ids])
+    kwargs = {}
+    if prompt.images:
+        kwargs = dict(
+            pixel_values=torch.cat([im.pixel_values for im in prompt.images]),
+            image_grid_thw=torch.tensor([im.grid_thw for im in prompt.images]),
+            mm_token_type_ids=(ids == engine.model_config.image_token_id).int(),
+        )
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False, **kwargs
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_tokens_equal_transformers(pair, case):
+    engine, reference = pair
+    prompt = prompt_for(engine, case)
+    ours = engine.generate([(prompt, SamplingParams(max_tokens=MAX_TOKENS))])[0]
+    expected = reference_tokens(reference, engine, prompt)
+    assert ours.token_ids == expected
+    # A random model that alternates between two tokens would make equality prove little.
+    assert len(set(expected)) >= 4
+
+
+def one_d_positions(token_ids, grids, image_token_id, merge):
+    n = len(token_ids)
+    return torch.arange(n).expand(3, n).clone(), 0
+
+
+def test_negative_control_plain_positions_break_equality(pair, monkeypatch):
+    """With 1-D positions instead of M-RoPE the comparison must fail: the test can see a wrong model."""
+    engine, reference = pair
+    prompt = prompt_for(engine, "two-images-different-sizes")
+    expected = reference_tokens(reference, engine, prompt)
+    monkeypatch.setattr(runner_module, "mrope_positions", one_d_positions)
+    ours = engine.generate([(prompt, SamplingParams(max_tokens=MAX_TOKENS))])[0]
+    assert ours.token_ids != expected
