@@ -22,7 +22,9 @@ def decode_throughput(engine: LLMEngine, concurrency: int) -> tuple[float, float
     """(end-to-end output tok/s, decode-step-only tok/s) for `concurrency` requests run together."""
     params = SamplingParams(max_tokens=OUTPUT_TOKENS, ignore_eos=True)
     for i in range(concurrency):
-        engine.add_request(engine.inputs.from_user_prompt(f"Request number {i}: tell me a story.", []), params)
+        engine.add_request(
+            engine.inputs.from_user_prompt(f"Request number {i}: tell me a story.", []), params
+        )
     tokens = decode_tokens = 0
     decode_time = 0.0
     start = time.perf_counter()
@@ -41,7 +43,9 @@ def hf_throughput(model_dir: str, engine: LLMEngine, requests: int) -> float:
     from transformers import Qwen2VLForConditionalGeneration
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    prompts = [engine.inputs.from_user_prompt(f"Request number {i}: tell me a story.", []) for i in range(requests)]
+    prompts = [
+        engine.inputs.from_user_prompt(f"Request number {i}: tell me a story.", []) for i in range(requests)
+    ]
     start = time.perf_counter()
     produced = 0
     with torch.no_grad():
@@ -68,11 +72,16 @@ def encode_rate(engine: LLMEngine, batch: int, side: int, repeats: int = 3) -> t
 
 def prefill_rate(engine: LLMEngine, batch: int, words: int, repeats: int = 3) -> tuple[float, float, int]:
     """(tokens/s, ms per batch, tokens per prompt) for a prefill batch of text prompts."""
-    prompts = [engine.inputs.from_user_prompt(" ".join(["picture"] * words) + f" {i}", []) for i in range(batch)]
+    prompts = [
+        engine.inputs.from_user_prompt(" ".join(["picture"] * words) + f" {i}", []) for i in range(batch)
+    ]
     n_tokens = sum(len(p.token_ids) for p in prompts)
     elapsed = 0.0
     for rep in range(repeats + 1):
-        seqs = [engine.make_sequence(f"bench-{rep}-{i}", p, SamplingParams(max_tokens=1)) for i, p in enumerate(prompts)]
+        seqs = [
+            engine.make_sequence(f"bench-{rep}-{i}", p, SamplingParams(max_tokens=1))
+            for i, p in enumerate(prompts)
+        ]
         start = time.perf_counter()
         engine.runner.prefill(seqs)
         if rep:  # the first pass warms up

@@ -15,8 +15,16 @@ from serving.engine.tokenizer import Tokenizer
 
 @dataclass
 class Prompt:
+    """Prompt tokens (image pads expanded) and the images they stand for. A stage that receives the
+    images' embeddings instead of their pixels carries only their grids."""
+
     token_ids: list[int]
     images: list[ProcessedImage] = field(default_factory=list)
+    grids: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.images and not self.grids:
+            self.grids = [im.grid_thw for im in self.images]
 
 
 class InputProcessor:

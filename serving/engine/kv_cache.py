@@ -96,9 +96,12 @@ class KVPool:
     def import_blocks(self, kv: KVExport) -> list[int]:
         """Copy exported blocks into freshly allocated blocks of this pool; returns their table."""
         table = self.allocate(kv.data.shape[0])
-        index = torch.tensor(table, dtype=torch.long, device=self.data.device)
-        self.data.index_copy_(0, index, kv.data.to(self.data.device, self.data.dtype))
+        self.import_into(table, kv)
         return table
+
+    def import_into(self, block_table: list[int], kv: KVExport) -> None:
+        index = torch.tensor(block_table[: kv.data.shape[0]], dtype=torch.long, device=self.data.device)
+        self.data.index_copy_(0, index, kv.data.to(self.data.device, self.data.dtype))
 
 
 def block_regions(block_table: list[int]) -> list[tuple[int, int]]:

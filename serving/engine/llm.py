@@ -62,6 +62,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._prefill_only: set[str] = set()
         self.held: dict[str, Sequence] = {}  # prefilled, KV kept for a decode worker to take
+        self._reserved: dict[str, Sequence] = {}  # blocks set aside for KV arriving from a prefill
         self._ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------------
@@ -79,7 +80,8 @@ class LLMEngine:
             eos_token_ids=self.model_config.eos_token_ids,
             max_model_len=self.cfg.max_model_len,
             images=list(prompt.images),
-            num_image_tokens=sum(self.model_config.num_image_tokens(im.grid_thw) for im in prompt.images),
+            grids=list(prompt.grids),
+            num_image_tokens=sum(self.model_config.num_image_tokens(g) for g in prompt.grids),
         )
         if self.runner.pool.blocks_for(seq.max_len) > self.runner.pool.num_blocks:
             raise ValueError("request needs more KV cache than this worker has")
@@ -104,20 +106,44 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
-    def add_prefilled(self, prompt: Prompt, params: SamplingParams, prefilled: Prefilled) -> bool:
-        """Continue a request another worker prefilled: import its KV blocks and join the decode batch.
-        Returns False, importing nothing, when the pool has no room for the request yet."""
-        seq = self.make_sequence(prefilled.request_id, Prompt(prompt.token_ids), params)
-        seq.num_image_tokens = sum(self.model_config.num_image_tokens(im.grid_thw) for im in prompt.images)
+    def reserve(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, kv_tokens: int
+    ) -> list[int] | None:
+        """Set aside KV blocks for a request prefilled elsewhere, for a transport to fill. Returns the
+        block table, or None when the pool has no room for the request yet."""
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = self.make_sequence(request_id, Prompt(prompt.token_ids, grids=list(prompt.grids)), params)
         if not self.scheduler.can_admit(seq):
-            return False
-        seq.block_table = self.runner.pool.import_blocks(prefilled.kv)
-        seq.num_cached = prefilled.kv.num_tokens
-        seq.rope_delta = prefilled.rope_delta
-        seq.append(prefilled.first_token)  # the prefill worker already streamed it; this primes stops
-        self._seqs[seq.request_id] = seq
+            return None
+        self.runner.pool.grow(seq.block_table, kv_tokens)
+        self._reserved[request_id] = seq
+        return seq.block_table
+
+    def join_reserved(self, request_id: str, first_token: int, rope_delta: int, kv_tokens: int) -> None:
+        """The reserved blocks now hold the request's KV: it joins the decode batch."""
+        seq = self._reserved.pop(request_id)
+        seq.num_cached = kv_tokens
+        seq.rope_delta = rope_delta
+        seq.append(first_token)  # the prefill worker already streamed it; this primes the stop rules
+        self._seqs[request_id] = seq
         self.scheduler.add_running(seq)
+
+    def add_prefilled(self, prompt: Prompt, params: SamplingParams, prefilled: Prefilled) -> bool:
+        """Continue a request another engine prefilled, from its exported KV. False when no room yet."""
+        table = self.reserve(prefilled.request_id, prompt, params, prefilled.kv.num_tokens)
+        if table is None:
+            return False
+        self.runner.pool.import_into(table, prefilled.kv)
+        self.join_reserved(
+            prefilled.request_id, prefilled.first_token, prefilled.rope_delta, prefilled.kv.num_tokens
+        )
         return True
+
+    def held_kv(self, request_id: str) -> tuple[list[int], int, int, int]:
+        """(block table, cached tokens, first token, rope delta) of a held request."""
+        seq = self.held[request_id]
+        return seq.block_table, seq.num_cached, seq.output_token_ids[0], seq.rope_delta
 
     def export_kv(self, request_id: str) -> Prefilled:
         seq = self.held[request_id]
@@ -132,6 +158,8 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         self._prefill_only.discard(request_id)
         self.release(request_id)
+        if seq := self._reserved.pop(request_id, None):
+            self.runner.pool.free(seq.block_table)
         if seq := self._seqs.pop(request_id, None):
             seq.finish(FinishReason.ABORT)
             self.scheduler.finish(seq)

@@ -77,7 +77,7 @@ class ModelRunner:
         for seq in seqs:
             tokens = seq.prompt_token_ids + seq.output_token_ids  # outputs present after a recompute
             pos, seq.rope_delta = mrope_positions(
-                tokens, [im.grid_thw for im in seq.images], cfg.image_token_id, cfg.vision.spatial_merge_size
+                tokens, seq.grids, cfg.image_token_id, cfg.vision.spatial_merge_size
             )
             new = slice(seq.num_cached, len(tokens))
             token_ids.extend(tokens[new])

@@ -21,6 +21,7 @@ class Sequence:
     eos_token_ids: tuple[int, ...]
     max_model_len: int
     images: list[ProcessedImage] = field(default_factory=list)
+    grids: list[tuple[int, int, int]] = field(default_factory=list)
     image_embeds: torch.Tensor | None = None  # the images' embeddings, packed in prompt order
     num_image_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)
