@@ -1,0 +1,125 @@
+"""The transport interface.
+
+The owner of some memory registers it once (a KV pool, an embedding buffer) and, per transfer,
+publishes a small `RemoteRegions` ref naming byte ranges of it. The receiver pulls those ranges into
+its own registered memory with `read`, which returns a `Transfer` to poll; the owner learns that the
+pull finished from a notification carrying the tag the receiver attached (a lease id), and releases.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass
+
+import torch
+
+Region = tuple[int, int]  # (byte offset inside a registered buffer, byte count)
+
+
+class TransferStatus(enum.Enum):
+    PENDING = "pending"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+    @property
+    def final(self) -> bool:
+        return self in (TransferStatus.DONE, TransferStatus.FAILED, TransferStatus.EXPIRED)
+
+
+@dataclass(frozen=True)
+class RemoteRegions:
+    """What a receiver needs to pull: the owner, which of its buffers, the byte ranges, and the
+    transport's own serialized descriptors for them."""
+
+    peer: str
+    buffer: str
+    regions: tuple[Region, ...]
+    descriptors: bytes = b""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.regions)
+
+
+class Transfer(abc.ABC):
+    """One pull in flight. `poll` advances it and reports where it is; it never blocks."""
+
+    nbytes: int
+
+    @abc.abstractmethod
+    def poll(self) -> TransferStatus: ...
+
+
+class Transport(abc.ABC):
+    kind: str
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def register(self, buffer: str, tensor: torch.Tensor) -> None:
+        """Make a contiguous tensor's memory readable by peers, once, under a name."""
+        if not tensor.is_contiguous():
+            raise ValueError("only contiguous tensors can be registered")
+        self.buffers[buffer] = tensor
+        self._register(buffer, tensor)
+
+    @abc.abstractmethod
+    def _register(self, buffer: str, tensor: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def metadata(self) -> bytes:
+        """What a peer needs to reach this endpoint; exchanged once per peer pair."""
+
+    @abc.abstractmethod
+    def add_peer(self, metadata: bytes) -> str:
+        """Learn a peer from its metadata and warm the connection; returns the peer's name."""
+
+    @abc.abstractmethod
+    def publish(self, buffer: str, regions: list[Region]) -> RemoteRegions: ...
+
+    @abc.abstractmethod
+    def read(self, source: RemoteRegions, buffer: str, regions: list[Region], tag: bytes) -> Transfer:
+        """Start pulling `source` into `regions` of a local buffer (equal total size); `tag` reaches
+        the owner as a notification once the pull completes."""
+
+    @abc.abstractmethod
+    def notifications(self) -> list[bytes]:
+        """Tags of pulls from this endpoint's memory completed since the last call."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the endpoint's resources."""
+
+
+def pair_regions(src: list[Region], dst: list[Region]) -> list[tuple[int, int, int]]:
+    """Split two region lists of equal total size at each other's boundaries:
+    (src offset, dst offset, length) triples a transport can move one by one."""
+    if sum(n for _, n in src) != sum(n for _, n in dst):
+        raise ValueError("source and destination sizes differ")
+    out = []
+    si = di = 0
+    s_off, s_left = src[0] if src else (0, 0)
+    d_off, d_left = dst[0] if dst else (0, 0)
+    while si < len(src) and di < len(dst):
+        n = min(s_left, d_left)
+        out.append((s_off, d_off, n))
+        s_off, s_left, d_off, d_left = s_off + n, s_left - n, d_off + n, d_left - n
+        if s_left == 0 and (si := si + 1) < len(src):
+            s_off, s_left = src[si]
+        if d_left == 0 and (di := di + 1) < len(dst):
+            d_off, d_left = dst[di]
+    return out
+
+
+def merge_regions(regions: list[Region]) -> list[Region]:
+    """Adjacent byte ranges fused into one."""
+    out: list[Region] = []
+    for off, n in regions:
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((off, n))
+    return out

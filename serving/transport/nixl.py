@@ -1,0 +1,105 @@
+"""NIXL transport (UCX backend): host DRAM on CPU, VRAM on CUDA. Agent metadata is exchanged once per
+peer pair and the connection warmed then; a pull is a NIXL READ whose notification is the tag."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import torch
+
+from serving.transport.base import Region, RemoteRegions, Transfer, TransferStatus, Transport, pair_regions
+
+# UCX needs an active-message transport: shared-memory-only settings fail at agent creation. Keep
+# whatever the operator chose as long as it includes tcp.
+if "tcp" not in os.environ.get("UCX_TLS", "tcp"):
+    os.environ["UCX_TLS"] = os.environ["UCX_TLS"] + ",tcp"
+
+
+def _mem(tensor: torch.Tensor) -> tuple[str, int]:
+    return ("VRAM", tensor.device.index or 0) if tensor.is_cuda else ("DRAM", 0)
+
+
+class _NixlTransfer(Transfer):
+    def __init__(self, agent, handle, nbytes: int) -> None:  # noqa: ANN001 - nixl's own types
+        self.agent, self.handle, self.nbytes = agent, handle, nbytes
+        self.status = TransferStatus.TRANSFERRING
+
+    def poll(self) -> TransferStatus:
+        if self.status is TransferStatus.TRANSFERRING:
+            state = self.agent.check_xfer_state(self.handle)
+            if state != "PROC":
+                self.status = TransferStatus.DONE if state == "DONE" else TransferStatus.FAILED
+                self.agent.release_xfer_handle(self.handle)
+        return self.status
+
+
+class NixlTransport(Transport):
+    kind = "nixl"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        self.agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        self.peers: set[str] = set()
+
+    def _register(self, buffer: str, tensor: torch.Tensor) -> None:
+        self.agent.register_memory(tensor)
+
+    def metadata(self) -> bytes:
+        return self.agent.get_agent_metadata()
+
+    def add_peer(self, metadata: bytes) -> str:
+        name = self.agent.add_remote_agent(metadata)
+        name = name.decode() if isinstance(name, bytes) else name
+        self.agent.make_connection(name)
+        self.peers.add(name)
+        return name
+
+    def publish(self, buffer: str, regions: list[Region]) -> RemoteRegions:
+        tensor = self.buffers[buffer]
+        mem, dev = _mem(tensor)
+        # NIXL checks remote descriptors against the owner's registered memory (known from its
+        # metadata), so the base address is all a receiver needs to describe any sub-range.
+        return RemoteRegions(self.name, buffer, tuple(regions), pickle.dumps((tensor.data_ptr(), mem, dev)))
+
+    def read(self, source: RemoteRegions, buffer: str, regions: list[Region], tag: bytes) -> Transfer:
+        if source.peer not in self.peers:
+            return _Failed()
+        remote_base, remote_mem, remote_dev = pickle.loads(source.descriptors)
+        local = self.buffers[buffer]
+        local_mem, local_dev = _mem(local)
+        # NIXL pairs descriptors one to one, so both sides are cut at each other's boundaries.
+        pairs = pair_regions(list(source.regions), regions)
+        try:
+            remote_descs = self.agent.get_xfer_descs(
+                [(remote_base + s, n, remote_dev) for s, _, n in pairs], remote_mem
+            )
+            local_descs = self.agent.get_xfer_descs(
+                [(local.data_ptr() + d, n, local_dev) for _, d, n in pairs], local_mem
+            )
+            handle = self.agent.initialize_xfer("READ", local_descs, remote_descs, source.peer, tag)
+            state = self.agent.transfer(handle)
+        except Exception:  # noqa: BLE001 - any NIXL error is a failed transfer, never a crashed worker
+            return _Failed()
+        transfer = _NixlTransfer(self.agent, handle, source.nbytes)
+        if state == "ERR":
+            transfer.status = TransferStatus.FAILED
+            self.agent.release_xfer_handle(handle)
+        return transfer
+
+    def notifications(self) -> list[bytes]:
+        return [tag for tags in self.agent.get_new_notifs().values() for tag in tags]
+
+    def close(self) -> None:
+        for peer in list(self.peers):
+            self.agent.remove_remote_agent(peer)
+        self.peers.clear()
+
+
+class _Failed(Transfer):
+    nbytes = 0
+
+    def poll(self) -> TransferStatus:
+        return TransferStatus.FAILED
