@@ -50,3 +50,23 @@ class EngineConfig(BaseModel):
     max_model_len: int = Field(8192, ge=16, description="Longest prompt plus output, in tokens.")
     max_encode_images: int = Field(16, ge=1, description="Most images in one encode batch.")
     max_images_per_request: int = Field(8, ge=0, description="Most images one request may carry.")
+
+
+class WorkerConfig(BaseModel):
+    """One stage worker: its engine, the stages it serves, how it moves tensors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Unique worker name; also its transport agent name.")
+    roles: str = Field(
+        "epd", pattern="^e?p?d?$", min_length=1, description="Stages served: e, p, d or a mix."
+    )
+    engine: EngineConfig
+    transport: Literal["nixl", "inproc"] = Field("nixl", description="nixl across processes; inproc in one.")
+    lease_ttl_s: float = Field(30.0, gt=0, description="How long held KV or embeddings wait to be pulled.")
+    embedding_cache_mb: float = Field(64.0, ge=0, description="Encode-stage cache of visual embeddings.")
+    embedding_slots: int = Field(256, ge=1, description="Slots of the registered embedding buffer.")
+    embedding_slot_tokens: int = Field(64, ge=1, description="Visual tokens per embedding slot.")
+    admission_timeout_s: float = Field(
+        60.0, gt=0, description="How long a decode waits for KV room before the request fails."
+    )

@@ -89,8 +89,66 @@ class TokenDelta:
     logprobs: list[dict[int, float]] | None = None
     num_prompt_tokens: int = 0
     num_image_tokens: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)  # per-stage timings, on the last delta
+    error: str | None = None  # what failed, safe to show a client, when finish_reason is ERROR
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+Region = tuple[int, int]  # (byte offset inside a registered buffer, byte count)
+
+
+@dataclass(frozen=True)
+class RemoteRegions:
+    """What a receiver needs to pull: the owner, which of its buffers, the byte ranges, and the
+    transport's own serialized descriptors for them."""
+
+    peer: str
+    buffer: str
+    regions: tuple[Region, ...]
+    descriptors: bytes = b""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.regions)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A tokenized prompt as it crosses the wire: token ids (image pads expanded) and image grids."""
+
+    token_ids: list[int]
+    grids: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EmbeddingRef:
+    """A request's visual embeddings (packed, prompt order) held by an encode worker under a lease."""
+
+    source: RemoteRegions
+    num_tokens: int
+    lease_id: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KVRef:
+    """A prefilled request's KV blocks held by a prefill worker under a lease, with what decode needs
+    to continue it."""
+
+    source: RemoteRegions
+    num_tokens: int
+    first_token: int
+    rope_delta: int
+    lease_id: str
+
+
+@dataclass
+class PrefillResult:
+    """A prefill's answer: the first token, and the KV to continue from unless that token ended it."""
+
+    delta: TokenDelta
+    kv: KVRef | None
+    timings: dict[str, float] = field(default_factory=dict)

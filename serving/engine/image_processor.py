@@ -90,9 +90,10 @@ class ImageProcessor:
         c = self.cfg
         return smart_resize(height, width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels)
 
-    def num_image_tokens(self, width: int, height: int) -> int:
+    def grid(self, width: int, height: int) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid an image of this size becomes, without touching its pixels."""
         h, w = self.target_size(width, height)
-        return (h // self.cfg.patch_size) * (w // self.cfg.patch_size) // self.cfg.merge_size**2
+        return (1, h // self.cfg.patch_size, w // self.cfg.patch_size)
 
     def __call__(self, image: Image.Image) -> ProcessedImage:
         c = self.cfg

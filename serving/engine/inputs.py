@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
-from serving.engine.image_processor import ImageProcessor, ProcessedImage
+from serving.engine.image_processor import ImageProcessor, ProcessedImage, to_rgb
 from serving.engine.models.config import ModelConfig
 from serving.engine.tokenizer import Tokenizer
+from serving.types import PromptSpec
 
 
 @dataclass
@@ -50,13 +52,34 @@ class InputProcessor:
         processed = [self.image_processor(im) for im in images]
         return Prompt(self.expand(self.tokenizer.encode(text), processed), processed)
 
-    def expand(self, token_ids: list[int], images: list[ProcessedImage]) -> list[int]:
+    def spec_from_messages(
+        self, messages: list[dict[str, Any]], images: list[Image.Image]
+    ) -> tuple[PromptSpec, list[np.ndarray]]:
+        """For a remote encode stage: the tokenized prompt with grids (from image sizes alone, no
+        preprocessing here) and the images as RGB arrays to ship to it."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        arrays = [np.asarray(to_rgb(im)) for im in images]
+        grids = [self.image_processor.grid(a.shape[1], a.shape[0]) for a in arrays]
+        return PromptSpec(self.expand(self.tokenizer.encode(text), grids), grids), arrays
+
+    def spec_from_user_prompt(
+        self, prompt: str, images: list[Image.Image]
+    ) -> tuple[PromptSpec, list[np.ndarray]]:
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+        content.append({"type": "text", "text": prompt})
+        return self.spec_from_messages([{"role": "user", "content": content}], images)
+
+    def expand(
+        self, token_ids: list[int], images: list[ProcessedImage] | list[tuple[int, int, int]]
+    ) -> list[int]:
+        """Each image pad repeated as many times as its image has tokens."""
         pad = self.model_config.image_token_id
         if token_ids.count(pad) != len(images):
             raise ValueError(
                 f"the prompt has {token_ids.count(pad)} image placeholders for {len(images)} images"
             )
-        sizes = iter(self.model_config.num_image_tokens(im.grid_thw) for im in images)
+        grids = [im.grid_thw if isinstance(im, ProcessedImage) else im for im in images]
+        sizes = iter(self.model_config.num_image_tokens(g) for g in grids)
         out: list[int] = []
         for token in token_ids:
             if token == pad:

@@ -26,6 +26,28 @@ class KVExport:
     num_tokens: int
 
 
+class BlockAllocator:
+    """Fixed-size blocks by id, lowest free id first, so what one request takes tends to be contiguous."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks))
+        heapq.heapify(self._free)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfBlocks(f"asked for {n} blocks, {len(self._free)} free")
+        return [heapq.heappop(self._free) for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        for block in blocks:
+            heapq.heappush(self._free, block)
+
+
 class KVPool:
     def __init__(
         self,
@@ -44,19 +66,18 @@ class KVPool:
         self.data = torch.zeros(
             num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
-        self._free = list(range(num_blocks))
-        heapq.heapify(self._free)
+        self._blocks = BlockAllocator(num_blocks)
 
     # -- allocation -----------------------------------------------------------------------------
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._blocks.num_free
 
     @property
     def usage(self) -> float:
         """Share of blocks in use, 0..1 (vLLM's kv_cache_usage_perc)."""
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - self._blocks.num_free / self.num_blocks
 
     @property
     def block_nbytes(self) -> int:
@@ -66,9 +87,7 @@ class KVPool:
         return -(-num_tokens // self.block_size)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfBlocks(f"asked for {n} blocks, {len(self._free)} free")
-        return [heapq.heappop(self._free) for _ in range(n)]
+        return self._blocks.allocate(n)
 
     def grow(self, block_table: list[int], num_tokens: int) -> None:
         """Extend a block table in place until it holds `num_tokens` tokens."""
@@ -77,9 +96,13 @@ class KVPool:
             block_table.extend(self.allocate(missing))
 
     def free(self, block_table: list[int]) -> None:
-        for block in block_table:
-            heapq.heappush(self._free, block)
+        self._blocks.free(block_table)
         block_table.clear()
+
+    def regions(self, block_table: list[int]) -> list[tuple[int, int]]:
+        """The byte ranges of a request's blocks inside `data`, consecutive blocks fused."""
+        size = self.block_nbytes
+        return [(first * size, count * size) for first, count in block_regions(block_table)]
 
     # -- access for attention -------------------------------------------------------------------
 

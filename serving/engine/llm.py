@@ -64,6 +64,7 @@ class LLMEngine:
         self.held: dict[str, Sequence] = {}  # prefilled, KV kept for a decode worker to take
         self._reserved: dict[str, Sequence] = {}  # blocks set aside for KV arriving from a prefill
         self._ids = itertools.count()
+        self.last_stage = ""  # "prefill" or "decode": what the latest step ran
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -93,13 +94,21 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         prefill_only: bool = False,
+        image_embeds: torch.Tensor | None = None,
     ) -> str:
-        """Queue a request. With prefill_only it stops after its first token and its KV is held
-        (see `held`, `export_kv`, `release`) for a decode worker to take."""
+        """Queue a request. `image_embeds` (the prompt's images, encoded elsewhere) skips encode.
+        With prefill_only it stops after its first token and its KV is held (see `held`, `export_kv`,
+        `release`) for a decode worker to take."""
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._seqs or request_id in self.held:
+        if request_id in self._seqs or request_id in self.held or request_id in self._reserved:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = self.make_sequence(request_id, prompt, params)
+        if image_embeds is not None:
+            if image_embeds.shape[0] != seq.num_image_tokens:
+                raise ValueError("image embeddings do not match the prompt's image tokens")
+            seq.image_embeds = image_embeds
+        elif prompt.grids and not prompt.images:
+            raise ValueError("the prompt has image grids but neither pixels nor embeddings")
         self._seqs[request_id] = seq
         if prefill_only:
             self._prefill_only.add(request_id)
@@ -173,6 +182,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        self.last_stage = batch.stage
         if batch.stage == "prefill":
             self.encode(batch.seqs)
             logits = self.runner.prefill(batch.seqs)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import abc
 import enum
-from dataclasses import dataclass
 
 import torch
 
-Region = tuple[int, int]  # (byte offset inside a registered buffer, byte count)
+from serving.types import Region, RemoteRegions
 
 
 class TransferStatus(enum.Enum):
@@ -27,21 +26,6 @@ class TransferStatus(enum.Enum):
     @property
     def final(self) -> bool:
         return self in (TransferStatus.DONE, TransferStatus.FAILED, TransferStatus.EXPIRED)
-
-
-@dataclass(frozen=True)
-class RemoteRegions:
-    """What a receiver needs to pull: the owner, which of its buffers, the byte ranges, and the
-    transport's own serialized descriptors for them."""
-
-    peer: str
-    buffer: str
-    regions: tuple[Region, ...]
-    descriptors: bytes = b""
-
-    @property
-    def nbytes(self) -> int:
-        return sum(n for _, n in self.regions)
 
 
 class Transfer(abc.ABC):

@@ -1,0 +1,1 @@
+"""Stage workers (E, P, D or colocated), their handles, pools, and cluster wiring."""
