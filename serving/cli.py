@@ -35,13 +35,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from serving.engine.llm import LLMEngine
     from serving.types import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=_model_dir(args.model), device=args.device, dtype=args.dtype))
     images = []
     for path in args.image:
         with Image.open(path) as im:
             im.load()
             images.append(im)
-    prompt = engine.inputs.from_user_prompt(args.prompt, images)
+    model = _model_dir(args.model)
+    engine_cfg = EngineConfig(model=model, device=args.device, dtype=args.dtype)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -49,7 +49,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         top_k=args.top_k,
         seed=args.seed,
     )
-    result = engine.generate([(prompt, params)])[0]
+    if args.topology == "inproc":
+        engine = LLMEngine(engine_cfg)
+        result = engine.generate([(engine.inputs.from_user_prompt(args.prompt, images), params)])[0]
+    else:
+        result = _generate_on_cluster(args, engine_cfg, images, params)
     if args.json:
         print(
             json.dumps(
@@ -58,6 +62,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
     else:
         print(result.text)
+
+
+def _generate_on_cluster(args: argparse.Namespace, engine_cfg: EngineConfig, images: list, params: object):
+    """Start a local Ray cluster with one worker per role of the topology, run the request, stop."""
+    from serving.engine.inputs import InputProcessor
+    from serving.stages.cluster import Cluster
+
+    inputs = InputProcessor.from_dir(engine_cfg.model)
+    spec, arrays = inputs.spec_from_user_prompt(args.prompt, images)
+    cluster = Cluster.start(
+        engine_cfg.model, args.topology, address=args.address, engine=engine_cfg.model_dump(exclude={"model"})
+    )
+    try:
+        result = cluster.generate([(spec, params, arrays)])[0]
+    finally:
+        cluster.shutdown()
+    if result.error:
+        raise ValueError(result.error)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    gen.add_argument(
+        "--topology", choices=["inproc", "epd", "e+p+d", "ep+d", "e+pd"], default="inproc",
+        help="inproc: the three stages in this process; otherwise a local Ray cluster, one worker per role",
+    )  # fmt: skip
+    gen.add_argument("--address", help="join this Ray cluster instead of starting one")
     gen.add_argument(
         "--json", action="store_true", help="print one JSON line: token_ids, text, finish_reason"
     )

@@ -37,6 +37,15 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
 
+    @classmethod
+    def from_dir(cls, model_dir: str) -> InputProcessor:
+        """Tokenizer and image processor only: what a gateway needs, without the weights."""
+        from serving.engine.image_processor import ImageProcessorConfig
+        from serving.engine.models.config import load_model_config
+
+        processor = ImageProcessor(ImageProcessorConfig.from_dir(model_dir))
+        return cls(load_model_config(model_dir), Tokenizer(model_dir), processor)
+
     def from_messages(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Prompt:
         """`messages` in chat-template form; its image parts, in order, stand for `images`."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

@@ -58,3 +58,25 @@ def test_generate_builds_default_model_when_missing(tmp_path):
 def test_bad_model_dir_is_a_clear_error(tmp_path):
     result = run_epd("generate", "--model", str(tmp_path), "--prompt", "hi")
     assert result.returncode != 0 and "not a model directory" in result.stderr
+
+
+def test_generate_on_a_ray_topology_matches_inproc(tiny_model, tmp_path):
+    image = tmp_path / "img.png"
+    make_image(70, 50, seed=4).save(image)
+    args = [
+        "generate",
+        "--model",
+        str(tiny_model),
+        "--prompt",
+        "Look.",
+        "--image",
+        str(image),
+        "--max-tokens",
+        "8",
+    ]
+    inproc = run_epd(*args, "--json")
+    split = run_epd(*args, "--json", "--topology", "e+p+d")
+    assert inproc.returncode == 0 and split.returncode == 0, split.stderr[-2000:]
+    assert json.loads(split.stdout.strip().splitlines()[-1]) == json.loads(
+        inproc.stdout.strip().splitlines()[-1]
+    )
