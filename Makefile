@@ -36,5 +36,6 @@ lint: install ## ruff check and format check
 test: install lint ## lint, then the whole test suite (CPU, no GPU needed)
 	$(BIN)/python -m pytest -q tests
 
-bench: install ## engine benchmark on the small preset (prints a table)
+bench: install ## engine and runtime benchmarks on the small preset (prints tables)
 	$(BIN)/python -m benchmarks.engine
+	$(BIN)/python -m benchmarks.runtime
