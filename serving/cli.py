@@ -83,6 +83,74 @@ def _generate_on_cluster(args: argparse.Namespace, engine_cfg: EngineConfig, ima
     return result
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Start Ray, the worker pools and the gateway; print the URL once ready; run until interrupted."""
+    import signal
+    import threading
+    import urllib.request
+
+    from ray import serve
+
+    from serving.config import gateway_config_from_env
+    from serving.gateway.serve import NAMESPACE, GatewaySettings, gateway_application
+    from serving.stages.cluster import Cluster
+
+    model = _model_dir(args.model)
+    gateway = gateway_config_from_env(
+        host=args.host,
+        port=args.port,
+        **({"api_keys": tuple(args.api_key)} if args.api_key else {}),
+        allow_media_hosts=tuple(args.allow_media_host),
+        metrics_require_key=args.metrics_require_key,
+        slo_ttft_s=args.slo_ttft,
+        slo_tpot_s=args.slo_tpot,
+        max_queued_requests=args.max_queued,
+        max_concurrent_requests=args.max_concurrent,
+    )
+    engine = EngineConfig(model=model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    cluster = Cluster.start(
+        model,
+        args.topology,
+        encode=args.encode,
+        prefill=args.prefill,
+        decode=args.decode,
+        address=args.address,
+        engine=engine.model_dump(exclude={"model"}),
+        namespace=NAMESPACE,
+    )
+    settings = GatewaySettings(
+        gateway=gateway,
+        model_dir=model,
+        model_id=Path(model).name,
+        topology=args.topology,
+        workers=tuple((h.name, h.roles) for h in cluster.handles),
+        max_model_len=engine.max_model_len,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(gateway_application(settings), name="epd", route_prefix="/", blocking=False)
+        url = f"http://{args.host}:{args.port}"
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(f"{url}/ready", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                stop.wait(0.5)
+        if not stop.is_set():
+            print(
+                f"EPD Serve ready at {url}/v1 (model {settings.model_id}, topology {args.topology})",
+                flush=True,
+            )
+        stop.wait()
+    finally:
+        serve.shutdown()
+        cluster.shutdown()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epd", description="EPD Serve: disaggregated VLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON line: token_ids, text, finish_reason"
     )
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI API over disaggregated worker pools")
+    srv.add_argument("--model", help="model directory (default: the built-in epd-tiny, built if missing)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--topology", choices=["epd", "e+p+d", "ep+d", "e+pd"], default="e+p+d")
+    srv.add_argument("--encode", type=int, default=1, help="encode workers")
+    srv.add_argument("--prefill", type=int, default=1, help="prefill workers (or ep / pd / epd workers)")
+    srv.add_argument("--decode", type=int, default=1, help="decode workers")
+    srv.add_argument("--address", help="join this Ray cluster instead of starting one")
+    srv.add_argument("--api-key", action="append", default=[], help="accepted API key; repeat for several")
+    srv.add_argument("--metrics-require-key", action="store_true", help="/metrics needs an API key too")
+    srv.add_argument(
+        "--allow-media-host",
+        action="append",
+        default=[],
+        help="host whose images may be fetched even at a loopback or private address; repeat for several",
+    )
+    srv.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO target, seconds")
+    srv.add_argument("--slo-tpot", type=float, default=0.2, help="TPOT SLO target, seconds")
+    srv.add_argument("--max-concurrent", type=int, default=64, help="requests in the stages at once")
+    srv.add_argument("--max-queued", type=int, default=256, help="requests waiting for admission before 429")
+    srv.add_argument("--max-model-len", type=int, default=8192)
+    srv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -70,3 +70,39 @@ class WorkerConfig(BaseModel):
     admission_timeout_s: float = Field(
         60.0, gt=0, description="How long a decode waits for KV room before the request fails."
     )
+
+
+class GatewayConfig(BaseModel):
+    """The OpenAI-compatible front door: limits, media safety, auth, admission, SLO targets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: tuple[str, ...] = Field((), description="Accepted bearer keys for /v1/*; empty: no auth.")
+    metrics_require_key: bool = Field(False, description="Whether /metrics needs a key too.")
+    allow_media_hosts: tuple[str, ...] = Field(
+        (), description="Hosts whose images may be fetched even at loopback or private addresses."
+    )
+    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Largest request body; larger is 413.")
+    max_image_bytes: int = Field(20 * 2**20, ge=1024, description="Largest encoded image, inline or fetched.")
+    max_image_pixels: int = Field(
+        6000 * 6000, ge=1, description="Largest width×height decoded; checked before decoding."
+    )
+    max_images_per_request: int = Field(8, ge=0)
+    media_connect_timeout_s: float = Field(5.0, gt=0)
+    media_read_timeout_s: float = Field(10.0, gt=0)
+    media_max_redirects: int = Field(3, ge=0)
+    max_concurrent_requests: int = Field(64, ge=1, description="Requests in the stages at once.")
+    max_queued_requests: int = Field(256, ge=0, description="Requests waiting for admission; more is 429.")
+    request_timeout_s: float = Field(600.0, gt=0, description="A request still running after this is ended.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    slo_ttft_s: float = Field(2.0, gt=0, description="TTFT target for the SLO counters.")
+    slo_tpot_s: float = Field(0.2, gt=0, description="TPOT target for the SLO counters.")
+
+
+def gateway_config_from_env(**overrides: object) -> GatewayConfig:
+    """GatewayConfig from flags, with EPD_API_KEYS (comma-separated) as the fallback for keys."""
+    if "api_keys" not in overrides and (keys := os.environ.get("EPD_API_KEYS")):
+        overrides["api_keys"] = tuple(k for k in keys.split(",") if k)
+    return GatewayConfig(**overrides)  # type: ignore[arg-type]

@@ -62,12 +62,12 @@ class InputProcessor:
         return Prompt(self.expand(self.tokenizer.encode(text), processed), processed)
 
     def spec_from_messages(
-        self, messages: list[dict[str, Any]], images: list[Image.Image]
+        self, messages: list[dict[str, Any]], images: list[Image.Image] | list[np.ndarray]
     ) -> tuple[PromptSpec, list[np.ndarray]]:
         """For a remote encode stage: the tokenized prompt with grids (from image sizes alone, no
         preprocessing here) and the images as RGB arrays to ship to it."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        arrays = [np.asarray(to_rgb(im)) for im in images]
+        arrays = [im if isinstance(im, np.ndarray) else np.asarray(to_rgb(im)) for im in images]
         grids = [self.image_processor.grid(a.shape[1], a.shape[0]) for a in arrays]
         return PromptSpec(self.expand(self.tokenizer.encode(text), grids), grids), arrays
 

@@ -64,6 +64,7 @@ class Cluster:
         address: str | None = None,
         engine: dict[str, Any] | None = None,
         worker: dict[str, Any] | None = None,
+        namespace: str | None = None,
     ) -> Cluster:
         """Start the pools of `topology`. runtime "ray": one actor per worker, NIXL between them;
         "local": workers in this process with the in-process transport."""
@@ -84,7 +85,7 @@ class Cluster:
         ]
         if runtime == "local":
             return cls._start_local(topology, configs)
-        return cls._start_ray(topology, configs, address)
+        return cls._start_ray(topology, configs, address, namespace)
 
     @classmethod
     def _start_local(cls, topology: str, configs: list[WorkerConfig]) -> Cluster:
@@ -101,7 +102,9 @@ class Cluster:
         return cls(topology, [LocalHandle(w) for w in workers], False, workers)
 
     @classmethod
-    def _start_ray(cls, topology: str, configs: list[WorkerConfig], address: str | None) -> Cluster:
+    def _start_ray(
+        cls, topology: str, configs: list[WorkerConfig], address: str | None, namespace: str | None
+    ) -> Cluster:
         import ray
         import torch
 
@@ -113,6 +116,7 @@ class Cluster:
                 "include_dashboard": False,
                 "log_to_driver": False,
                 "logging_level": logging.WARNING,
+                "namespace": namespace,
             }
             if address:
                 kwargs["address"] = address

@@ -1,0 +1,1 @@
+"""Metrics: one catalog, per-stage timings, SLO attainment counters."""

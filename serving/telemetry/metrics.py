@@ -1,0 +1,228 @@
+"""The metrics catalog: every metric the server exports is declared here, once.
+
+Names follow vLLM's (`vllm:` → `epd:`) so dashboards carry over, plus what no peer exports: the
+per-stage breakdown of a request's time, bytes moved between stages, and SLO counters from which
+attainment (`slo_met / slo_requests`) and goodput (`rate(slo_met)`) are one PromQL expression.
+
+Workers live in other processes. The gateway pulls their stats at scrape time (`WorkerCollector`) and
+exposes them labelled by worker, so one scrape of the gateway shows the whole deployment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+STAGES = ("encode", "e2p_transfer", "prefill", "p2d_transfer", "decode")
+
+
+class Metrics:
+    """The gateway's metrics, in their own registry (no process-global state)."""
+
+    def __init__(self, model_name: str, slo_ttft_s: float, slo_tpot_s: float) -> None:
+        self.registry = CollectorRegistry()
+        self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s
+        r, model = self.registry, ["model_name"]
+        self.ttft = Histogram(
+            "epd:time_to_first_token_seconds",
+            "Time to first token.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "epd:inter_token_latency_seconds",
+            "Time between consecutive output tokens.",
+            model,
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "epd:request_time_per_output_token_seconds",
+            "Per request: (end - first token) / (output tokens - 1).",
+            model,
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "epd:e2e_request_latency_seconds",
+            "Arrival to last token.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "epd:request_queue_time_seconds",
+            "Time waiting: gateway admission plus the prefill queue.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.running = Gauge(
+            "epd:num_requests_running", "Requests admitted and in a stage.", model, registry=r
+        )
+        self.waiting = Gauge("epd:num_requests_waiting", "Requests waiting for admission.", model, registry=r)
+        self.prompt_tokens = Counter("epd:prompt_tokens", "Prompt tokens processed.", model, registry=r)
+        self.generation_tokens = Counter("epd:generation_tokens", "Tokens generated.", model, registry=r)
+        self.success = Counter(
+            "epd:request_success",
+            "Finished requests by finish reason.",
+            model + ["finished_reason"],
+            registry=r,
+        )
+        self.stage = Histogram(
+            "epd:stage_duration_seconds",
+            "Time a request spent in each stage.",
+            model + ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.transfer_bytes = Counter(
+            "epd:transfer_bytes", "Bytes moved between stages.", model + ["edge"], registry=r
+        )
+        self.slo_requests = Counter("epd:slo_requests", "Requests judged against the SLO.", model, registry=r)
+        self.slo_ttft_met = Counter(
+            "epd:slo_ttft_met", "Requests with TTFT within the SLO.", model, registry=r
+        )
+        self.slo_tpot_met = Counter(
+            "epd:slo_tpot_met", "Requests with TPOT within the SLO.", model, registry=r
+        )
+        self.slo_met = Counter(
+            "epd:slo_met", "Requests within both SLOs (goodput numerator).", model, registry=r
+        )
+        self.slo_target = Gauge(
+            "epd:slo_target_seconds", "Configured SLO targets.", model + ["slo"], registry=r
+        )
+        self.slo_target.labels(model_name, "ttft").set(slo_ttft_s)
+        self.slo_target.labels(model_name, "tpot").set(slo_tpot_s)
+        self.model = model_name
+        # Touch every labelled series so a scrape lists each metric from the start.
+        for stage in STAGES:
+            self.stage.labels(model_name, stage)
+        for edge in ("e2p", "p2d"):
+            self.transfer_bytes.labels(model_name, edge)
+        for m in (
+            self.ttft,
+            self.itl,
+            self.tpot,
+            self.e2e,
+            self.queue_time,
+            self.running,
+            self.waiting,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.slo_requests,
+            self.slo_ttft_met,
+            self.slo_tpot_met,
+            self.slo_met,
+        ):
+            m.labels(model_name)
+        for reason in ("stop", "length", "abort", "error"):
+            self.success.labels(model_name, reason)
+
+    def observe_request(
+        self,
+        *,
+        arrival: float,
+        first_token: float | None,
+        end: float,
+        token_times: list[float],
+        prompt_tokens: int,
+        output_tokens: int,
+        finish_reason: str,
+        timings: dict[str, float],
+        queue_s: float,
+    ) -> None:
+        """Record one finished request; TTFT and TPOT exactly as the design doc defines them."""
+        m = self.model
+        self.prompt_tokens.labels(m).inc(prompt_tokens)
+        self.generation_tokens.labels(m).inc(output_tokens)
+        self.success.labels(m, finish_reason).inc()
+        self.e2e.labels(m).observe(end - arrival)
+        self.queue_time.labels(m).observe(queue_s + timings.get("prefill_queue_s", 0.0))
+        for stage in STAGES:
+            key = f"{stage}_s"
+            if key in timings:
+                self.stage.labels(m, stage).observe(timings[key])
+        for edge in ("e2p", "p2d"):
+            if f"{edge}_bytes" in timings:
+                self.transfer_bytes.labels(m, edge).inc(timings[f"{edge}_bytes"])
+        for a, b in zip(token_times, token_times[1:], strict=False):
+            self.itl.labels(m).observe(b - a)
+        if first_token is None or finish_reason in ("abort", "error"):
+            return
+        ttft = first_token - arrival
+        self.ttft.labels(m).observe(ttft)
+        tpot = (end - first_token) / (output_tokens - 1) if output_tokens > 1 else 0.0
+        if output_tokens > 1:
+            self.tpot.labels(m).observe(tpot)
+        ttft_ok, tpot_ok = ttft <= self.slo_ttft_s, tpot <= self.slo_tpot_s
+        self.slo_requests.labels(m).inc()
+        self.slo_ttft_met.labels(m).inc(ttft_ok)
+        self.slo_tpot_met.labels(m).inc(tpot_ok)
+        self.slo_met.labels(m).inc(ttft_ok and tpot_ok)
+
+
+class WorkerCollector(Collector):
+    """Exposes the latest stats pulled from every worker (refreshed by the gateway before a scrape)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model = model_name
+        self.stats: dict[str, dict[str, float]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        kv = GaugeMetricFamily(
+            "epd:kv_cache_usage_perc", "KV cache blocks in use, 0..1.", labels=["model_name", "worker"]
+        )
+        queries = CounterMetricFamily(
+            "epd:mm_cache_queries", "Embedding cache lookups.", labels=["model_name", "worker"]
+        )
+        hits = CounterMetricFamily(
+            "epd:mm_cache_hits", "Embedding cache hits.", labels=["model_name", "worker"]
+        )
+        expired = CounterMetricFamily(
+            "epd:lease_expired", "Leases that expired unpulled.", labels=["model_name", "worker"]
+        )
+        encoded = CounterMetricFamily(
+            "epd:images_encoded", "Images run through the vision tower.", labels=["model_name", "worker"]
+        )
+        for worker, s in sorted(self.stats.items()):
+            labels = [self.model, worker]
+            kv.add_metric(labels, s["kv_cache_usage"])
+            queries.add_metric(labels, s["mm_cache_hits"] + s["mm_cache_misses"])
+            hits.add_metric(labels, s["mm_cache_hits"])
+            expired.add_metric(labels, s["leases_expired"])
+            encoded.add_metric(labels, s["images_encoded"])
+        yield from (kv, queries, hits, expired, encoded)
+
+
+CATALOG = (
+    "epd:time_to_first_token_seconds",
+    "epd:inter_token_latency_seconds",
+    "epd:request_time_per_output_token_seconds",
+    "epd:e2e_request_latency_seconds",
+    "epd:request_queue_time_seconds",
+    "epd:num_requests_running",
+    "epd:num_requests_waiting",
+    "epd:prompt_tokens_total",
+    "epd:generation_tokens_total",
+    "epd:request_success_total",
+    "epd:stage_duration_seconds",
+    "epd:transfer_bytes_total",
+    "epd:slo_requests_total",
+    "epd:slo_ttft_met_total",
+    "epd:slo_tpot_met_total",
+    "epd:slo_met_total",
+    "epd:slo_target_seconds",
+    "epd:kv_cache_usage_perc",
+    "epd:mm_cache_queries_total",
+    "epd:mm_cache_hits_total",
+    "epd:lease_expired_total",
+    "epd:images_encoded_total",
+)
+"""Every exported series name, as a scrape shows it (counters gain `_total`)."""
