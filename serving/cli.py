@@ -106,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         slo_tpot_s=args.slo_tpot,
         max_queued_requests=args.max_queued,
         max_concurrent_requests=args.max_concurrent,
+        max_body_bytes=int(args.max_body_mb * 2**20),
     )
     engine = EngineConfig(model=model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
     cluster = Cluster.start(
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-concurrent", type=int, default=64, help="requests in the stages at once")
     srv.add_argument("--max-queued", type=int, default=256, help="requests waiting for admission before 429")
     srv.add_argument("--max-model-len", type=int, default=8192)
+    srv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, MiB (413 above)")
     srv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     srv.set_defaults(func=cmd_serve)

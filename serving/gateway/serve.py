@@ -1,7 +1,6 @@
 """The gateway as a Ray Serve ingress. The replica finds the stage workers by name (they are named
 Ray actors in the `epd` namespace), builds the pipeline over them, and hosts `GatewayService`."""
 
-
 from dataclasses import dataclass
 from typing import Any
 
