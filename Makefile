@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve test lint bench model
+.PHONY: help install serve test lint bench bench-epd model
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -30,8 +30,8 @@ serve: install ## serve the default model on http://127.0.0.1:8000 (HOST=, PORT=
 	$(BIN)/epd serve --host $(HOST) --port $(PORT)
 
 lint: install ## ruff check and format check
-	$(BIN)/ruff check serving tests benchmarks
-	$(BIN)/ruff format --check serving tests benchmarks
+	$(BIN)/ruff check serving loadgen tests benchmarks
+	$(BIN)/ruff format --check serving loadgen tests benchmarks
 
 test: install lint ## lint, then the whole test suite (CPU, no GPU needed)
 	$(BIN)/python -m pytest -q tests
@@ -39,3 +39,6 @@ test: install lint ## lint, then the whole test suite (CPU, no GPU needed)
 bench: install ## engine and runtime benchmarks on the small preset (prints tables)
 	$(BIN)/python -m benchmarks.engine
 	$(BIN)/python -m benchmarks.runtime
+
+bench-epd: install ## serve the small preset colocated and disaggregated on 2 cores; sweep both, side by side
+	$(BIN)/python -m loadgen.compare

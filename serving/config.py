@@ -67,6 +67,9 @@ class WorkerConfig(BaseModel):
     embedding_cache_mb: float = Field(64.0, ge=0, description="Encode-stage cache of visual embeddings.")
     embedding_slots: int = Field(256, ge=1, description="Slots of the registered embedding buffer.")
     embedding_slot_tokens: int = Field(64, ge=1, description="Visual tokens per embedding slot.")
+    cpus: tuple[int, ...] = Field(
+        (), description="Pin the worker's process to these CPUs; empty: no pinning."
+    )
     admission_timeout_s: float = Field(
         60.0, gt=0, description="How long a decode waits for KV room before the request fails."
     )

@@ -39,6 +39,23 @@ def pool_sizes(topology: str, encode: int, prefill: int, decode: int) -> dict[st
     }
 
 
+def worker_cpus(cpus: list[int] | None, index: int, count: int) -> tuple[int, ...]:
+    """CPUs for worker `index` of `count` in a pool: one each, round robin, when there are enough for
+    that; otherwise the whole list for every worker."""
+    if not cpus:
+        return ()
+    return (cpus[index % len(cpus)],) if count > 1 and len(cpus) >= count else tuple(cpus)
+
+
+def parse_cpus(spec: str) -> dict[str, list[int]]:
+    """'e=0;p=0;d=1' or 'epd=0,1' → {roles: cpus}."""
+    out = {}
+    for part in filter(None, spec.split(";")):
+        roles, cpus = part.split("=", 1)
+        out[roles.strip()] = [int(c) for c in cpus.split(",")]
+    return out
+
+
 class Cluster:
     def __init__(
         self, topology: str, handles: list[WorkerHandle], ray_started: bool, local_workers: list
@@ -65,6 +82,7 @@ class Cluster:
         engine: dict[str, Any] | None = None,
         worker: dict[str, Any] | None = None,
         namespace: str | None = None,
+        cpus: dict[str, list[int]] | None = None,
     ) -> Cluster:
         """Start the pools of `topology`. runtime "ray": one actor per worker, NIXL between them;
         "local": workers in this process with the in-process transport."""
@@ -78,8 +96,9 @@ class Cluster:
                 roles=roles,
                 engine=engine_cfg,
                 transport="nixl" if runtime == "ray" else "inproc",
+                cpus=worker_cpus((cpus or {}).get(roles), i, n),
                 **(worker or {}),
-            )  # fmt: skip
+            )
             for roles, n in pool_sizes(topology, encode, prefill, decode).items()
             for i in range(n)
         ]

@@ -14,6 +14,8 @@ A colocated worker runs the adjacent stages itself (`generate`): no transfer bet
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import time
 from collections.abc import Iterator
@@ -47,9 +49,20 @@ class StageFailed(RuntimeError):
     """A stage could not do its part for a request (a failed transfer, no room in time)."""
 
 
+def pin_process(cpus: tuple[int, ...]) -> None:
+    """Pin every thread of this process (and so the threads it starts later) to `cpus`, and size
+    torch's thread pool to match, so benchmarks can give each stage its own cores."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), cpus)
+    torch.set_num_threads(len(cpus))
+
+
 class StageWorker:
     def __init__(self, cfg: WorkerConfig, **transport_kwargs: Any) -> None:
         self.cfg = cfg
+        if cfg.cpus:
+            pin_process(cfg.cpus)
         self.name = cfg.name
         self.engine = LLMEngine(cfg.engine)
         runner = self.engine.runner
