@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from serving.engine.kv_cache import BlockAllocator
+from serving.transport.base import merge_regions
 from serving.types import Region
 
 
@@ -49,16 +50,9 @@ class EmbeddingBuffer:
         """Byte ranges holding the first `rows` rows of these slots, in order."""
         row_bytes = self.data.shape[2] * self.data.element_size()
         slot_bytes = self.slot_tokens * row_bytes
-        out: list[Region] = []
-        left = rows
-        for slot in slots:
-            n = min(left, self.slot_tokens) * row_bytes
-            if out and out[-1][0] + out[-1][1] == slot * slot_bytes:
-                out[-1] = (out[-1][0], out[-1][1] + n)
-            else:
-                out.append((slot * slot_bytes, n))
-            left -= self.slot_tokens
-        return out
+        spans = [(slot * slot_bytes, min(rows - i * self.slot_tokens, self.slot_tokens) * row_bytes)
+                 for i, slot in enumerate(slots)]  # fmt: skip
+        return merge_regions(spans)
 
 
 def image_key(pixels: np.ndarray) -> str:
