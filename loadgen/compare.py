@@ -5,55 +5,18 @@ swept with the image-heavy workload, printed side by side."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 from loadgen import report
 from loadgen.cli import bench
+from loadgen.server import start_server, stop_server
 
 SETUPS = (
     ("epd", ["--topology", "epd", "--prefill", "2", "--pin-cpus", "epd=0,1"]),
     ("e+p+d", ["--topology", "e+p+d", "--pin-cpus", "e=0;p=0;d=1"]),
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(model: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "serving.cli", "serve", "--model", model, "--port", str(port), *extra]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=5) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(1)
-    stop(proc)
-    raise RuntimeError(f"the server did not start; see {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
 
 
 def main() -> None:
@@ -72,7 +35,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, extra in SETUPS:
-        proc, url = serve(model, extra, Path(tempfile.gettempdir()) / f"epd-bench-{name}.log")
+        log = Path(tempfile.gettempdir()) / f"epd-bench-{name}.log"
+        proc, url = start_server(["--model", model, *extra], log)
         try:
             ns = SimpleNamespace(
                 base_url=f"{url}/v1",
@@ -96,7 +60,7 @@ def main() -> None:
             print(f"\n######## {name} ########")
             results[name] = bench(ns)
         finally:
-            stop(proc)
+            stop_server(proc)
     print_comparison(results, args.slo)
 
 

@@ -36,31 +36,24 @@ class AttentionBatch:
         batch = len(q_lens)
         max_q, max_ctx = max(q_lens), max(ctx_lens)
         max_blocks = -(-max_ctx // block_size)
-        table = torch.zeros(batch, max_blocks, dtype=torch.long)
-        slots: list[int] = []
-        for i, (q_len, ctx_len, blocks) in enumerate(zip(q_lens, ctx_lens, tables, strict=True)):
-            table[i, : len(blocks[:max_blocks])] = torch.tensor(blocks[:max_blocks], dtype=torch.long)
-            slots.extend(
-                blocks[p // block_size] * block_size + p % block_size for p in range(ctx_len - q_len, ctx_len)
-            )
-        slot = torch.tensor(slots, dtype=torch.long)
+        table = torch.tensor([(b + [0] * max_blocks)[:max_blocks] for b in tables], dtype=torch.long)
         q_len_t = torch.tensor(q_lens)
         ctx_len_t = torch.tensor(ctx_lens)
-        # Absolute position of each query row: the last q_len positions of its context.
-        q_pos = (ctx_len_t - q_len_t)[:, None] + torch.arange(max_q)[None, :]
+        start = ctx_len_t - q_len_t  # each sequence's new tokens are the last q_len of its context
+        # Per packed new token: its sequence, its index among that sequence's new tokens, its position.
+        seq = torch.repeat_interleave(torch.arange(batch), q_len_t)
+        nth = torch.arange(len(seq)) - torch.repeat_interleave(q_len_t.cumsum(0) - q_len_t, q_len_t)
+        pos = start[seq] + nth
+        q_pos = start[:, None] + torch.arange(max_q)[None, :]
         k_pos = torch.arange(max_blocks * block_size)[None, None, :]
         mask = (k_pos <= q_pos[:, :, None]) & (k_pos < ctx_len_t[:, None, None])
-        q_index = None
-        if max_q > 1:
-            q_index = torch.cat([i * max_q + torch.arange(n) for i, n in enumerate(q_lens)])
-            q_index = q_index.to(device)
         return cls(
             q_lens=q_lens,
             ctx_lens=ctx_lens,
             block_tables=table.to(device),
-            slot_blocks=(slot // block_size).to(device),
-            slot_offsets=(slot % block_size).to(device),
-            q_index=q_index,
+            slot_blocks=table[seq, pos // block_size].to(device),
+            slot_offsets=(pos % block_size).to(device),
+            q_index=(seq * max_q + nth).to(device) if max_q > 1 else None,
             mask=mask[:, None].to(device),
             max_q=max_q,
         )

@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
@@ -256,8 +256,6 @@ class GatewayService:
         """Choice i of a seeded request samples with seed + i: reproducible, and the choices differ."""
         if seed is None or index == 0:
             return params
-        from dataclasses import replace
-
         return replace(params, seed=(seed + index) % 2**63)
 
     # -- running ----------------------------------------------------------------------------------

@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import http.server
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from loadgen.server import start_server, stop_server
 from tests.conftest import make_image
 
 API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
@@ -35,35 +23,13 @@ def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
 
 @pytest.fixture(scope="session")
 def server(tiny_model: Path, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     args = [
-        sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_model), "--port", str(port),
-        "--api-key", API_KEY, "--allow-media-host", "127.0.0.1", "--max-body-mb", "2",
-        "--max-model-len", "2048",
+        "--model", str(tiny_model), "--api-key", API_KEY, "--allow-media-host", "127.0.0.1",
+        "--max-body-mb", "2", "--max-model-len", "2048",
     ]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"epd serve exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        raise RuntimeError(f"epd serve did not become ready:\n{log.read_text()[-3000:]}")
+    proc, url = start_server(args, tmp_path_factory.mktemp("serve") / "serve.log", timeout_s=240)
     yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_server(proc)
 
 
 class _ImageHandler(http.server.BaseHTTPRequestHandler):

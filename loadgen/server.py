@@ -1,0 +1,48 @@
+"""Start `epd serve` as a child process on a free loopback port, wait until it is ready, stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], log: Path, timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
+    """`epd serve ARGS --port <free>` in its own process group; returns it and its URL once /ready."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving.cli", "serve", *args, "--port", str(port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=5) as response:
+                if response.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(1)
+    stop_server(proc)
+    raise RuntimeError(f"epd serve did not become ready:\n{Path(log).read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the whole group (Ray's processes included), SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
