@@ -36,9 +36,10 @@ lint: install ## ruff check and format check
 test: install lint ## lint, then the whole test suite (CPU, no GPU needed)
 	$(BIN)/python -m pytest -q tests
 
-bench: install ## engine and runtime benchmarks on the small preset (prints tables)
+bench: install ## engine, runtime and control-plane benchmarks on the small preset (prints tables)
 	$(BIN)/python -m benchmarks.engine
 	$(BIN)/python -m benchmarks.runtime
+	$(BIN)/python -m benchmarks.control
 
 bench-epd: install ## serve the small preset colocated and disaggregated on 2 cores; sweep both, side by side
 	$(BIN)/python -m loadgen.compare

@@ -82,10 +82,10 @@ def transfer_table() -> None:
 
 
 def stage_table(preset: str, requests: int) -> None:
+    from serving.cluster import Cluster
     from serving.config import default_model_dir
     from serving.engine.inputs import InputProcessor
     from serving.engine.models.builder import ensure_model
-    from serving.stages.cluster import Cluster
     from serving.types import SamplingParams
     from tests.conftest import make_image
 
@@ -116,7 +116,9 @@ def stage_table(preset: str, requests: int) -> None:
     )
     for topology in ("e+p+d", "epd"):
         got = [t for top, t in rows if top == topology]
-        med = {k: statistics.median(t.get(k, 0.0) for t in got) for k in keys + ["e2p_bytes", "p2d_bytes"]}
+        med = {
+            k: statistics.median(getattr(t, k) or 0.0 for t in got) for k in keys + ["e2p_bytes", "p2d_bytes"]
+        }
         cells = " | ".join(f"{med[k] * 1000:>14.1f}" for k in keys)
         print(f"{topology:>8} | {cells} | {med['e2p_bytes'] / 1024:>7.0f} | {med['p2d_bytes'] / 1024:>7.0f}")
     print("(decode = first to last decode-side token; e2e = pipeline arrival to last token)")

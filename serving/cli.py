@@ -66,8 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _generate_on_cluster(args: argparse.Namespace, engine_cfg: EngineConfig, images: list, params: object):
     """Start a local Ray cluster with one worker per role of the topology, run the request, stop."""
+    from serving.cluster import Cluster
     from serving.engine.inputs import InputProcessor
-    from serving.stages.cluster import Cluster
 
     inputs = InputProcessor.from_dir(engine_cfg.model)
     spec, arrays = inputs.spec_from_user_prompt(args.prompt, images)
@@ -84,16 +84,18 @@ def _generate_on_cluster(args: argparse.Namespace, engine_cfg: EngineConfig, ima
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    """Start Ray, the worker pools and the gateway; print the URL once ready; run until interrupted."""
+    """Start Ray, the workers and the gateway; print the URL once ready; run until SIGINT / SIGTERM,
+    then stop admitting, let in-flight requests finish (up to the grace period) and stop everything."""
+    import os
     import signal
     import threading
-    import urllib.request
 
     from ray import serve
 
-    from serving.config import gateway_config_from_env
+    from serving.cluster import init_ray, parse_cpus, plan_workers, start_ray_workers
+    from serving.config import ControlConfig, WorkerConfig, gateway_config_from_env
     from serving.gateway.serve import NAMESPACE, GatewaySettings, gateway_application
-    from serving.stages.cluster import Cluster, parse_cpus
+    from serving.stages.factory import RayWorkerFactory
 
     model = _model_dir(args.model)
     gateway = gateway_config_from_env(
@@ -107,51 +109,99 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queued_requests=args.max_queued,
         max_concurrent_requests=args.max_concurrent,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        shutdown_grace_s=args.shutdown_grace,
+        expose_openapi=args.openapi,
     )
     engine = EngineConfig(model=model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
-    cluster = Cluster.start(
-        model,
-        args.topology,
-        encode=args.encode,
-        prefill=args.prefill,
-        decode=args.decode,
-        address=args.address,
-        engine=engine.model_dump(exclude={"model"}),
-        namespace=NAMESPACE,
-        cpus=parse_cpus(args.pin_cpus) if args.pin_cpus else None,
+    control = ControlConfig(
+        max_worker_restarts=args.max_worker_restarts,
+        drain_timeout_s=args.drain_timeout,
+        wait_for_worker_s=args.wait_for_worker,
     )
+    template = WorkerConfig(name="template", engine=engine, transport="nixl")
+    cluster_id = str(os.getpid())
+    plans = plan_workers(
+        args.topology,
+        args.encode,
+        args.prefill,
+        args.decode,
+        cluster_id,
+        parse_cpus(args.pin_cpus) if args.pin_cpus else None,
+    )
+    init_ray(args.address, NAMESPACE, host=_ray_host(args.host))
+    import torch
+
+    gpus = 1 if torch.cuda.is_available() else 0
+    # Keep the handles: Ray stops an actor once no handle to it is left, named or not.
+    workers = start_ray_workers(RayWorkerFactory(template, NAMESPACE, gpus), plans)
     settings = GatewaySettings(
         gateway=gateway,
+        control=control,
+        worker_template=template,
         model_dir=model,
         model_id=Path(model).name,
         topology=args.topology,
-        workers=tuple((h.name, h.roles) for h in cluster.handles),
+        workers=tuple((p.name, p.cpus) for p in plans),
+        cluster_id=cluster_id,
         max_model_len=engine.max_model_len,
+        gpus_per_worker=gpus,
     )
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    url = f"http://{args.host}:{args.port}"
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(gateway_application(settings), name="epd", route_prefix="/", blocking=False)
-        url = f"http://{args.host}:{args.port}"
+        # After Ray and Serve have installed theirs: ours decide what SIGTERM means (drain first).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         while not stop.is_set():
-            try:
-                with urllib.request.urlopen(f"{url}/ready", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                stop.wait(0.5)
-        if not stop.is_set():
-            print(
-                f"EPD Serve ready at {url}/v1 (model {settings.model_id}, topology {args.topology})",
-                flush=True,
-            )
+            if _get(f"{url}/ready") == 200:
+                print(
+                    f"EPD Serve ready at {url}/v1 (model {settings.model_id}, topology {args.topology})",
+                    flush=True,
+                )
+                break
+            stop.wait(0.5)
         stop.wait()
+        print("EPD Serve: stopping admission, finishing in-flight requests", flush=True)
+        key = gateway.api_keys[0] if gateway.api_keys else None
+        _post(f"{url}/admin/shutdown", key, timeout=gateway.shutdown_grace_s + 10)
     finally:
         # Shutting Ray down stops Serve's replicas and the workers with it; serve.shutdown() first
-        # would drain replicas gracefully and took ~40 s here.
-        cluster.shutdown()
+        # would drain replicas again and took ~40 s here.
+        import ray
+
+        del workers
+        ray.shutdown()
+
+
+def _ray_host(host: str) -> str:
+    """Ray's own ports bind where the API does when that is loopback; otherwise Ray's default."""
+    return "127.0.0.1" if host in ("127.0.0.1", "localhost", "::1") else ""
+
+
+def _get(url: str, timeout: float = 5) -> int:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except OSError:
+        return 0
+
+
+def _post(url: str, key: str | None, timeout: float) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=b"{}", method="POST")
+    request.add_header("Content-Type", "application/json")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            pass
+    except OSError:
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +263,25 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, MiB (413 above)")
     srv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    srv.add_argument(
+        "--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"
+    )
+    srv.add_argument("--max-worker-restarts", type=int, default=10, help="failed workers replaced, at most")
+    srv.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds a drain waits before decodes migrate"
+    )
+    srv.add_argument(
+        "--wait-for-worker",
+        type=float,
+        default=60.0,
+        help="seconds a request waits for a stage's worker (then 503)",
+    )
+    srv.add_argument("--openapi", action="store_true", help="serve /openapi.json")
     srv.set_defaults(func=cmd_serve)
+
+    from serving.ctl import add_ctl_parser
+
+    add_ctl_parser(sub)
 
     bench = sub.add_parser(
         "bench", help="load-test a server (see `epd bench --help`), or `epd bench plot`", add_help=False

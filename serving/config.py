@@ -71,8 +71,40 @@ class WorkerConfig(BaseModel):
         (), description="Pin the worker's process to these CPUs; empty: no pinning."
     )
     admission_timeout_s: float = Field(
-        60.0, gt=0, description="How long a decode waits for KV room before the request fails."
+        60.0, gt=0, description="How long a decode waits for KV room before trying another worker."
     )
+    prefill_kv_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="KV pool of a worker that prefills but does not decode, as a share of a decode "
+        "worker's (never less than one request of max_model_len).",
+    )
+    engine_stuck_after_s: float = Field(
+        120.0, gt=0, description="An engine pass running longer than this marks the worker failed."
+    )
+
+
+class ControlConfig(BaseModel):
+    """The control plane: health checks, replacement of failed workers, drains, migrations."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    health_interval_s: float = Field(1.0, gt=0, description="How often every worker's stats are read.")
+    health_timeout_s: float = Field(
+        10.0, gt=0, description="A worker whose stats call takes longer than this is failed and replaced."
+    )
+    max_worker_restarts: int = Field(
+        10, ge=0, description="Failed workers replaced over the deployment's life; past it they are not."
+    )
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="How long a drain waits for in-flight work; then decodes migrate."
+    )
+    wait_for_worker_s: float = Field(
+        60.0, gt=0, description="How long a request waits for a worker able to take a stage before 503."
+    )
+    max_leg_attempts: int = Field(3, ge=1, description="Tries of an E or P leg, each on another worker.")
+    max_migrations: int = Field(2, ge=0, description="Times one request's decode may move to another worker.")
 
 
 class GatewayConfig(BaseModel):
@@ -93,15 +125,49 @@ class GatewayConfig(BaseModel):
         6000 * 6000, ge=1, description="Largest width×height decoded; checked before decoding."
     )
     max_images_per_request: int = Field(8, ge=0)
+    max_image_frames: int = Field(
+        256, ge=1, description="Most frames an animated image may declare (only the first is decoded)."
+    )
+    max_request_media_bytes: int = Field(
+        64 * 2**20, ge=1024, description="Encoded image bytes one request may bring in all; more is 413."
+    )
+    max_request_image_pixels: int = Field(
+        2**26, ge=1, description="Declared width×height summed over one request's images; more is 413."
+    )
+    max_image_pixels_in_flight: int = Field(
+        2**28,
+        ge=1,
+        description="Declared image pixels held by all requests in the gateway at once; more is 429.",
+    )
     media_connect_timeout_s: float = Field(5.0, gt=0)
     media_read_timeout_s: float = Field(10.0, gt=0)
+    media_total_timeout_s: float = Field(
+        30.0, gt=0, description="One deadline for fetching all of a request's images; later is 422."
+    )
     media_max_redirects: int = Field(3, ge=0)
-    max_concurrent_requests: int = Field(64, ge=1, description="Requests in the stages at once.")
+    max_sequences_per_request: int = Field(
+        64, ge=1, description="Prompts × n one request may run; more is 400."
+    )
+    max_request_tokens: int = Field(
+        2**18,
+        ge=1,
+        description="Prompt tokens (image tokens included) × n summed over one request; more is 400.",
+    )
+    max_concurrent_requests: int = Field(
+        64,
+        ge=1,
+        description="Sequences (a request's prompts × n) in the stages at once; a request larger than "
+        "this runs alone.",
+    )
     max_queued_requests: int = Field(256, ge=0, description="Requests waiting for admission; more is 429.")
     request_timeout_s: float = Field(600.0, gt=0, description="A request still running after this is ended.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     slo_ttft_s: float = Field(2.0, gt=0, description="TTFT target for the SLO counters.")
     slo_tpot_s: float = Field(0.2, gt=0, description="TPOT target for the SLO counters.")
+    expose_openapi: bool = Field(False, description="Serve /openapi.json (off: it maps the attack surface).")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
 
 
 def gateway_config_from_env(**overrides: object) -> GatewayConfig:

@@ -1,32 +1,56 @@
-"""The one place a request's whole path is visible: E → P → D across worker pools.
+"""The one place a request's whole path is visible: E → P → D across the live pool directory.
 
-  1. E (when the topology has an encode pool and the request has images): embeddings under a lease.
-  2. P: pulls the embeddings (or encodes itself), prefills, returns the first token and a KV lease.
-  3. D: pulls the KV, decodes in its continuous batch, streams token deltas.
-Colocated topologies hand the adjacent stages to one worker. E and P are retried once on another
-worker; a failed D ends the request with an error. Cancelling the consumer frees every stage.
+  1. P: pick a prefill worker. If it also decodes, the request stays there (`generate`).
+  2. E (when the request has images): the P worker encodes them itself if it has the E role;
+     otherwise an encode worker does and P pulls the embeddings.
+  3. P prefills and returns the first token with a KV lease; D pulls the KV and streams the rest.
+Each leg picks from the workers routed for its role now, so role switches apply to the next leg.
+
+Failures (docs/architecture.md, "Failure semantics"):
+  - E or P fails: the leg is redone on another worker (never the one that failed), E with it when P
+    already pulled the embeddings; with no worker able, the pipeline waits for one until the
+    request's deadline, then raises NoWorkerAvailable (the gateway answers 503).
+  - D fails after tokens were streamed: the request migrates. P re-prefills prompt + streamed tokens,
+    another D replays them into its stop rules and goes on; the client sees one stream with the tokens
+    an undisturbed run gives. A migration limit per request; each failure path cancels the request on
+    every surviving worker it touched, at once.
+  - A failure inside the request itself (RequestFailed) ends it with an error: redoing it would fail.
+This module imports neither torch nor Ray: workers are reached through typed handles.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
+from serving.control.directory import PoolDirectory, WorkerEntry
+from serving.types import (
+    FinishReason,
+    NoWorkerAvailable,
+    PromptSpec,
+    RequestFailed,
+    Role,
+    SamplingParams,
+    StageTimings,
+    TokenDelta,
+    WorkerDied,
+    WorkerError,
+)
 
-from serving.stages.handles import Pool, WorkerHandle
-from serving.types import FinishReason, PromptSpec, SamplingParams, TokenDelta
+if TYPE_CHECKING:
+    import numpy as np
 
-TOPOLOGIES: dict[str, tuple[str, ...]] = {
-    # topology → the role sets of its pools, in request order
-    "e+p+d": ("e", "p", "d"),
-    "ep+d": ("ep", "d"),
-    "e+pd": ("e", "pd"),
-    "epd": ("epd",),
-}
+    from serving.stages.handles import WorkerHandle
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+_WAIT_POLL_S = 0.05
+_CANCEL_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -36,110 +60,232 @@ class Request:
     params: SamplingParams
     images: list[np.ndarray] = field(default_factory=list)
     arrival: float = field(default_factory=time.perf_counter)
+    deadline_s: float = 600.0  # from arrival: how long the request may wait for a worker, in all
+
+
+@dataclass
+class PipelineCounters:
+    """What the orchestrator saw go wrong; exported by the gateway's metrics."""
+
+    migrations: int = 0
+    retries: dict[str, int] = field(default_factory=lambda: {r.name.lower(): 0 for r in Role})
+    failures: dict[str, int] = field(default_factory=lambda: {r.name.lower(): 0 for r in Role})
+    unavailable: dict[str, int] = field(default_factory=lambda: {r.name.lower(): 0 for r in Role})
+
+
+@dataclass
+class _Attempt:
+    """The workers one try of a request touched, to cancel it on them if the try fails."""
+
+    touched: dict[str, WorkerHandle] = field(default_factory=dict)
+    dead: set[str] = field(default_factory=set)
 
 
 class Pipeline:
-    def __init__(self, topology: str, pools: dict[str, Pool]) -> None:
-        if topology not in TOPOLOGIES:
-            raise ValueError(f"unknown topology {topology!r}; choose from {sorted(TOPOLOGIES)}")
-        self.topology = topology
-        self.pools = pools
-        roles = TOPOLOGIES[topology]
-        self.encode_pool = pools["e"] if "e" in roles else None
-        self.prefill_pool = pools[next(r for r in roles if "p" in r)]
-        self.decode_pool = pools["d"] if "d" in roles else None  # None: prefill workers decode too
+    def __init__(
+        self,
+        directory: PoolDirectory,
+        on_worker_died: Callable[[str], None] | None = None,
+        max_leg_attempts: int = 3,
+        max_migrations: int = 2,
+        wait_for_worker_s: float = 60.0,
+    ) -> None:
+        self.directory = directory
+        self._on_worker_died = on_worker_died or (lambda name: None)
+        self.max_leg_attempts = max_leg_attempts
+        self.max_migrations = max_migrations
+        self.wait_for_worker_s = wait_for_worker_s
+        self.counters = PipelineCounters()
 
     async def run(self, request: Request) -> AsyncIterator[TokenDelta]:
-        """Token deltas of one request; the last one carries the per-stage timings in `extra`."""
-        involved: list[WorkerHandle] = []
-        timings: dict[str, float] = {}
-        finished = False
-        try:
-            embeddings = None
-            if request.images and self.encode_pool is not None:
-                embeddings = await self._retry(
-                    self.encode_pool, involved, "encode", request.request_id, request.images
-                )
-                timings.update(embeddings.timings)
-            local_images = request.images if embeddings is None else None
-            args = (request.request_id, request.spec, request.params, embeddings, local_images)
-            if self.decode_pool is None:
-                stream = self._stream(self.prefill_pool.pick(), involved, "generate", *args)
-            else:
-                result = await self._retry(self.prefill_pool, involved, "prefill", *args)
-                timings.update(result.timings)
-                first = result.delta
-                if result.kv is None:
-                    finished = True
-                    yield self._last(first, timings, request)
-                    return
-                yield first
-                stream = self._stream(
-                    self.decode_pool.pick(),
-                    involved,
-                    "decode",
-                    request.request_id,
-                    request.spec,
-                    request.params,
-                    result.kv,
-                )
-            async for delta in stream:
-                timings.update(delta.extra)
-                finished = delta.finished
-                yield self._last(delta, timings, request) if finished else delta
-        except StageError as exc:
-            finished = True
-            yield TokenDelta(request.request_id, [], "", FinishReason.ERROR, error=str(exc))
-        finally:
-            if not finished:
-                for worker in involved:
-                    await worker.call("cancel", request.request_id)
-
-    async def _retry(self, pool: Pool, involved: list[WorkerHandle], method: str, *args: Any) -> Any:
-        """E and P legs: one retry on another worker of the pool."""
-        worker = pool.pick()
-        for attempt in range(2):
-            involved.append(worker)
-            worker.outstanding += 1
+        """Token deltas of one request; the last one carries the per-stage timings."""
+        streamed: list[int] = []  # every token the caller has been given
+        timings = StageTimings()
+        migrations = 0
+        while True:
+            attempt = _Attempt()
+            finished = False
             try:
-                return await worker.call(method, *args)
-            except Exception as exc:  # noqa: BLE001 - a worker or transfer failure; retried once
-                await _quiet_cancel(worker, args[0])
-                if attempt == 1:
-                    raise StageError(method) from exc
-                worker = pool.pick(exclude=worker)
+                async for delta in self._attempt(request, streamed, attempt):
+                    timings.merge(delta.timings)
+                    streamed.extend(delta.token_ids)
+                    finished = delta.finished
+                    if finished:
+                        timings.e2e_s = time.perf_counter() - request.arrival
+                        timings.migrations = migrations
+                        delta.timings = timings
+                    else:
+                        delta.timings = None
+                    yield delta
+                    if finished:
+                        return
+                raise WorkerError("the stream ended without finishing")
+            except RequestFailed as exc:
+                self.counters.failures["decode" if streamed else "prefill"] += 1
+                yield self._error(request, str(exc) or "the request failed")
+                return
+            except NoWorkerAvailable as exc:
+                if not streamed:
+                    raise
+                yield self._error(request, str(exc))
+                return
+            except WorkerError as exc:
+                # A worker streaming the request failed: continue the stream elsewhere.
+                migrations += 1
+                if migrations > self.max_migrations:
+                    self.counters.failures["decode"] += 1
+                    yield self._error(request, "the decode stage failed")
+                    return
+                if streamed:
+                    self.counters.migrations += 1
+                log.warning(
+                    "request %s moves to another worker (%d): %s", request.request_id, migrations, exc
+                )
             finally:
-                worker.outstanding -= 1
+                if not finished:
+                    await self._cancel(request.request_id, attempt)
+
+    async def _attempt(
+        self, request: Request, streamed: list[int], attempt: _Attempt
+    ) -> AsyncIterator[TokenDelta]:
+        """One try: E and P (redone on other workers as needed), then D. `streamed` non-empty means
+        a migration: recompute their KV and go on after them."""
+        resume = list(streamed) or None
+        front = await self._front(request, resume, attempt)
+        if isinstance(front, _Colocated):
+            async for delta in self._stream(front.worker, attempt, front.stream):
+                yield delta
+            return
+        if resume is None:
+            front.delta.timings = front.timings
+            yield front.delta  # the first token, before decode has even started
+        if front.kv is None:
+            return
+        d = await self._pick(Role.DECODE, frozenset(), request)
+        stream = d.handle.decode(request.request_id, request.spec, request.params, front.kv, resume)
+        async for delta in self._stream(d, attempt, stream):
+            yield delta
+
+    async def _front(self, request: Request, resume: list[int] | None, attempt: _Attempt) -> Any:
+        """E and P with retries: a PrefillResult from a P worker, or a colocated stream."""
+        tried: set[str] = set()
+        for n in range(self.max_leg_attempts):
+            p = await self._pick(Role.PREFILL, frozenset(tried), request)
+            tried.add(p.name)
+            try:
+                embeddings, local_images = None, None
+                if request.images and Role.ENCODE in p.routing:
+                    local_images = request.images
+                elif request.images:
+                    embeddings = await self._encode(request, attempt)
+                args = (request.request_id, request.spec, request.params, embeddings, local_images, resume)
+                if Role.DECODE in p.routing:
+                    return _Colocated(p, p.handle.generate(*args))
+                attempt.touched[p.name] = p.handle
+                return await self._leg(p, p.handle.prefill(*args))
+            except RequestFailed:
+                raise
+            except WorkerError as exc:
+                self._count_retry(Role.PREFILL, p, exc, attempt)
+                await self._cancel(request.request_id, attempt)  # E's lease too: redo both
+                attempt.touched.clear()
+                if n == self.max_leg_attempts - 1:
+                    self.counters.failures["prefill"] += 1
+                    raise RequestFailed("the prefill stage failed") from exc
         raise AssertionError("unreachable")
 
-    async def _stream(
-        self, worker: WorkerHandle, involved: list[WorkerHandle], method: str, *args: Any
-    ) -> AsyncIterator[TokenDelta]:
-        involved.append(worker)
-        worker.outstanding += 1
+    async def _encode(self, request: Request, attempt: _Attempt) -> Any:
+        tried: set[str] = set()
+        for n in range(self.max_leg_attempts):
+            e = await self._pick(Role.ENCODE, frozenset(tried), request)
+            tried.add(e.name)
+            attempt.touched[e.name] = e.handle
+            try:
+                return await self._leg(e, e.handle.encode(request.request_id, request.images))
+            except RequestFailed:
+                self.counters.failures["encode"] += 1
+                raise
+            except WorkerError as exc:
+                self._count_retry(Role.ENCODE, e, exc, attempt)
+                if e.name not in attempt.dead:
+                    await _quiet(e.handle.cancel(request.request_id))
+                attempt.touched.pop(e.name, None)
+                if n == self.max_leg_attempts - 1:
+                    self.counters.failures["encode"] += 1
+                    raise RequestFailed("the encode stage failed") from exc
+        raise AssertionError("unreachable")
+
+    async def _pick(self, role: Role, exclude: frozenset[str], request: Request) -> WorkerEntry:
+        """A worker routed for `role` now; waits for one (a replacement, a switch) until the deadline."""
+        give_up = min(request.arrival + request.deadline_s, time.perf_counter() + self.wait_for_worker_s)
+        while (entry := self.directory.pick(role, exclude)) is None:
+            if exclude and self.directory.pick(role) is not None:
+                exclude = frozenset()  # every able worker failed this leg once: one may have recovered
+                continue
+            if time.perf_counter() >= give_up:
+                self.counters.unavailable[role.name.lower()] += 1
+                raise NoWorkerAvailable(role)
+            await asyncio.sleep(_WAIT_POLL_S)
+        return entry
+
+    async def _leg(self, worker: WorkerEntry, call: Awaitable[T]) -> T:
+        outstanding = self.directory.outstanding
+        outstanding[worker.name] = outstanding.get(worker.name, 0) + 1
         try:
-            async for delta in worker.stream(method, *args):
-                yield delta
-        except Exception as exc:  # noqa: BLE001 - a failed decode ends the request with an error
-            raise StageError(method) from exc
+            return await call
         finally:
-            worker.outstanding -= 1
+            outstanding[worker.name] = outstanding.get(worker.name, 1) - 1
+
+    async def _stream(
+        self, worker: WorkerEntry, attempt: _Attempt, stream: AsyncIterator[TokenDelta]
+    ) -> AsyncIterator[TokenDelta]:
+        attempt.touched[worker.name] = worker.handle
+        outstanding = self.directory.outstanding
+        outstanding[worker.name] = outstanding.get(worker.name, 0) + 1
+        try:
+            async for delta in stream:
+                if delta.finish_reason == FinishReason.ERROR:
+                    raise RequestFailed(delta.error or "the request failed")
+                if delta.finish_reason == FinishReason.ABORT:
+                    raise WorkerError(f"worker {worker.name} aborted the request")
+                yield delta
+        except WorkerDied:
+            attempt.dead.add(worker.name)
+            self._on_worker_died(worker.name)
+            raise
+        finally:
+            outstanding[worker.name] = outstanding.get(worker.name, 1) - 1
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    def _count_retry(self, role: Role, worker: WorkerEntry, exc: Exception, attempt: _Attempt) -> None:
+        self.counters.retries[role.name.lower()] += 1
+        log.warning("%s leg failed on %s, retrying elsewhere: %s", role.name.lower(), worker.name, exc)
+        if isinstance(exc, WorkerDied):
+            attempt.dead.add(worker.name)
+            self._on_worker_died(worker.name)
+
+    async def _cancel(self, request_id: str, attempt: _Attempt) -> None:
+        """Free the request on every surviving worker this try touched, all at once."""
+        alive = [h for name, h in attempt.touched.items() if name not in attempt.dead]
+        if alive:
+            await asyncio.shield(asyncio.gather(*(_quiet(h.cancel(request_id)) for h in alive)))
 
     @staticmethod
-    def _last(delta: TokenDelta, timings: dict[str, float], request: Request) -> TokenDelta:
-        timings["e2e_s"] = time.perf_counter() - request.arrival
-        delta.extra = dict(timings)
-        return delta
+    def _error(request: Request, message: str) -> TokenDelta:
+        timings = StageTimings(e2e_s=time.perf_counter() - request.arrival)
+        return TokenDelta(request.request_id, [], "", FinishReason.ERROR, error=message, timings=timings)
 
 
-class StageError(RuntimeError):
-    """A stage failed for a request after its retries."""
+@dataclass
+class _Colocated:
+    """A P worker that also decodes: the request runs start to end there."""
 
-    def __init__(self, stage: str) -> None:
-        super().__init__(f"the {stage} stage failed")
-        self.stage = stage
+    worker: WorkerEntry
+    stream: AsyncIterator[TokenDelta]
 
 
-async def _quiet_cancel(worker: WorkerHandle, request_id: str) -> None:
-    with contextlib.suppress(Exception):  # best effort on a worker that just failed
-        await worker.call("cancel", request_id)
+async def _quiet(call: Awaitable[Any]) -> None:
+    with contextlib.suppress(Exception):  # best effort, bounded: the worker may be dying too
+        async with asyncio.timeout(_CANCEL_TIMEOUT_S):
+            await call

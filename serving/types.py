@@ -33,19 +33,63 @@ class FinishReason(enum.StrEnum):
 
 
 class Role(enum.StrEnum):
-    """The stage a worker serves; colocated roles name several stages."""
+    """A stage a worker serves. A worker holds a set of roles; colocated workers hold several."""
 
     ENCODE = "e"
     PREFILL = "p"
     DECODE = "d"
 
 
+Roles = frozenset[Role]
+ALL_ROLES: Roles = frozenset(Role)
+
+
+def parse_roles(text: str) -> Roles:
+    """'e', 'pd', 'epd', 'e,p' → a role set; anything else is a ValueError."""
+    letters = [c for c in text.strip().lower() if c not in ", +"]
+    if not letters:
+        raise ValueError("a worker needs at least one role (e, p, d)")
+    try:
+        roles = frozenset(Role(c) for c in letters)
+    except ValueError:
+        raise ValueError(f"unknown role in {text!r}; roles are e, p and d") from None
+    if len(roles) != len(letters):
+        raise ValueError(f"a role is repeated in {text!r}")
+    return roles
+
+
+def roles_label(roles: Roles) -> str:
+    """The canonical short name of a role set, in stage order: 'e', 'pd', 'epd'."""
+    return "".join(r.value for r in Role if r in roles)
+
+
+class WorkerPhase(enum.StrEnum):
+    """Where a worker is in its life: starting → active ⇄ draining → reconfiguring → active, or
+    stopped / failed. Only active workers are routed new work."""
+
+    STARTING = "starting"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    RECONFIGURING = "reconfiguring"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    @property
+    def routable(self) -> bool:
+        return self is WorkerPhase.ACTIVE
+
+
+GREEDY_EPSILON = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks its tokens and when it stops.
 
-    temperature 0 means greedy. `seed` makes sampling reproducible for this request alone, whatever
-    else shares its batch. `stop` strings are matched on detokenized text and cut from the output.
+    temperature 0 means greedy, and so does any temperature below `GREEDY_EPSILON` (as in vLLM): dividing
+    logits by 1e-300 would overflow, and such a temperature is greedy in all but name. `seed` makes
+    sampling reproducible for this request alone, whatever else shares its batch. `stop` strings are
+    matched on detokenized text and cut from the output.
     """
 
     max_tokens: int = 16
@@ -62,8 +106,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # also refuses NaN
             raise ValueError("temperature must be non-negative")
+        if self.temperature < GREEDY_EPSILON:
+            object.__setattr__(self, "temperature", 0.0)  # frozen: normalised once, here
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
@@ -89,7 +135,7 @@ class TokenDelta:
     logprobs: list[dict[int, float]] | None = None
     num_prompt_tokens: int = 0
     num_image_tokens: int = 0
-    extra: dict[str, float] = field(default_factory=dict)  # per-stage timings, on the last delta
+    timings: StageTimings | None = None  # per-stage timings: on the first delta of a leg and the last
     error: str | None = None  # what failed, safe to show a client, when finish_reason is ERROR
 
     @property
@@ -109,6 +155,7 @@ class RemoteRegions:
     buffer: str
     regions: tuple[Region, ...]
     descriptors: bytes = b""
+    epoch: int = 0  # the owner's registration epoch: a receiver that knows another one must not read
 
     @property
     def nbytes(self) -> int:
@@ -130,7 +177,7 @@ class EmbeddingRef:
     source: RemoteRegions
     num_tokens: int
     lease_id: str
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: StageTimings | None = None
 
 
 @dataclass(frozen=True)
@@ -151,4 +198,116 @@ class PrefillResult:
 
     delta: TokenDelta
     kv: KVRef | None
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: StageTimings | None = None
+
+
+@dataclass
+class StageTimings:
+    """Where one request's time went, stage by stage (seconds, and bytes moved between stages).
+    Each stage fills its own fields; the orchestrator merges them into the request's total."""
+
+    encode_s: float | None = None
+    encode_queue_s: float | None = None
+    e2p_transfer_s: float | None = None
+    e2p_bytes: float | None = None
+    prefill_s: float | None = None
+    prefill_queue_s: float | None = None
+    p2d_transfer_s: float | None = None
+    p2d_bytes: float | None = None
+    decode_s: float | None = None
+    e2e_s: float | None = None
+    migrations: int = 0
+
+    def merge(self, other: StageTimings | None) -> StageTimings:
+        """Take every field `other` has set (later legs overwrite earlier ones); returns self."""
+        if other is not None:
+            for name, value in vars(other).items():
+                if value is not None and name != "migrations":
+                    setattr(self, name, value)
+            self.migrations = max(self.migrations, other.migrations)
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        """The fields that are set, for logs and JSON answers."""
+        return {k: float(v) for k, v in vars(self).items() if v is not None and (k != "migrations" or v)}
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What the control plane learns of a worker when it starts or is reconfigured: its transport
+    endpoint under a metadata epoch (bumped each time its registered memory changes)."""
+
+    name: str
+    roles: Roles
+    metadata: bytes
+    epoch: int
+    pid: int
+    node: str
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One worker's load and health, as its stats call reports it."""
+
+    name: str
+    roles: Roles
+    phase: WorkerPhase
+    pid: int
+    node: str
+    kv_blocks_total: int
+    kv_blocks_used: int
+    num_running: int
+    num_waiting: int
+    num_held: int
+    requests_in_flight: int  # requests the worker's ledger holds anything for
+    embedding_slots_total: int
+    embedding_slots_free: int
+    mm_cache_hits: int
+    mm_cache_misses: int
+    mm_cache_entries: int
+    images_encoded: int
+    leases_active: int
+    leases_released: int
+    leases_expired: int
+    requests_failed: int  # requests this worker failed alone (a fault inside one request)
+    engine_alive: bool  # the engine thread is running and not stuck
+    epoch: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+# -- what crosses a worker's boundary when something goes wrong --------------------------------------
+
+
+class WorkerError(RuntimeError):
+    """A worker could not do its part of a request; the orchestrator decides what happens next."""
+
+
+class WorkerDied(WorkerError):
+    """The worker's process is gone or does not answer: never route to it again."""
+
+
+class WorkerUnavailable(WorkerError):
+    """The worker is alive but does not take new work for this stage now (draining, switching roles,
+    no room in time): try another worker."""
+
+
+class TransferFailed(WorkerError):
+    """A pull from a peer failed (the peer died, or its memory changed): the leg can be redone."""
+
+
+class RequestFailed(WorkerError):
+    """Something inside this one request failed on a healthy worker; redoing it would fail again."""
+
+
+class NoWorkerAvailable(RuntimeError):
+    """No worker could take a stage of the request before its deadline: the client gets a 503."""
+
+    def __init__(self, stage: Role) -> None:
+        super().__init__(f"no {stage.name.lower()} worker is available")
+        self.stage = stage
+
+    def __reduce__(self) -> tuple[type, tuple[Role]]:
+        return NoWorkerAvailable, (self.stage,)

@@ -47,9 +47,10 @@ class InputProcessor:
         return cls(load_model_config(model_dir), Tokenizer(model_dir), processor)
 
     def from_messages(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Prompt:
-        """`messages` in chat-template form; its image parts, in order, stand for `images`."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.from_rendered(text, images)
+        """`messages` in chat-template form; its image parts, in order, stand for `images`. Message text
+        is plain text: only the template's own markup becomes control tokens (image pads included)."""
+        processed = [self.image_processor(im) for im in images]
+        return Prompt(self.expand(self.tokenizer.encode_chat(messages), processed), processed)
 
     def from_user_prompt(self, prompt: str, images: list[Image.Image]) -> Prompt:
         """One user message: the images in the order given, then the text."""
@@ -58,6 +59,7 @@ class InputProcessor:
         return self.from_messages([{"role": "user", "content": content}], images)
 
     def from_rendered(self, text: str, images: list[Image.Image]) -> Prompt:
+        """Already-rendered, trusted text: special-token text in it is markup (control tokens)."""
         processed = [self.image_processor(im) for im in images]
         return Prompt(self.expand(self.tokenizer.encode(text), processed), processed)
 
@@ -66,10 +68,13 @@ class InputProcessor:
     ) -> tuple[PromptSpec, list[np.ndarray]]:
         """For a remote encode stage: the tokenized prompt with grids (from image sizes alone, no
         preprocessing here) and the images as RGB arrays to ship to it."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         arrays = [im if isinstance(im, np.ndarray) else np.asarray(to_rgb(im)) for im in images]
         grids = [self.image_processor.grid(a.shape[1], a.shape[0]) for a in arrays]
-        return PromptSpec(self.expand(self.tokenizer.encode(text), grids), grids), arrays
+        return PromptSpec(self.expand(self.tokenizer.encode_chat(messages), grids), grids), arrays
+
+    def spec_from_text(self, prompt: str) -> PromptSpec:
+        """A raw completions prompt: client text, so special-token text in it is plain text."""
+        return PromptSpec(self.tokenizer.encode_text(prompt))
 
     def spec_from_user_prompt(
         self, prompt: str, images: list[Image.Image]

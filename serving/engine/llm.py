@@ -14,6 +14,8 @@ Lifecycle of a request inside the engine:
 from __future__ import annotations
 
 import itertools
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +30,13 @@ from serving.engine.sampler import sample
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import Sequence
 from serving.engine.tokenizer import Tokenizer
-from serving.types import FinishReason, SamplingParams, TokenDelta
+from serving.types import FinishReason, RequestStatus, SamplingParams, TokenDelta
+
+log = logging.getLogger(__name__)
+
+
+class EngineBroken(RuntimeError):
+    """The engine failed in a way no single request explains: its worker must be replaced."""
 
 
 @dataclass
@@ -65,10 +73,15 @@ class LLMEngine:
         self._reserved: dict[str, Sequence] = {}  # blocks set aside for KV arriving from a prefill
         self._ids = itertools.count()
         self.last_stage = ""  # "prefill" or "decode": what the latest step ran
+        self.requests_failed = 0  # requests that failed alone inside a step
+        # Called with (stage, request ids) before each batch runs; tests inject faults through it.
+        self.fault_hook: Callable[[str, list[str]], None] | None = None
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def make_sequence(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Sequence:
+    def make_sequence(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, prefill_only: bool = False
+    ) -> Sequence:
         if len(prompt.token_ids) >= self.cfg.max_model_len:
             raise ValueError(
                 f"prompt is {len(prompt.token_ids)} tokens; the limit is {self.cfg.max_model_len - 1}"
@@ -83,6 +96,7 @@ class LLMEngine:
             images=list(prompt.images),
             grids=list(prompt.grids),
             num_image_tokens=sum(self.model_config.num_image_tokens(g) for g in prompt.grids),
+            prefill_only=prefill_only,
         )
         if self.runner.pool.blocks_for(seq.max_len) > self.runner.pool.num_blocks:
             raise ValueError("request needs more KV cache than this worker has")
@@ -95,14 +109,22 @@ class LLMEngine:
         request_id: str | None = None,
         prefill_only: bool = False,
         image_embeds: torch.Tensor | None = None,
+        resume: list[int] | None = None,
     ) -> str:
         """Queue a request. `image_embeds` (the prompt's images, encoded elsewhere) skips encode.
         With prefill_only it stops after its first token and its KV is held (see `held`, `export_kv`,
-        `release`) for a decode worker to take."""
+        `release`) for a decode worker to take. `resume` are outputs another worker already produced
+        and streamed (a migrated request): the prefill recomputes their KV instead of sampling, and the
+        request goes on from the newest of them."""
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._seqs or request_id in self.held or request_id in self._reserved:
+        if self.holds(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = self.make_sequence(request_id, prompt, params)
+        seq = self.make_sequence(request_id, prompt, params, prefill_only=prefill_only)
+        if resume:
+            seq.restore(resume)
+            seq.resume_pending = True
+            if self.runner.pool.blocks_for(seq.max_len) > self.runner.pool.num_blocks:
+                raise ValueError("request needs more KV cache than this worker has")
         if image_embeds is not None:
             if image_embeds.shape[0] != seq.num_image_tokens:
                 raise ValueError("image embeddings do not match the prompt's image tokens")
@@ -120,7 +142,7 @@ class LLMEngine:
     ) -> list[int] | None:
         """Set aside KV blocks for a request prefilled elsewhere, for a transport to fill. Returns the
         block table, or None when the pool has no room for the request yet."""
-        if request_id in self._seqs:
+        if self.holds(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = self.make_sequence(request_id, Prompt(prompt.token_ids, grids=list(prompt.grids)), params)
         if not self.scheduler.can_admit(seq):
@@ -129,12 +151,23 @@ class LLMEngine:
         self._reserved[request_id] = seq
         return seq.block_table
 
-    def join_reserved(self, request_id: str, first_token: int, rope_delta: int, kv_tokens: int) -> None:
-        """The reserved blocks now hold the request's KV: it joins the decode batch."""
+    def join_reserved(
+        self,
+        request_id: str,
+        first_token: int,
+        rope_delta: int,
+        kv_tokens: int,
+        restored: list[int] | None = None,
+    ) -> None:
+        """The reserved blocks now hold the request's KV: it joins the decode batch. `restored` are
+        every output streamed so far (a migrated request; the last one is `first_token`)."""
+        if restored and restored[-1] != first_token:
+            raise ValueError("the restored outputs must end with the handed-over token")
         seq = self._reserved.pop(request_id)
         seq.num_cached = kv_tokens
         seq.rope_delta = rope_delta
-        seq.append(first_token)  # the prefill worker already streamed it; this primes the stop rules
+        # The tokens were already streamed elsewhere; replaying them primes the stop rules and text.
+        seq.restore(restored or [first_token])
         self._seqs[request_id] = seq
         self.scheduler.add_running(seq)
 
@@ -152,7 +185,7 @@ class LLMEngine:
     def held_kv(self, request_id: str) -> tuple[list[int], int, int, int]:
         """(block table, cached tokens, first token, rope delta) of a held request."""
         seq = self.held[request_id]
-        return seq.block_table, seq.num_cached, seq.output_token_ids[0], seq.rope_delta
+        return seq.block_table, seq.num_cached, seq.last_token, seq.rope_delta
 
     def export_kv(self, request_id: str) -> Prefilled:
         seq = self.held[request_id]
@@ -176,6 +209,20 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def holds(self, request_id: str) -> bool:
+        """Whether the engine keeps anything for the request: queued, running, held or reserved."""
+        return request_id in self._seqs or request_id in self.held or request_id in self._reserved
+
+    def request_ids(self) -> set[str]:
+        return set(self._seqs) | set(self.held) | set(self._reserved)
+
+    def resize_kv(self, num_blocks: int) -> None:
+        """A new KV pool of `num_blocks` (a worker whose roles changed); only while nothing uses it."""
+        if self.request_ids():
+            raise RuntimeError("the KV pool can only be resized while the engine holds no request")
+        self.runner.resize_pool(num_blocks)
+        self.scheduler.pool = self.runner.pool
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def step(self) -> list[TokenDelta]:
@@ -183,12 +230,80 @@ class LLMEngine:
         if batch is None:
             return []
         self.last_stage = batch.stage
-        if batch.stage == "prefill":
-            self.encode(batch.seqs)
-            logits = self.runner.prefill(batch.seqs)
+        deltas = self._run_batch(batch.stage, batch.seqs)
+        if len(batch.seqs) > 1 and all(d.finish_reason == FinishReason.ERROR for d in deltas):
+            # Every request failed, each on its own: the engine itself is broken, not a request.
+            raise EngineBroken("every request of a batch failed alone")
+        return deltas
+
+    def _run_batch(self, stage: str, seqs: list[Sequence]) -> list[TokenDelta]:
+        """One forward and sampling for the batch. A failure is narrowed down by running each request
+        alone: the ones that fail alone end with an error, the others go on as if nothing happened."""
+        cached = [s.num_cached for s in seqs]
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(stage, [s.request_id for s in seqs])
+            if stage == "prefill":
+                self.encode(seqs)
+                logits = self.runner.prefill(seqs)
+            else:
+                logits = self.runner.decode_step(seqs)
+            sampled = [s for s in seqs if not s.resume_pending]
+            keep = [i for i, s in enumerate(seqs) if not s.resume_pending]
+            tokens, logprobs = sample(logits[keep], sampled) if sampled else ([], [])
+        except Exception as exc:  # noqa: BLE001 - contained per request below
+            for seq, n in zip(seqs, cached, strict=True):
+                seq.num_cached = n  # the KV written for these positions is rewritten on the rerun
+            if len(seqs) == 1:
+                return [self.fail(seqs[0], exc)]
+            return [delta for seq in seqs for delta in self._run_batch(stage, [seq])]
+        deltas = [self._resumed(s) for s in seqs if s.resume_pending]
+        for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
+            try:
+                deltas.append(self._advance(seq, token, lp))
+            except Exception as exc:  # noqa: BLE001 - one request's bookkeeping failed: it alone ends
+                deltas.append(self.fail(seq, exc))
+        return deltas
+
+    def _resumed(self, seq: Sequence) -> TokenDelta:
+        """A resumed prefill recomputed KV for tokens sampled elsewhere: hand it on, sample nothing."""
+        seq.resume_pending = False
+        seq.image_embeds = None
+        if seq.request_id in self._prefill_only:
+            self._prefill_only.discard(seq.request_id)
+            self._seqs.pop(seq.request_id, None)
+            self.held[seq.request_id] = seq
         else:
-            logits = self.runner.decode_step(batch.seqs)
-        return self.postprocess(batch.seqs, logits)
+            self.scheduler.add_running(seq)
+        return TokenDelta(seq.request_id, [], "")
+
+    def _advance(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> TokenDelta:
+        delta = seq.append(token, logprobs)
+        if delta.finished:
+            self.scheduler.finish(seq)
+            self._seqs.pop(seq.request_id, None)
+            self._prefill_only.discard(seq.request_id)
+        elif seq.request_id in self._prefill_only:
+            self._prefill_only.discard(seq.request_id)
+            self._seqs.pop(seq.request_id)
+            seq.image_embeds = None
+            self.held[seq.request_id] = seq
+        elif seq.status != RequestStatus.RUNNING_DECODE:
+            seq.image_embeds = None  # the prompt is in the KV cache now
+            self.scheduler.add_running(seq)
+        return delta
+
+    def fail(self, seq: Sequence, exc: BaseException) -> TokenDelta:
+        """End one request with an error and free what it held; the rest of the engine goes on."""
+        log.warning("request %s failed inside the engine: %r", seq.request_id, exc)
+        seq.finish(FinishReason.ERROR)
+        self.scheduler.finish(seq)
+        self._seqs.pop(seq.request_id, None)
+        self._prefill_only.discard(seq.request_id)
+        self.requests_failed += 1
+        return TokenDelta(
+            seq.request_id, [], "", FinishReason.ERROR, error="the request failed while generating"
+        )
 
     def encode(self, seqs: list[Sequence]) -> None:
         """Encode the images of every sequence that lacks embeddings, in vision batches of bounded size."""
@@ -201,26 +316,6 @@ class LLMEngine:
         for seq in seqs:
             if seq.request_id in embeds:
                 seq.image_embeds = torch.cat(embeds[seq.request_id])
-
-    def postprocess(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenDelta]:
-        tokens, logprobs = sample(logits, seqs)
-        deltas = []
-        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
-            delta = seq.append(token, lp)
-            deltas.append(delta)
-            if delta.finished:
-                self.scheduler.finish(seq)
-                self._seqs.pop(seq.request_id, None)
-                self._prefill_only.discard(seq.request_id)
-            elif seq.request_id in self._prefill_only:
-                self._prefill_only.discard(seq.request_id)
-                self._seqs.pop(seq.request_id)
-                seq.image_embeds = None
-                self.held[seq.request_id] = seq
-            elif seq not in self.scheduler.running:
-                seq.image_embeds = None  # the prompt is in the KV cache now
-                self.scheduler.add_running(seq)
-        return deltas
 
     # -- convenience ------------------------------------------------------------------------------
 

@@ -50,6 +50,26 @@ class ModelRunner:
             device=self.device,
         )
 
+    def resize_pool(self, num_blocks: int) -> None:
+        """Replace the KV pool with one of `num_blocks` blocks (the old one must hold nothing)."""
+        old = self.pool
+        if num_blocks == old.num_blocks:
+            return
+        self.pool = KVPool(
+            num_layers=old.data.shape[1],
+            num_kv_heads=old.data.shape[4],
+            head_dim=old.data.shape[5],
+            block_size=old.block_size,
+            num_blocks=num_blocks,
+            dtype=old.data.dtype,
+            device=old.data.device,
+        )
+
+    @property
+    def full_pool_blocks(self) -> int:
+        """The pool size the engine config asks for: what a decode worker gets."""
+        return self.cfg.num_kv_blocks or self._blocks_for_memory(self.cfg.kv_cache_memory_gb)
+
     def _blocks_for_memory(self, gigabytes: float) -> int:
         per_token = self.model_config.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8)
         return max(1, int(gigabytes * 2**30) // (per_token * self.cfg.block_size))
@@ -74,22 +94,38 @@ class ModelRunner:
         Returns the last position's logits per sequence (B, V)."""
         token_ids, positions, q_lens = [], [], []
         cfg = self.model_config
+        image_mask = []
         for seq in seqs:
-            tokens = seq.prompt_token_ids + seq.output_token_ids  # outputs present after a recompute
+            tokens = self._prefill_tokens(seq)
             pos, seq.rope_delta = mrope_positions(
-                tokens, seq.grids, cfg.image_token_id, cfg.vision.spatial_merge_size
+                seq.prompt_token_ids, seq.grids, cfg.image_token_id, cfg.vision.spatial_merge_size
             )
+            # Outputs replayed after a migration are text whatever their ids: they sit where decode put
+            # them (index + rope delta) and are never replaced by visual embeddings.
+            outputs = torch.arange(len(seq.prompt_token_ids), len(tokens)) + seq.rope_delta
+            pos = torch.cat([pos, outputs.expand(3, -1)], dim=1)
             new = slice(seq.num_cached, len(tokens))
             token_ids.extend(tokens[new])
             positions.append(pos[:, new])
+            is_pad = torch.tensor(tokens[new]) == cfg.image_token_id
+            is_pad[max(0, len(seq.prompt_token_ids) - seq.num_cached) :] = False
+            image_mask.append(is_pad)
             q_lens.append(len(tokens) - seq.num_cached)
             self.pool.grow(seq.block_table, len(tokens))
         ids = torch.tensor(token_ids, device=self.device)
-        embeds = self.model.embed(ids, self._packed_image_embeds(seqs))
+        mask = torch.cat(image_mask).to(self.device)
+        embeds = self.model.embed(ids, self._packed_image_embeds(seqs), mask)
         logits = self._forward(seqs, embeds, torch.cat(positions, dim=1), q_lens)
         for seq, q_len in zip(seqs, q_lens, strict=True):
             seq.num_cached += q_len
         return logits
+
+    @staticmethod
+    def _prefill_tokens(seq: Sequence) -> list[int]:
+        """The tokens whose KV a prefill computes: the prompt, plus restored outputs but the newest
+        (a migrated request's next decode step feeds that one)."""
+        tokens = seq.prompt_token_ids + seq.output_token_ids
+        return tokens[:-1] if seq.resume_pending else tokens
 
     def _packed_image_embeds(self, seqs: list[Sequence]) -> torch.Tensor | None:
         parts = [s.image_embeds for s in seqs if s.image_embeds is not None and s.num_cached == 0]

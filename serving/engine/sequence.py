@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from serving.engine.image_processor import ProcessedImage
+from serving.engine.stop import StopMatcher
 from serving.engine.tokenizer import Detokenizer
 from serving.types import FinishReason, RequestStatus, SamplingParams, TokenDelta
 
@@ -31,8 +32,11 @@ class Sequence:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     text: str = ""
+    prefill_only: bool = False  # stops after its prefill; its KV is handed to a decode worker
+    resume_pending: bool = False  # restored outputs whose KV a prefill must recompute, not sample
     _held: str = ""  # text withheld from the stream while it could still become a stop string
     _generator: torch.Generator | None = None
+    _stops: StopMatcher | None = None  # incremental stop-string matcher, made on the first token
 
     @property
     def num_tokens(self) -> int:
@@ -40,7 +44,10 @@ class Sequence:
 
     @property
     def max_len(self) -> int:
-        """Tokens this request may reach: what admission reserves KV blocks for."""
+        """Tokens this request may reach here: what admission reserves KV blocks for. A prefill-only
+        request never grows past its prompt (and restored outputs) plus the token it samples."""
+        if self.prefill_only:
+            return min(self.num_tokens + 1, self.max_model_len)
         return min(len(self.prompt_token_ids) + self.params.max_tokens, self.max_model_len)
 
     @property
@@ -73,7 +80,7 @@ class Sequence:
         text = self._held + piece
         self._held = ""
         if reason is None and self.params.stop:
-            text, reason = self._match_stop_strings(text)
+            text, reason = self._match_stop_strings(text, piece)
         if reason is None and (
             len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= self.max_model_len
         ):
@@ -91,6 +98,13 @@ class Sequence:
             num_prompt_tokens=len(self.prompt_token_ids),
             num_image_tokens=self.num_image_tokens,
         )
+
+    def restore(self, token_ids: list[int]) -> None:
+        """Replay outputs another worker already produced and streamed (a migrated request): the stop
+        rules, the detokenizer and the held-back text end up exactly where they were there."""
+        for token_id in token_ids:
+            if self.append(token_id).finished:
+                raise ValueError("the restored outputs already end the request")
 
     def finish(self, reason: FinishReason) -> None:
         self.finish_reason = reason
@@ -110,20 +124,17 @@ class Sequence:
             return FinishReason.STOP
         return None
 
-    def _match_stop_strings(self, text: str) -> tuple[str, FinishReason | None]:
-        """Cut the output at the first stop string; otherwise hold back a tail that may begin one."""
-        window = self.text[-max(len(s) for s in self.params.stop) :] + text
-        base = len(window) - len(text)
-        hits = [i for s in self.params.stop if (i := window.find(s)) != -1]
-        if hits and len(self.output_token_ids) >= self.params.min_tokens:
-            return text[: max(0, min(hits) - base)], FinishReason.STOP
-        hold = 0
-        for s in self.params.stop:
-            for n in range(min(len(s) - 1, len(window)), 0, -1):
-                if window.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        hold = min(hold, len(text))
+    def _match_stop_strings(self, text: str, piece: str) -> tuple[str, FinishReason | None]:
+        """Cut the output at the first stop string completed by `piece`; otherwise hold back the tail of
+        `text` (held text + piece) that may begin one. Only `piece` is scanned: earlier text already
+        advanced the matcher, so the work per token does not grow with the output."""
+        if self._stops is None:
+            self._stops = StopMatcher(self.params.stop)
+        hit = self._stops.feed(piece, report=len(self.output_token_ids) >= self.params.min_tokens)
+        if hit is not None:
+            end, length = hit
+            return text[: max(0, len(text) - len(piece) + end - length)], FinishReason.STOP
+        hold = min(self._stops.partial, len(text))
         if hold:
             self._held = text[len(text) - hold :]
             text = text[: len(text) - hold]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,15 @@ class Tokenizer:
     def __init__(self, model_dir: str | Path) -> None:
         model_dir = Path(model_dir)
         self._tok = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # A second instance that reads special-token text as plain text, for client text. Separate, so
+        # concurrent encodes on threads never see the flag flipped under them.
+        self._plain = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._plain.encode_special_tokens = True
+        specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self._special_ids = specials
+        # Longest first, so a token that begins another is not matched inside it.
+        alternatives = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
+        self._special_re = re.compile(alternatives or r"(?!)")  # (?!) never matches
         template = load_chat_template(model_dir)
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
@@ -57,7 +68,53 @@ class Tokenizer:
         return token_id
 
     def encode(self, text: str) -> list[int]:
+        """Trusted text (a rendered template): special-token text becomes control tokens."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Client text: special-token text such as `<|image_pad|>` or `<|im_end|>` is plain text."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """The rendered chat template's tokens, where only the template makes control tokens: every text
+        a client wrote (message strings, text parts) is tokenized as plain text, so `<|im_end|>
+        <|im_start|>system` in a user turn cannot open a system turn and `<|image_pad|>` is no image.
+
+        The template is rendered with a unique marker in place of each client text; the output is split
+        at the markers, and runs of plain text between the template's own control tokens are tokenized
+        whole, so ordinary prompts give exactly the tokens of `encode(apply_chat_template(...))`."""
+        nonce = secrets.token_hex(8)
+        texts: list[str] = []
+
+        def mark(text: str) -> str:
+            texts.append(text)
+            return f"\ue000{nonce}:{len(texts) - 1}\ue001"
+
+        marked = [_mark_message(m, mark) for m in messages]
+        rendered = self.apply_chat_template(marked, add_generation_prompt)
+        pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", rendered)
+        # pieces alternate: template text, marker index, template text, ...
+        if sorted(int(i) for i in pieces[1::2]) != list(range(len(texts))):
+            # The template dropped, repeated or altered a client text: fall back to the plain rendering,
+            # which is safe only when no client text spells a special token.
+            if any(self._special_re.search(t) for t in texts):
+                raise ValueError("message text contains special-token text this chat template cannot quote")
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        ids: list[int] = []
+        run: list[str] = []
+        for k, piece in enumerate(pieces):
+            if k % 2:  # a client text: joins the current run of plain text
+                run.append(texts[int(piece)])
+                continue
+            pos = 0
+            for match in self._special_re.finditer(piece):
+                run.append(piece[pos : match.start()])
+                ids.extend(self._plain.encode("".join(run), add_special_tokens=False).ids)
+                ids.append(self._special_ids[match.group()])
+                run, pos = [], match.end()
+            run.append(piece[pos:])
+        ids.extend(self._plain.encode("".join(run), add_special_tokens=False).ids)
+        return ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
@@ -71,6 +128,20 @@ class Tokenizer:
 
     def detokenizer(self) -> Detokenizer:
         return Detokenizer(self._tok)
+
+
+def _mark_message(message: dict[str, Any], mark: Any) -> dict[str, Any]:
+    """A copy of a chat message with every client text replaced by mark(text)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": mark(content)}
+    if isinstance(content, list):
+        parts = [
+            {**p, "text": mark(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str) else p
+            for p in content
+        ]
+        return {**message, "content": parts}
+    return message
 
 
 class Detokenizer:

@@ -1,6 +1,8 @@
-"""Images from requests, safely: data URLs and http(s) fetches under byte caps and timeouts, with
-loopback, private, link-local and metadata addresses refused after DNS resolution and again on every
-redirect hop; decoding only after the pixel count is checked (decompression bombs), off the event loop.
+"""Images from requests, safely: data URLs and http(s) fetches under byte caps and timeouts (one
+deadline and one byte budget per request), with loopback, private, link-local and metadata addresses
+refused after DNS resolution and again on every redirect hop; headers probed (pixels, frames, aspect
+ratio) and the request's pixels budgeted before anything is decoded (decompression bombs), decoding off
+the event loop.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import io
 import ipaddress
 import re
 import socket
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlparse
 
 import httpx
@@ -20,10 +25,43 @@ from PIL import Image, UnidentifiedImageError
 
 from serving.config import GatewayConfig
 from serving.engine.image_processor import to_rgb
+from serving.gateway.admission import Ticket
 from serving.gateway.errors import APIError
 
 FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
 _DATA_URL = re.compile(r"^data:image/([a-zA-Z0-9.+-]+);base64,(.*)$", re.DOTALL)
+# Characters no host name may hold (spaces, controls, percent escapes, backslashes): refused before they
+# reach the resolver or the HTTP client.
+_BAD_HOST = re.compile(r"[\s\x00-\x1f\x7f%\\]")
+
+
+class RequestMedia:
+    """One request's media budget: a byte total across its images (inline or fetched)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def charge(self, size: int, param: str) -> None:
+        self.bytes += size
+        if self.bytes > self.max_bytes:
+            raise APIError(
+                413, "The request's images are larger in total than the server accepts.", param,
+                "media_too_large",
+            )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What an image's header declares, read without decoding its pixels."""
+
+    width: int
+    height: int
+    frames: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
 
 
 class MediaFetcher:
@@ -33,10 +71,50 @@ class MediaFetcher:
         timeout = httpx.Timeout(cfg.media_read_timeout_s, connect=cfg.media_connect_timeout_s)
         self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
 
+    async def load_all(self, urls: list[tuple[str, str]], ticket: Ticket | None = None) -> list[np.ndarray]:
+        """A request's image URLs (with the `param` naming each) → RGB uint8 arrays (H, W, 3).
+
+        Every fetch runs under one deadline and one byte budget for the request; every header is then
+        checked (pixels, frames, aspect ratio) and the request's declared pixels are checked against its
+        own budget (413) and charged to the gateway's in-flight budget on `ticket` (429) before any
+        image is decoded."""
+        if not urls:
+            return []
+        media = RequestMedia(self.cfg.max_request_media_bytes)
+        try:
+            async with asyncio.timeout(self.cfg.media_total_timeout_s):
+                raws = await _all_or_none([self._bytes(url, param, media) for url, param in urls])
+        except TimeoutError:
+            message = "Fetching the request's images took longer than the server allows."
+            raise APIError(422, message, urls[0][1], "media_fetch_timeout") from None
+        probes = [
+            await asyncio.to_thread(probe_image, raw, self.cfg, param)
+            for raw, (_, param) in zip(raws, urls, strict=True)
+        ]
+        if sum(p.pixels for p in probes) > self.cfg.max_request_image_pixels:
+            message = "The request's images have more pixels in total than the server accepts."
+            raise APIError(413, message, "messages", "image_too_large")
+        if ticket is not None:
+            ticket.charge_pixels(sum(p.pixels for p in probes))
+        return list(
+            await asyncio.gather(
+                *(
+                    asyncio.to_thread(decode_image, raw, self.cfg.max_image_pixels, param)
+                    for raw, (_, param) in zip(raws, urls, strict=True)
+                )
+            )
+        )
+
     async def load(self, url: str, param: str) -> np.ndarray:
-        """An image URL (data: or http(s)) → RGB uint8 array (H, W, 3)."""
-        data = self._from_data_url(url, param) if url.startswith("data:") else await self._fetch(url, param)
-        return await asyncio.to_thread(decode_image, data, self.cfg.max_image_pixels, param)
+        """One image URL (data: or http(s)) → RGB uint8 array (H, W, 3), under the request budgets."""
+        return (await self.load_all([(url, param)]))[0]
+
+    async def _bytes(self, url: str, param: str, media: RequestMedia) -> bytes:
+        if url.startswith("data:"):
+            data = self._from_data_url(url, param)
+            media.charge(len(data), param)
+            return data
+        return await self._fetch(url, param, media)
 
     def _from_data_url(self, url: str, param: str) -> bytes:
         match = _DATA_URL.match(url)
@@ -49,7 +127,7 @@ class MediaFetcher:
         except (binascii.Error, ValueError):
             raise APIError(400, "The image data URL is not valid base64.", param, "invalid_image") from None
 
-    async def _fetch(self, url: str, param: str) -> bytes:
+    async def _fetch(self, url: str, param: str, media: RequestMedia) -> bytes:
         for _ in range(self.cfg.media_max_redirects + 1):
             await self._check_url(url, param)
             try:
@@ -63,12 +141,12 @@ class MediaFetcher:
                     kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
                     if not kind.startswith("image/"):
                         raise APIError(422, "The URL did not return an image.", param, "media_not_image")
-                    return await self._read_capped(response, param)
-            except httpx.HTTPError:
+                    return await self._read_capped(response, param, media)
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError):
                 raise APIError(422, "Fetching the image failed.", param, "media_fetch_failed") from None
         raise APIError(422, "Fetching the image failed: too many redirects.", param, "media_fetch_failed")
 
-    async def _read_capped(self, response: httpx.Response, param: str) -> bytes:
+    async def _read_capped(self, response: httpx.Response, param: str, media: RequestMedia) -> bytes:
         chunks, size = [], 0
         async for chunk in response.aiter_bytes():
             size += len(chunk)
@@ -76,21 +154,30 @@ class MediaFetcher:
                 raise APIError(
                     422, "The fetched image is larger than the server accepts.", param, "image_too_large"
                 )
+            media.charge(len(chunk), param)
             chunks.append(chunk)
         return b"".join(chunks)
 
     async def _check_url(self, url: str, param: str) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise APIError(400, "Image URLs must be http, https or data URLs.", param, "invalid_image_url")
-        host = parsed.hostname.lower()
+        invalid = APIError(
+            400, "Image URLs must be valid http, https or data URLs.", param, "invalid_image_url"
+        )
+        try:
+            parsed = urlparse(url)
+            port = parsed.port  # ValueError for a port out of range or not a number
+            host = (parsed.hostname or "").lower()
+        except ValueError:
+            raise invalid from None
+        if parsed.scheme not in ("http", "https") or not host or len(host) > 253 or _BAD_HOST.search(host):
+            raise invalid
         if host in self.allowed_hosts:
             return
         try:
             infos = await asyncio.to_thread(
-                socket.getaddrinfo, host, parsed.port or 80, type=socket.SOCK_STREAM
-            )
-        except OSError:
+                socket.getaddrinfo, host, port or (443 if parsed.scheme == "https" else 80),
+                type=socket.SOCK_STREAM,
+            )  # fmt: skip
+        except (OSError, ValueError):  # ValueError: IDNA encoding of a malformed name
             raise APIError(
                 422, "The image host could not be resolved.", param, "media_fetch_failed"
             ) from None
@@ -101,6 +188,17 @@ class MediaFetcher:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+async def _all_or_none(coros: list[Coroutine[Any, Any, bytes]]) -> list[bytes]:
+    """Like gather, but the first failure cancels the rest (no fetch outlives its request)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def is_public(address: str) -> bool:
@@ -118,8 +216,37 @@ def is_public(address: str) -> bool:
     )
 
 
+def probe_image(data: bytes, cfg: GatewayConfig, param: str) -> Probe:
+    """Read an image's header (and count its frames) without decoding pixels; refuse what the server
+    will not decode: unknown formats, too many pixels or frames, extreme aspect ratios."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            probe = Probe(*image.size, frames=getattr(image, "n_frames", 1) if _animated(image) else 1)
+            kind = image.format
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        raise APIError(400, "The image could not be decoded.", param, "invalid_image") from None
+    if kind not in FORMATS:
+        raise APIError(400, "Images must be PNG, JPEG, WebP or GIF.", param, "invalid_image")
+    if probe.pixels > cfg.max_image_pixels:
+        raise APIError(400, "The image has more pixels than the server accepts.", param, "image_too_large")
+    if (
+        min(probe.width, probe.height) < 1
+        or max(probe.width, probe.height) / min(probe.width, probe.height) > 200
+    ):
+        raise APIError(400, "The image's aspect ratio is too extreme (over 200:1).", param, "invalid_image")
+    if probe.frames > cfg.max_image_frames:
+        message = f"The image has more than {cfg.max_image_frames} frames."
+        raise APIError(400, message, param, "image_too_large")
+    return probe
+
+
+def _animated(image: Image.Image) -> bool:
+    return bool(getattr(image, "is_animated", False))
+
+
 def decode_image(data: bytes, max_pixels: int, param: str) -> np.ndarray:
-    """Bytes → RGB array. The header is read first and the pixel count checked before decoding."""
+    """Bytes → RGB array of the first frame. The header is read first and the pixel count checked
+    before decoding (decompression bombs), even when the caller probed already."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in FORMATS:
@@ -129,7 +256,7 @@ def decode_image(data: bytes, max_pixels: int, param: str) -> np.ndarray:
                 raise APIError(
                     400, "The image has more pixels than the server accepts.", param, "image_too_large"
                 )
-            if max(width, height) / min(width, height) > 200:
+            if min(width, height) < 1 or max(width, height) / min(width, height) > 200:
                 raise APIError(
                     400, "The image's aspect ratio is too extreme (over 200:1).", param, "invalid_image"
                 )
@@ -138,5 +265,5 @@ def decode_image(data: bytes, max_pixels: int, param: str) -> np.ndarray:
             return np.asarray(to_rgb(image))
     except APIError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         raise APIError(400, "The image could not be decoded.", param, "invalid_image") from None

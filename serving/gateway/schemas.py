@@ -1,19 +1,45 @@
-"""OpenAI request bodies (chat completions, completions), validated with their bounds."""
+"""OpenAI request bodies (chat completions, completions), validated strictly with their bounds.
+
+Strict typing: a number is never read from a string (`"n": "2"`) or a boolean (`"max_tokens": true`), a
+boolean never from a number; floats accept integers (JSON does not tell 1 from 1.0); NaN and infinities
+are refused. Unknown fields are ignored (clients send `user`, `metadata`, `store`…), but fields that
+would change the answer and that this server does not implement are refused by name unless they hold
+their neutral value (`refusal()`), instead of being silently ignored.
+
+Bounds, as documented for clients:
+
+| field | bound |
+|---|---|
+| `max_tokens`, `max_completion_tokens` | 1 … 2**31 − 1 (and prompt + max_tokens ≤ the model length) |
+| `min_tokens` | 0 … max_tokens |
+| `temperature` | 0 … 2 (below 1e-5 is greedy) |
+| `top_p` | (0, 1] |
+| `top_k` | −1 … 2**31 − 1 (−1 and 0 disable it; larger than the vocabulary keeps every token) |
+| `n` | 1 … 16 (and prompts × n ≤ the gateway's `max_sequences_per_request`) |
+| `seed` | 0 … 2**63 − 1 |
+| `stop` | up to 16 strings of 1 … 1024 characters |
+| `logprobs` (completions) / `top_logprobs` (chat) | 0 … 5 / 0 … 20 |
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.engine.stop import MAX_STOP_LENGTH, MAX_STOP_STRINGS
+
+MAX_INT32 = 2**31 - 1
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use; like vLLM, ignore them
+    # Clients send fields we do not use; like vLLM, ignore them (the ones that matter are refused below).
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class ImageURL(_Body):
     url: str = Field(min_length=1)
-    detail: str | None = None  # accepted, ignored: the image processor's pixel budget decides
+    detail: Literal["auto", "low", "high"] | None = None  # accepted, ignored: the pixel budget decides
 
 
 class TextPart(_Body):
@@ -33,37 +59,112 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[Part] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None  # refused unless empty: no tool calling here
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+
+
 class _Sampling(_Body):
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=MAX_INT32)
+    # Not implemented: accepted only at their neutral value (see refusal()).
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    def refusal(self) -> tuple[str, str] | None:
+        """(field, message) for the first field asking for something this server does not do."""
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed when stream is true."
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                return name, f"{name} is not supported; leave it out or set it to 0."
+        if self.repetition_penalty not in (None, 1):
+            return "repetition_penalty", "repetition_penalty is not supported; leave it out or set it to 1."
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported."
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            return "response_format", 'Only response_format {"type": "text"} is supported.'
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            if getattr(self, name) is not None:
+                return name, f"{name} (structured output) is not supported."
+        return None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+    def refusal(self) -> tuple[str, str] | None:
+        if found := super().refusal():
+            return found
+        if self.tools:
+            return "tools", "tools (function calling) are not supported."
+        if self.functions:
+            return "functions", "functions (function calling) are not supported."
+        # With no tools, "none" and "auto" both mean no tool call: the answer is the same.
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", 'tool_choice is not supported; leave it out or set it to "none".'
+        if self.function_call not in (None, "none", "auto"):
+            return "function_call", 'function_call is not supported; leave it out or set it to "none".'
+        for i, message in enumerate(self.messages):
+            if message.tool_calls:
+                return f"messages.{i}.tool_calls", "tool_calls in messages are not supported."
+        if self.modalities not in (None, ["text"]):
+            return "modalities", "Only the text output modality is supported."
+        for name in ("audio", "prediction", "web_search_options"):
+            if getattr(self, name) is not None:
+                return name, f"{name} is not supported."
+        return None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=16)
+
+    def refusal(self) -> tuple[str, str] | None:
+        if found := super().refusal():
+            return found
+        if self.echo:
+            return "echo", "echo is not supported."
+        if self.suffix:
+            return "suffix", "suffix is not supported."
+        if self.best_of not in (None, self.n):
+            return "best_of", "best_of is not supported; leave it out or set it equal to n."
+        return None

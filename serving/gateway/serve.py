@@ -9,8 +9,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from serving.config import GatewayConfig
+from serving.config import ControlConfig, GatewayConfig, WorkerConfig
 from serving.gateway.errors import APIError, internal_error
+from serving.types import Roles
 
 # No `from __future__ import annotations` here: FastAPI must see real annotation objects on the
 # route methods, and inside a Serve replica string annotations do not resolve (`request` would be
@@ -21,33 +22,39 @@ NAMESPACE = "epd"
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    """What a gateway replica needs to find everything else."""
+    """What a gateway replica needs to find the workers and to start new ones."""
 
     gateway: GatewayConfig
+    control: ControlConfig
+    worker_template: WorkerConfig  # engine and limits of every worker it starts (adds, replacements)
     model_dir: str
     model_id: str
     topology: str
-    workers: tuple[tuple[str, str], ...]  # (actor name, roles)
+    workers: tuple[tuple[str, tuple[int, ...]], ...]  # (actor name, pinned CPUs) of the first workers
+    cluster_id: str
     max_model_len: int
+    gpus_per_worker: int = 0
 
 
 def build_service(settings: GatewaySettings) -> Any:
+    """The service over a control plane that adopts the workers `epd serve` started."""
     import ray
 
+    from serving.control.plane import ControlPlane
     from serving.gateway.service import GatewayService
-    from serving.pipeline import TOPOLOGIES, Pipeline
-    from serving.stages.handles import Pool, RayHandle
+    from serving.stages.factory import RayWorkerFactory, worker_name
+    from serving.stages.handles import RayHandle
 
-    handles = [
-        RayHandle(ray.get_actor(name, namespace=NAMESPACE), name, roles) for name, roles in settings.workers
-    ]
-    pools = {
-        roles: Pool(roles, [h for h in handles if h.roles == roles])
-        for roles in TOPOLOGIES[settings.topology]
-    }
-    pipeline = Pipeline(settings.topology, pools)
+    factory = RayWorkerFactory(settings.worker_template, NAMESPACE, settings.gpus_per_worker)
+
+    def name_for(roles: Roles, index: int) -> str:
+        return worker_name(roles, index, settings.cluster_id)
+
+    plane = ControlPlane(factory, settings.control, name_for, len(settings.workers))
+    handles = [RayHandle(ray.get_actor(name, namespace=NAMESPACE), name) for name, _ in settings.workers]
+    plane.adopt(handles, dict(settings.workers))
     return GatewayService(
-        settings.gateway, settings.model_dir, settings.model_id, pipeline, handles, settings.max_model_len
+        settings.gateway, settings.model_dir, settings.model_id, plane, settings.max_model_len
     )
 
 
@@ -76,7 +83,12 @@ def gateway_application(settings: GatewaySettings) -> Any:
     """The bound Serve application: one ingress deployment whose routes call the service."""
     from ray import serve
 
-    app = FastAPI(title="EPD Serve", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="EPD Serve",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.gateway.expose_openapi else None,
+    )
     install_error_handlers(app)
 
     @serve.deployment(name="gateway", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0.25})
@@ -108,5 +120,43 @@ def gateway_application(settings: GatewaySettings) -> Any:
         @app.get("/metrics")
         async def metrics(self, request: Request) -> Response:
             return await self.service.metrics_text(request)
+
+        # -- admin: the pool directory and the actuator (`epd ctl`) --------------------------------
+
+        @app.get("/admin/workers")
+        async def admin_workers(self, request: Request) -> Response:
+            self.service.authorize_admin(request)
+            return self.service.admin.workers()
+
+        @app.post("/admin/workers")
+        async def admin_add(self, request: Request) -> Response:
+            self.service.authorize_admin(request)
+            return await self.service.admin.add(await request.body())
+
+        @app.post("/admin/workers/{name}/switch")
+        async def admin_switch(self, name: str, request: Request) -> Response:
+            self.service.authorize_admin(request)
+            return await self.service.admin.switch(name, await request.body())
+
+        @app.post("/admin/workers/{name}/drain")
+        async def admin_drain(self, name: str, request: Request) -> Response:
+            self.service.authorize_admin(request)
+            return await self.service.admin.drain(name)
+
+        @app.post("/admin/workers/{name}/resume")
+        async def admin_resume(self, name: str, request: Request) -> Response:
+            self.service.authorize_admin(request)
+            return await self.service.admin.resume(name)
+
+        @app.delete("/admin/workers/{name}")
+        async def admin_remove(self, name: str, request: Request) -> Response:
+            self.service.authorize_admin(request)
+            return await self.service.admin.remove(name)
+
+        @app.post("/admin/shutdown")
+        async def admin_shutdown(self, request: Request) -> Response:
+            """Stop admitting (503 + Retry-After) and wait for in-flight requests, up to the grace."""
+            self.service.authorize_admin(request)
+            return await self.service.begin_shutdown()
 
     return Gateway.bind(settings)

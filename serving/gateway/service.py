@@ -5,11 +5,13 @@ Ray Serve, which only hosts it (`serve.py`)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,16 +21,73 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from serving.config import GatewayConfig
+from serving.control.plane import ControlPlane
 from serving.engine.inputs import InputProcessor
-from serving.gateway.admission import Admission
+from serving.gateway.admin import AdminAPI
+from serving.gateway.admission import Admission, Ticket
 from serving.gateway.errors import APIError, internal_error
+from serving.gateway.jsonbody import parse_body
 from serving.gateway.media import MediaFetcher
 from serving.gateway.schemas import ChatCompletionRequest, CompletionRequest, ImagePart
-from serving.pipeline import Pipeline
 from serving.pipeline import Request as PipelineRequest
-from serving.stages.handles import WorkerHandle
+from serving.telemetry.control_metrics import ControlCollector
 from serving.telemetry.metrics import Metrics, WorkerCollector
-from serving.types import FinishReason, PromptSpec, SamplingParams, TokenDelta
+from serving.types import (
+    FinishReason,
+    NoWorkerAvailable,
+    PromptSpec,
+    SamplingParams,
+    StageTimings,
+    TokenDelta,
+)
+
+
+def _counts_errors(route: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    """Count every error a route answers with in `epd:request_errors_total` (type, stage)."""
+
+    @functools.wraps(route)
+    async def counted(self: GatewayService, request: Request) -> Response:
+        try:
+            return await route(self, request)
+        except APIError as exc:
+            self.metrics.observe_error(exc.error_type, exc.stage)
+            raise
+        except Exception:
+            self.metrics.observe_error("internal", "gateway")
+            raise
+
+    return counted
+
+
+def _failed_stage(delta: TokenDelta) -> str:
+    """Which stage failed a request, from the delta (its `stage` if it has one, else its message)."""
+    stage = getattr(delta, "stage", None)
+    if stage is None and (found := re.search(r"\b(encode|prefill|decode)\b", delta.error or "")):
+        stage = found.group(1)
+    return str(stage or "gateway")
+
+
+_TYPE_WORDS = re.compile(r"[A-Z]|[\[\]-]")  # pydantic's union-member labels in error locations
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """A pydantic error location as the OpenAI `param`: field names and indexes, without the type
+    labels pydantic adds for union members (class names stay inside)."""
+    parts: list[str] = []
+    for item in loc:
+        part = str(item)
+        if isinstance(item, str) and (_TYPE_WORDS.search(part) or part in ("str", "int", "float", "bool")):
+            continue
+        if not parts or parts[-1] != part:  # a discriminated union repeats its tag ("text.text")
+            parts.append(part)
+    return ".".join(parts) or None
+
+
+def _validation_message(error: dict[str, Any]) -> str:
+    message = str(error.get("msg", "invalid value"))
+    if "instance of" in message or error.get("type") in ("model_type", "model_attributes_type", "dict_type"):
+        message = "Input should be a JSON object"
+    return message[:300]
 
 
 @dataclass
@@ -46,7 +105,8 @@ class Choice:
     error: str | None = None
     first_token_at: float | None = None
     token_times: list[float] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: StageTimings = field(default_factory=StageTimings)
+    failed_stage: str = "gateway"  # for the error metrics, when finish_reason is ERROR
 
 
 class GatewayService:
@@ -55,48 +115,66 @@ class GatewayService:
         cfg: GatewayConfig,
         model_dir: str,
         model_id: str,
-        pipeline: Pipeline,
-        handles: list[WorkerHandle],
+        plane: ControlPlane,
         max_model_len: int,
     ) -> None:
-        self.cfg, self.model_id, self.pipeline, self.handles = cfg, model_id, pipeline, handles
+        self.cfg, self.model_id, self.plane = cfg, model_id, plane
+        self.pipeline = plane.pipeline
+        self.admin = AdminAPI(plane)
+        self.shutting_down = False
         self.max_model_len = max_model_len
         self.inputs = InputProcessor.from_dir(model_dir)
         self.media = MediaFetcher(cfg)
-        self.admission = Admission(cfg.max_concurrent_requests, cfg.max_queued_requests)
+        self.admission = Admission(
+            cfg.max_concurrent_requests, cfg.max_queued_requests, cfg.max_image_pixels_in_flight
+        )
         self.metrics = Metrics(model_id, cfg.slo_ttft_s, cfg.slo_tpot_s)
         self.worker_stats = WorkerCollector(model_id)
         self.metrics.registry.register(self.worker_stats)
+        self.metrics.registry.register(ControlCollector(model_id, plane))
         self.created = int(time.time())
 
     # -- routes -----------------------------------------------------------------------------------
 
+    @_counts_errors
     async def chat_completions(self, request: Request) -> Response:
         arrival = time.perf_counter()
         self._authorize(request)
         body = await self._parse(request, ChatCompletionRequest)
         self._check_model(body.model)
-        spec, images = await self._chat_prompt(body)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        params = self._sampling(
-            body, len(spec.token_ids), max_tokens, logprobs=body.top_logprobs or 0 if body.logprobs else None
-        )
-        choices = [Choice(i, spec, self._seeded(params, body.seed, i), images) for i in range(body.n)]
-        return await self._respond("chat", body, choices, arrival)
+        self._check_sequences(1, body.n, "n")
+        messages, urls = self._chat_messages(body)
+        # Admitted before any image is fetched or decoded: the request's images are charged to it.
+        ticket = await self.admission.acquire(body.n)
+        queue_s = time.perf_counter() - arrival
+        try:
+            images = await self.media.load_all(urls, ticket)
+            spec, images = await self._chat_spec(messages, images)
+            self._check_tokens(len(spec.token_ids) * body.n, "messages")
+            max_tokens = body.max_completion_tokens or body.max_tokens
+            logprobs = body.top_logprobs or 0 if body.logprobs else None
+            params = self._sampling(body, len(spec.token_ids), max_tokens, logprobs=logprobs)
+            choices = [Choice(i, spec, self._seeded(params, body.seed, i), images) for i in range(body.n)]
+        except BaseException:
+            ticket.release()
+            raise
+        return await self._respond("chat", body, choices, arrival, ticket, queue_s)
 
+    @_counts_errors
     async def completions(self, request: Request) -> Response:
         arrival = time.perf_counter()
         self._authorize(request)
         body = await self._parse(request, CompletionRequest)
         self._check_model(body.model)
-        if body.echo:
-            raise APIError(400, "echo is not supported.", "echo")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "prompt must be a non-empty string or list of non-empty strings.", "prompt")
+        self._check_sequences(len(prompts), body.n, "prompt" if len(prompts) > 1 else "n")
+        # Client text: special-token text in a prompt is plain text, never a control token or image pad.
+        specs = [await asyncio.to_thread(self.inputs.spec_from_text, prompt) for prompt in prompts]
+        self._check_tokens(sum(len(s.token_ids) for s in specs) * body.n, "prompt")
         choices = []
-        for p, prompt in enumerate(prompts):
-            spec = PromptSpec(await asyncio.to_thread(self.inputs.tokenizer.encode, prompt))
+        for p, spec in enumerate(specs):
             params = self._sampling(body, len(spec.token_ids), body.max_tokens, logprobs=body.logprobs)
             choices += [
                 Choice(p * body.n + i, spec, self._seeded(params, body.seed, i)) for i in range(body.n)
@@ -118,39 +196,43 @@ class GatewayService:
         return JSONResponse({"status": "ok"})
 
     async def ready(self) -> Response:
-        """Ready when every pool has a live worker (each answers its stats call)."""
-        try:
-            async with asyncio.timeout(10):
-                await self._refresh_worker_stats()
-        except Exception:  # noqa: BLE001 - any failure means not ready
-            return APIError(503, "The model is not ready yet.", code="not_ready").response()
-        pools = self.pipeline.pools
-        if not all(pool.handles for pool in pools.values()):
-            return APIError(503, "A worker pool is empty.", code="not_ready").response()
-        return JSONResponse(
-            {
-                "status": "ready",
-                "model": self.model_id,
-                "topology": self.pipeline.topology,
-                "workers": len(self.handles),
-            }
-        )
+        """Ready while every role (E, P, D) has a worker routed for it; 503 naming the missing ones."""
+        if self.shutting_down:
+            return APIError(503, "The server is shutting down.", code="shutting_down").response()
+        missing = [role.name.lower() for role, ok in self.plane.ready().items() if not ok]
+        if missing:
+            message = f"No active worker for: {', '.join(missing)}."
+            return APIError(503, message, code="not_ready", headers={"Retry-After": "5"}).response()
+        entries = self.plane.directory.entries()
+        return JSONResponse({"status": "ready", "model": self.model_id, "workers": len(entries)})
 
     async def metrics_text(self, request: Request) -> Response:
         if self.cfg.metrics_require_key:
             self._authorize(request)
-        try:
-            async with asyncio.timeout(5):
-                await self._refresh_worker_stats()
-        except Exception:  # noqa: BLE001 - serve the gateway's own metrics even if a worker is down
-            pass
+        # Each worker's stats are read with its own timeout: a dead one keeps its last values and
+        # cannot freeze the others' gauges (the health monitor deals with it).
+        await self.plane.call(self.plane.refresh_stats())
+        entries = self.plane.directory.entries()
+        self.worker_stats.stats = {e.name: e.stats for e in entries if e.stats is not None}
         self.metrics.running.labels(self.model_id).set(self.admission.running)
         self.metrics.waiting.labels(self.model_id).set(self.admission.waiting)
+        self.metrics.sequences_running.labels(self.model_id).set(self.admission.sequences)
+        self.metrics.image_pixels.labels(self.model_id).set(self.admission.pixels)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def _refresh_worker_stats(self) -> None:
-        values = await asyncio.gather(*(h.call("stats") for h in self.handles))
-        self.worker_stats.stats = {h.name: v for h, v in zip(self.handles, values, strict=True)}
+    def authorize_admin(self, request: Request) -> None:
+        """The admin API needs a key whenever keys are configured."""
+        self._authorize(request)
+
+    async def begin_shutdown(self) -> Response:
+        """Stop admitting new requests (503 + Retry-After) and wait for the running ones to finish,
+        up to the configured grace; answers how many were still running at the end."""
+        self.shutting_down = True
+        self.admission.close()
+        deadline = time.monotonic() + self.cfg.shutdown_grace_s
+        while (self.admission.running or self.admission.waiting) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return JSONResponse({"draining": True, "still_running": self.admission.running})
 
     # -- request checks ---------------------------------------------------------------------------
 
@@ -167,30 +249,63 @@ class GatewayService:
             raise APIError(401, "Missing or invalid API key.", code="invalid_api_key")
 
     async def _parse(self, request: Request, schema: type[BaseModel]) -> Any:
+        # Only JSON: a browser can post text/plain or a form to a loopback server without a preflight,
+        # and a body with no type (a bare fetch of a Blob) too; refusing them keeps web pages out.
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise APIError(415, "The request body must be JSON (Content-Type: application/json).",
+                           code="unsupported_media_type")  # fmt: skip
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
             raise APIError(413, "The request body is too large.", code="body_too_large")
         raw = await request.body()
         if len(raw) > self.cfg.max_body_bytes:
             raise APIError(413, "The request body is too large.", code="body_too_large")
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+        data = parse_body(raw)  # 400 for bad JSON, deep nesting, lone surrogates, NaN
         if not isinstance(data, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
         try:
-            return schema.model_validate(data)
+            body = schema.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise APIError(400, f"Invalid value for '{param}': {first['msg']}.", param) from None
+            # The deepest error: for a union (a string or a list of parts) it names the failing part.
+            first = max(exc.errors(), key=lambda e: len(e["loc"]))
+            param = _param(first["loc"])
+            message = f"Invalid value for '{param}': {_validation_message(first)}."
+            raise APIError(400, message, param, "invalid_value") from None
+        if refused := body.refusal():
+            raise APIError(400, refused[1], refused[0], "unsupported_parameter")
+        return body
 
     def _check_model(self, name: str) -> None:
         if name != self.model_id:
             raise APIError(404, f"The model '{name[:100]}' does not exist.", "model", "model_not_found")
 
-    async def _chat_prompt(self, body: ChatCompletionRequest) -> tuple[PromptSpec, list]:
+    def _check_sequences(self, prompts: int, n: int, param: str) -> None:
+        """A request runs prompts × n sequences: refused above the per-request budget (before any work)."""
+        if prompts * n > self.cfg.max_sequences_per_request:
+            raise APIError(
+                400,
+                f"This request asks for {prompts * n} sequences (prompts × n); the server accepts at most "
+                f"{self.cfg.max_sequences_per_request} per request.",
+                param,
+                "too_many_sequences",
+            )
+
+    def _check_tokens(self, tokens: int, param: str) -> None:
+        """Prompt tokens (image tokens included) × n: refused above the per-request budget."""
+        if tokens > self.cfg.max_request_tokens:
+            raise APIError(
+                400,
+                f"This request's prompts come to {tokens} tokens across its sequences (image tokens "
+                f"included); the server accepts at most {self.cfg.max_request_tokens} per request.",
+                param,
+                "request_too_large",
+            )
+
+    def _chat_messages(
+        self, body: ChatCompletionRequest
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        """Messages in chat-template form, and the image URLs (counted here, before any is fetched)."""
         messages: list[dict[str, Any]] = []
         urls: list[tuple[str, str]] = []
         for i, message in enumerate(body.messages):
@@ -213,7 +328,9 @@ class GatewayService:
                 "messages",
                 "too_many_images",
             )
-        images = list(await asyncio.gather(*(self.media.load(url, param) for url, param in urls)))
+        return messages, urls
+
+    async def _chat_spec(self, messages: list[dict[str, Any]], images: list) -> tuple[PromptSpec, list]:
         try:
             return await asyncio.to_thread(self.inputs.spec_from_messages, messages, images)
         except ValueError:
@@ -260,13 +377,29 @@ class GatewayService:
 
     # -- running ----------------------------------------------------------------------------------
 
-    async def _respond(self, kind: str, body: Any, choices: list[Choice], arrival: float) -> Response:
+    async def _respond(
+        self,
+        kind: str,
+        body: Any,
+        choices: list[Choice],
+        arrival: float,
+        ticket: Ticket | None = None,
+        queue_s: float | None = None,
+    ) -> Response:
+        """Run the choices under an admission ticket (acquired here unless the caller holds one)."""
         request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        await self.admission.acquire()
-        queue_s = time.perf_counter() - arrival
+        if ticket is None:
+            ticket = await self.admission.acquire(len(choices))
+            queue_s = time.perf_counter() - arrival
+        queue_s = queue_s or 0.0
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._stream_events(kind, request_id, body, choices, arrival, queue_s, include_usage)
+            # The first event decides the status: with no worker able to serve, a 503 rather than
+            # a 200 stream that only carries an error.
+            runs = await self._primed(self._run(request_id, choices, arrival, queue_s), ticket)
+            events = self._stream_events(
+                kind, request_id, body, choices, arrival, queue_s, include_usage, ticket, runs
+            )
             return StreamingResponse(
                 events,
                 media_type="text/event-stream",
@@ -278,13 +411,49 @@ class GatewayService:
                     pass
         except TimeoutError:
             raise APIError(504, "The request timed out.", code="timeout") from None
+        except NoWorkerAvailable as exc:
+            raise _unavailable(exc) from None
         finally:
-            self.admission.release()
+            ticket.release()
         if failed := next((c for c in choices if c.finish_reason == FinishReason.ERROR), None):
             raise APIError(
-                500, f"The request failed: {failed.error or 'internal error'}.", code="stage_failed"
+                500,
+                f"The request failed: {failed.error or 'internal error'}.",
+                code="stage_failed",
+                stage=failed.failed_stage,
             )
         return JSONResponse(self._final_body(kind, request_id, body, choices))
+
+    async def _primed(
+        self, runs: AsyncIterator[tuple[Choice, TokenDelta]], ticket: Ticket
+    ) -> AsyncIterator[tuple[Choice, TokenDelta]]:
+        """`runs` with its first event already awaited: NoWorkerAvailable there is a 503."""
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout_s):
+                first = await anext(runs, None)
+        except NoWorkerAvailable as exc:
+            await runs.aclose()  # type: ignore[attr-defined]
+            ticket.release()
+            raise _unavailable(exc) from None
+        except TimeoutError:
+            await runs.aclose()  # type: ignore[attr-defined]
+            ticket.release()
+            raise APIError(504, "The request timed out.", code="timeout") from None
+        except BaseException:
+            await runs.aclose()  # type: ignore[attr-defined]
+            ticket.release()
+            raise
+
+        async def chained() -> AsyncIterator[tuple[Choice, TokenDelta]]:
+            try:
+                if first is not None:
+                    yield first
+                async for item in runs:
+                    yield item
+            finally:
+                await runs.aclose()  # type: ignore[attr-defined]
+
+        return chained()
 
     async def _run(
         self, request_id: str, choices: list[Choice], arrival: float, queue_s: float
@@ -295,11 +464,18 @@ class GatewayService:
 
         async def run_choice(choice: Choice) -> None:
             request = PipelineRequest(
-                f"{request_id}-{choice.index}", choice.spec, choice.params, choice.images
+                f"{request_id}-{choice.index}",
+                choice.spec,
+                choice.params,
+                choice.images,
+                arrival=arrival,
+                deadline_s=self.cfg.request_timeout_s,
             )
             try:
                 async for delta in self.pipeline.run(request):
                     await events.put((choice, delta))
+            except NoWorkerAvailable as exc:
+                await events.put(exc)  # re-raised by the consumer: a 503, not an empty answer
             finally:
                 await events.put(done)
 
@@ -311,6 +487,8 @@ class GatewayService:
                 if item is done:
                     remaining -= 1
                     continue
+                if isinstance(item, NoWorkerAvailable):
+                    raise item
                 choice, delta = item
                 self._record(choice, delta, arrival, queue_s)
                 yield choice, delta
@@ -318,6 +496,11 @@ class GatewayService:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Choices the gateway stopped (client gone, timeout) end as aborts, in the metrics too.
+            for choice in choices:
+                if choice.finish_reason is None:
+                    abort = TokenDelta(f"{request_id}-{choice.index}", [], "", FinishReason.ABORT)
+                    self._record(choice, abort, arrival, queue_s)
 
     def _record(self, choice: Choice, delta: TokenDelta, arrival: float, queue_s: float) -> None:
         now = time.perf_counter()
@@ -328,7 +511,10 @@ class GatewayService:
         choice.text.append(delta.text)
         choice.logprobs.extend(delta.logprobs or [])
         if delta.finished:
-            choice.finish_reason, choice.error, choice.timings = delta.finish_reason, delta.error, delta.extra
+            timings = delta.timings or StageTimings()
+            choice.finish_reason, choice.error, choice.timings = delta.finish_reason, delta.error, timings
+            if delta.finish_reason == FinishReason.ERROR:
+                choice.failed_stage = _failed_stage(delta)
             self.metrics.observe_request(
                 arrival=arrival,
                 first_token=choice.first_token_at,
@@ -337,7 +523,7 @@ class GatewayService:
                 prompt_tokens=len(choice.spec.token_ids),
                 output_tokens=len(choice.token_ids),
                 finish_reason=str(delta.finish_reason),
-                timings=delta.extra,
+                timings=timings,
                 queue_s=queue_s,
             )
 
@@ -414,6 +600,8 @@ class GatewayService:
         arrival: float,
         queue_s: float,
         include_usage: bool,
+        ticket: Ticket,
+        runs: AsyncIterator[tuple[Choice, TokenDelta]] | None = None,
     ) -> AsyncIterator[str]:
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -447,8 +635,10 @@ class GatewayService:
                 for c in choices:
                     yield chunk(c.index, None, None, role=True)
             async with asyncio.timeout(self.cfg.request_timeout_s):
-                async for choice, delta in self._run(request_id, choices, arrival, queue_s):
+                async for choice, delta in runs or self._run(request_id, choices, arrival, queue_s):
                     if delta.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                        if delta.finish_reason == FinishReason.ERROR:
+                            self.metrics.observe_error("stage_failed", _failed_stage(delta))
                         message = f"The request failed: {delta.error or 'aborted'}."
                         yield f"data: {json.dumps(APIError(500, message, code='stage_failed').body())}\n\n"
                         break
@@ -467,9 +657,17 @@ class GatewayService:
                         }
                         yield f"data: {json.dumps(usage)}\n\n"
         except TimeoutError:
+            self.metrics.observe_error("timeout", "gateway")
             yield f"data: {json.dumps(APIError(504, 'The request timed out.', code='timeout').body())}\n\n"
         except Exception:  # noqa: BLE001 - after the stream began an error can only be an event
+            self.metrics.observe_error("internal", "gateway")
             yield f"data: {json.dumps(internal_error().body())}\n\n"
         finally:
-            self.admission.release()
+            ticket.release()
         yield "data: [DONE]\n\n"
+
+
+def _unavailable(exc: NoWorkerAvailable) -> APIError:
+    """No worker could take a stage in time: 503, with when to retry."""
+    message = f"The server has no {exc.stage.name.lower()} capacity right now; retry shortly."
+    return APIError(503, message, code="no_worker_available", headers={"Retry-After": "5"})

@@ -1,38 +1,149 @@
-"""Uniform async access to a worker, whether it is a Ray actor or an object in this process.
-The kind is chosen once, when the cluster is built; the pipeline never asks which it has."""
+"""Typed async handles on a worker, whether it is a Ray actor or an object in this process.
+
+The pipeline and the control plane call these methods and nothing else; the kind of handle is chosen
+once, when a worker is started. Failures come out as the typed errors of `serving.types`: a Ray actor
+that died is `WorkerDied`, whatever the worker raised keeps its class. Control calls (stats, cancel,
+drain, role and peer changes) run in the actor's own concurrency group, so they never queue behind
+decode streams. This module imports neither torch nor Ray at import time.
+"""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from serving.stages.worker import StageWorker
+from serving.types import (
+    EmbeddingRef,
+    KVRef,
+    PrefillResult,
+    PromptSpec,
+    RequestFailed,
+    Roles,
+    SamplingParams,
+    TokenDelta,
+    WorkerDied,
+    WorkerError,
+    WorkerInfo,
+    WorkerStats,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from serving.stages.worker import StageWorker
+
+CONTROL_GROUP = "control"
 
 
-class WorkerHandle:
+class WorkerHandle(abc.ABC):
+    """One worker, as the orchestrator and the control plane see it."""
+
     name: str
-    roles: str
-    outstanding: int = 0  # calls in flight, for least-outstanding-work picking
 
-    async def call(self, method: str, *args: Any) -> Any:
-        raise NotImplementedError
+    # -- data plane ---------------------------------------------------------------------------------
 
-    def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
-        raise NotImplementedError
+    async def encode(self, request_id: str, images: list[np.ndarray]) -> EmbeddingRef:
+        return await self._call("encode", request_id, images)
+
+    async def prefill(
+        self,
+        request_id: str,
+        spec: PromptSpec,
+        params: SamplingParams,
+        embeddings: EmbeddingRef | None,
+        images: list[np.ndarray] | None,
+        resume: list[int] | None = None,
+    ) -> PrefillResult:
+        return await self._call("prefill", request_id, spec, params, embeddings, images, resume)
+
+    def decode(
+        self,
+        request_id: str,
+        spec: PromptSpec,
+        params: SamplingParams,
+        kv: KVRef,
+        restored: list[int] | None = None,
+    ) -> AsyncIterator[TokenDelta]:
+        return self._stream("decode", request_id, spec, params, kv, restored)
+
+    def generate(
+        self,
+        request_id: str,
+        spec: PromptSpec,
+        params: SamplingParams,
+        embeddings: EmbeddingRef | None,
+        images: list[np.ndarray] | None,
+        resume: list[int] | None = None,
+    ) -> AsyncIterator[TokenDelta]:
+        return self._stream("generate", request_id, spec, params, embeddings, images, resume)
+
+    # -- control plane ------------------------------------------------------------------------------
+
+    async def info(self) -> WorkerInfo:
+        return await self._control("info")
+
+    async def stats(self) -> WorkerStats:
+        return await self._control("stats")
+
+    async def cancel(self, request_id: str) -> None:
+        await self._control("cancel", request_id)
+
+    async def stop_accepting(self, roles: Roles) -> int:
+        return await self._control("stop_accepting", roles)
+
+    async def using(self, roles: Roles) -> int:
+        return await self._control("using", roles)
+
+    async def evict(self, roles: Roles) -> int:
+        return await self._control("evict", roles)
+
+    async def set_roles(self, roles: Roles) -> WorkerInfo:
+        return await self._control("set_roles", roles)
+
+    async def add_peer(self, metadata: bytes, epoch: int, name: str) -> str:
+        return await self._control("add_peer", metadata, epoch, name)
+
+    async def remove_peer(self, name: str) -> None:
+        await self._control("remove_peer", name)
+
+    async def inject_fault(self, stage: str, request_id: str) -> None:
+        await self._control("inject_fault", stage, request_id)
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop the worker for good (shut it down, or kill a process that does not answer)."""
+
+    # -- how calls travel ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _call(self, method: str, *args: Any) -> Any: ...
+
+    @abc.abstractmethod
+    async def _control(self, method: str, *args: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def _stream(self, method: str, *args: Any) -> AsyncIterator[TokenDelta]: ...
 
 
 class LocalHandle(WorkerHandle):
     """A worker in this process; blocking methods run on threads so the event loop stays free."""
 
     def __init__(self, worker: StageWorker) -> None:
-        self.worker, self.name, self.roles = worker, worker.name, worker.cfg.roles
+        self.worker, self.name = worker, worker.name
 
-    async def call(self, method: str, *args: Any) -> Any:
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.worker.shutdown)
+
+    async def _call(self, method: str, *args: Any) -> Any:
         return await asyncio.to_thread(getattr(self.worker, method), *args)
 
-    async def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
+    async def _control(self, method: str, *args: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.worker, method), *args)
+
+    async def _stream(self, method: str, *args: Any) -> AsyncIterator[TokenDelta]:
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         done = object()
@@ -63,24 +174,56 @@ class LocalHandle(WorkerHandle):
 
 
 class RayHandle(WorkerHandle):
-    def __init__(self, actor: Any, name: str, roles: str) -> None:
-        self.actor, self.name, self.roles = actor, name, roles
+    def __init__(self, actor: Any, name: str) -> None:
+        self.actor, self.name = actor, name
 
-    async def call(self, method: str, *args: Any) -> Any:
-        return await getattr(self.actor, method).remote(*args)
+    async def stop(self) -> None:
+        import ray
 
-    async def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
-        refs = getattr(self.actor, method).options(num_returns="streaming").remote(*args)
-        async for ref in refs:
-            yield await ref
+        try:
+            async with asyncio.timeout(10):
+                await self.actor.shutdown.options(concurrency_group=CONTROL_GROUP).remote()
+        except BaseException:  # noqa: BLE001 - a worker that does not stop cleanly is killed
+            pass
+        ray.kill(self.actor, no_restart=True)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        with _typed_errors(self.name):
+            return await getattr(self.actor, method).remote(*args)
+
+    async def _control(self, method: str, *args: Any) -> Any:
+        with _typed_errors(self.name):
+            return await getattr(self.actor, method).options(concurrency_group=CONTROL_GROUP).remote(*args)
+
+    async def _stream(self, method: str, *args: Any) -> AsyncIterator[TokenDelta]:
+        with _typed_errors(self.name):
+            refs = getattr(self.actor, method).options(num_returns="streaming").remote(*args)
+            async for ref in refs:
+                yield await ref
 
 
-class Pool:
-    """The workers serving one role set; picks the one with the least outstanding work."""
+class _typed_errors:  # noqa: N801 - used as a context manager, reads like a function
+    """Ray's errors as ours: a dead or unreachable actor is WorkerDied; what the worker raised keeps
+    its class (Ray re-raises it as a subclass of the cause); anything else is the request's failure."""
 
-    def __init__(self, roles: str, handles: list[WorkerHandle]) -> None:
-        self.roles, self.handles = roles, handles
+    def __init__(self, name: str) -> None:
+        self.name = name
 
-    def pick(self, exclude: WorkerHandle | None = None) -> WorkerHandle:
-        candidates = [h for h in self.handles if h is not exclude] or self.handles
-        return min(candidates, key=lambda h: h.outstanding)
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            return False
+        from ray.exceptions import RayActorError, RayTaskError
+
+        if isinstance(exc, RayActorError):
+            raise WorkerDied(f"worker {self.name} died") from exc
+        if isinstance(exc, RayTaskError):
+            cause = exc.cause
+            if isinstance(cause, RayActorError):
+                raise WorkerDied(f"worker {self.name} died") from exc
+            if isinstance(cause, WorkerError):
+                raise type(cause)(str(cause)) from exc
+            raise RequestFailed(f"worker {self.name} failed the request") from exc
+        return False

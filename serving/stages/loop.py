@@ -2,70 +2,127 @@
 
 Other threads hand it work with `call` (run a function there, wait for its result) or `encode`
 (images joining the next vision batch). Each pass it runs the queued calls, housekeeping (pull
-notifications, lease expiry), one batched encode of everything queued, and one engine step, then
-routes each token delta to the queue of its request.
+notifications, lease expiry), one batched encode of everything queued, and one engine step, then hands
+the step's token deltas to `deliver`.
+
+A failure inside one request is contained by the engine (that request ends with an error). A failure
+nothing explains, or a pass that runs longer than `stuck_after_s` (the watchdog), marks the loop
+broken: `on_broken` is told once, every later `call` raises `WorkerUnavailable`, and the worker reports
+itself unhealthy so the control plane replaces it, instead of hanging every request sent to it.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
 
 import torch
 
 from serving.engine.image_processor import ProcessedImage
 from serving.engine.llm import LLMEngine
-from serving.types import TokenDelta
+from serving.types import TokenDelta, WorkerUnavailable
 
 T = TypeVar("T")
 _IDLE_WAIT_S = 0.005
+_LIVENESS_CHECK_S = 0.5
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[list[TokenDelta], str, float], None]  # deltas, stage, step seconds
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, housekeeping: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        housekeeping: Callable[[], None],
+        deliver: Deliver,
+        on_broken: Callable[[str], None],
+        stuck_after_s: float = 120.0,
+    ) -> None:
         self.engine = engine
         self._housekeeping = housekeeping
-        self._calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
-        self._encodes: queue.Queue[tuple[list[ProcessedImage], Future]] = queue.Queue()
-        self.sinks: dict[str, queue.Queue[TokenDelta]] = {}
-        self.prefill_run_s: dict[str, float] = {}
+        self._deliver = deliver
+        self._on_broken = on_broken
+        self.stuck_after_s = stuck_after_s
+        self._calls: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
+        self._encodes: queue.Queue[tuple[str, list[ProcessedImage], Future]] = queue.Queue()
         self.images_encoded = 0
+        self.broken: str | None = None  # why the loop stopped serving, once it has
+        self._pass_started: float | None = None  # when the current pass began; None while idle-waiting
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
         self._thread.start()
+        self._watchdog.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.broken is None and self._thread.is_alive()
 
     def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread and return its result; fails fast once the loop is broken."""
         future: Future = Future()
+        self._check_alive()
         self._calls.put((fn, future))
-        return future.result()
+        while True:
+            try:
+                return future.result(timeout=_LIVENESS_CHECK_S)
+            except FutureTimeout:
+                self._check_alive()
 
-    def encode(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
+    def encode(self, request_id: str, images: list[ProcessedImage]) -> list[torch.Tensor]:
+        """The images' embeddings, from the next vision batch (shared with other requests' images)."""
         future: Future = Future()
-        self._encodes.put((images, future))
-        return future.result()
-
-    def open_sink(self, request_id: str) -> queue.Queue[TokenDelta]:
-        """Where a request's deltas will go; call on the loop thread, before the request can step."""
-        sink: queue.Queue[TokenDelta] = queue.Queue()
-        self.sinks[request_id] = sink
-        return sink
+        self._check_alive()
+        self._encodes.put((request_id, images, future))
+        while True:
+            try:
+                return future.result(timeout=_LIVENESS_CHECK_S)
+            except FutureTimeout:
+                self._check_alive()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def mark_broken(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+            log.error("engine loop broken: %s", reason)
+            self._on_broken(reason)
+
+    def _check_alive(self) -> None:
+        if not self.alive:
+            raise WorkerUnavailable(f"the worker's engine is not running ({self.broken or 'stopped'})")
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            busy = self.engine.has_unfinished()
-            self._run_calls(block=not busy)
-            self._housekeeping()
-            self._run_encodes()
-            if self.engine.has_unfinished():
-                self._step()
+        try:
+            while not self._stop.is_set() and self.broken is None:
+                busy = self.engine.has_unfinished()
+                self._run_calls(block=not busy)
+                self._pass_started = time.monotonic()
+                self._housekeeping()
+                self._run_encodes()
+                if self.engine.has_unfinished():
+                    self._step()
+                self._pass_started = None
+        except BaseException as exc:  # noqa: BLE001 - nothing request-specific explains it
+            log.exception("engine loop failed")
+            self.mark_broken(f"engine loop failed: {type(exc).__name__}")
+        finally:
+            self._fail_queued()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0) and self.broken is None:
+            started = self._pass_started
+            if started is not None and time.monotonic() - started > self.stuck_after_s:
+                self.mark_broken(f"an engine pass has run for over {self.stuck_after_s:.0f} s")
 
     def _run_calls(self, block: bool) -> None:
         try:
@@ -88,35 +145,48 @@ class EngineLoop:
                 return
 
     def _run_encodes(self) -> None:
-        jobs: list[tuple[list[ProcessedImage], Future]] = []
+        jobs: list[tuple[str, list[ProcessedImage], Future]] = []
         while not self._encodes.empty():
             jobs.append(self._encodes.get_nowait())
-        if not jobs:
-            return
+        if jobs:
+            self._encode_jobs(jobs)
+
+    def _encode_jobs(self, jobs: list[tuple[str, list[ProcessedImage], Future]]) -> None:
+        """One vision batch for every queued job; if it fails, each job alone, so only the job that
+        fails by itself gets the error."""
         try:
-            flat = [im for images, _ in jobs for im in images]
+            if self.engine.fault_hook is not None:
+                self.engine.fault_hook("encode", [request_id for request_id, _, _ in jobs])
+            flat = [im for _, images, _ in jobs for im in images]
             embeds: list[torch.Tensor] = []
             limit = self.engine.cfg.max_encode_images
             for start in range(0, len(flat), limit):
                 embeds.extend(self.engine.runner.encode(flat[start : start + limit]))
-            self.images_encoded += len(flat)
-            for images, future in jobs:
-                future.set_result(embeds[: len(images)])
-                embeds = embeds[len(images) :]
-        except BaseException as exc:  # noqa: BLE001
-            for _, future in jobs:
-                if not future.done():
-                    future.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - narrowed down to the failing job
+            if len(jobs) == 1:
+                jobs[0][2].set_exception(exc)
+                return
+            for job in jobs:
+                self._encode_jobs([job])
+            return
+        self.images_encoded += len(flat)
+        for _, images, future in jobs:
+            future.set_result(embeds[: len(images)])
+            embeds = embeds[len(images) :]
 
     def _step(self) -> None:
         start = time.perf_counter()
         deltas = self.engine.step()
-        elapsed = time.perf_counter() - start
-        for delta in deltas:
-            if self.engine.last_stage == "prefill":
-                self.prefill_run_s[delta.request_id] = elapsed
-            sink = self.sinks.get(delta.request_id)
-            if sink is not None:
-                sink.put(delta)
-                if delta.finished:
-                    self.sinks.pop(delta.request_id, None)
+        self._deliver(deltas, self.engine.last_stage, time.perf_counter() - start)
+
+    def _fail_queued(self) -> None:
+        """Whoever still waits on the loop learns that it stopped."""
+        error = WorkerUnavailable("the worker's engine stopped")
+        for q in (self._calls, self._encodes):
+            while True:
+                try:
+                    future = q.get_nowait()[-1]
+                except queue.Empty:
+                    break
+                if not future.done():
+                    future.set_exception(error)

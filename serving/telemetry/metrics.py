@@ -16,9 +16,26 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from serving.telemetry.control_metrics import CONTROL_CATALOG
+from serving.types import StageTimings, WorkerStats
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 STAGES = ("encode", "e2p_transfer", "prefill", "p2d_transfer", "decode")
+ERROR_TYPES = (
+    "invalid_request",  # 4xx for the request itself (schema, media, context length, content type)
+    "authentication",  # 401
+    "rate_limited",  # 429: admission queue or image budget full
+    "timeout",  # request_timeout_s passed
+    "stage_failed",  # a worker stage failed the request
+    "unavailable",  # 503
+    "internal",  # anything unexpected
+)
+ERROR_STAGES = ("gateway", "encode", "prefill", "decode")
+# The series touched at start, so a scrape lists them before the first error.
+ERROR_SERIES = tuple((t, "gateway") for t in ERROR_TYPES) + tuple(
+    ("stage_failed", s) for s in ERROR_STAGES[1:]
+)
 
 
 class Metrics:
@@ -67,6 +84,24 @@ class Metrics:
             "epd:num_requests_running", "Requests admitted and in a stage.", model, registry=r
         )
         self.waiting = Gauge("epd:num_requests_waiting", "Requests waiting for admission.", model, registry=r)
+        self.sequences_running = Gauge(
+            "epd:num_sequences_running",
+            "Sequences (prompts × n) of the admitted requests: what admission counts.",
+            model,
+            registry=r,
+        )
+        self.image_pixels = Gauge(
+            "epd:image_pixels_in_flight",
+            "Declared pixels of the images held by admitted requests.",
+            model,
+            registry=r,
+        )
+        self.errors = Counter(
+            "epd:request_errors",
+            "Requests that ended in an error, by type and by the stage it came from.",
+            model + ["error_type", "stage"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("epd:prompt_tokens", "Prompt tokens processed.", model, registry=r)
         self.generation_tokens = Counter("epd:generation_tokens", "Tokens generated.", model, registry=r)
         self.success = Counter(
@@ -114,6 +149,8 @@ class Metrics:
             self.queue_time,
             self.running,
             self.waiting,
+            self.sequences_running,
+            self.image_pixels,
             self.prompt_tokens,
             self.generation_tokens,
             self.slo_requests,
@@ -124,6 +161,14 @@ class Metrics:
             m.labels(model_name)
         for reason in ("stop", "length", "abort", "error"):
             self.success.labels(model_name, reason)
+        for error_type, stage in ERROR_SERIES:
+            self.errors.labels(model_name, error_type, stage)
+
+    def observe_error(self, error_type: str, stage: str) -> None:
+        """One request that ended in an error (`ERROR_TYPES`, `ERROR_STAGES`; others are folded in)."""
+        error_type = error_type if error_type in ERROR_TYPES else "internal"
+        stage = stage if stage in ERROR_STAGES else "gateway"
+        self.errors.labels(self.model, error_type, stage).inc()
 
     def observe_request(
         self,
@@ -135,7 +180,7 @@ class Metrics:
         prompt_tokens: int,
         output_tokens: int,
         finish_reason: str,
-        timings: dict[str, float],
+        timings: StageTimings,
         queue_s: float,
     ) -> None:
         """Record one finished request; TTFT and TPOT exactly as the design doc defines them."""
@@ -144,14 +189,14 @@ class Metrics:
         self.generation_tokens.labels(m).inc(output_tokens)
         self.success.labels(m, finish_reason).inc()
         self.e2e.labels(m).observe(end - arrival)
-        self.queue_time.labels(m).observe(queue_s + timings.get("prefill_queue_s", 0.0))
+        self.queue_time.labels(m).observe(queue_s + (timings.prefill_queue_s or 0.0))
         for stage in STAGES:
             key = f"{stage}_s"
-            if key in timings:
-                self.stage.labels(m, stage).observe(timings[key])
+            if (value := getattr(timings, key)) is not None:
+                self.stage.labels(m, stage).observe(value)
         for edge in ("e2p", "p2d"):
-            if f"{edge}_bytes" in timings:
-                self.transfer_bytes.labels(m, edge).inc(timings[f"{edge}_bytes"])
+            if (nbytes := getattr(timings, f"{edge}_bytes")) is not None:
+                self.transfer_bytes.labels(m, edge).inc(nbytes)
         for a, b in zip(token_times, token_times[1:], strict=False):
             self.itl.labels(m).observe(b - a)
         if first_token is None or finish_reason in ("abort", "error"):
@@ -173,7 +218,7 @@ class WorkerCollector(Collector):
 
     def __init__(self, model_name: str) -> None:
         self.model = model_name
-        self.stats: dict[str, dict[str, float]] = {}
+        self.stats: dict[str, WorkerStats] = {}
 
     def collect(self) -> Iterator[Metric]:
         kv = GaugeMetricFamily(
@@ -193,11 +238,11 @@ class WorkerCollector(Collector):
         )
         for worker, s in sorted(self.stats.items()):
             labels = [self.model, worker]
-            kv.add_metric(labels, s["kv_cache_usage"])
-            queries.add_metric(labels, s["mm_cache_hits"] + s["mm_cache_misses"])
-            hits.add_metric(labels, s["mm_cache_hits"])
-            expired.add_metric(labels, s["leases_expired"])
-            encoded.add_metric(labels, s["images_encoded"])
+            kv.add_metric(labels, s.kv_cache_usage)
+            queries.add_metric(labels, s.mm_cache_hits + s.mm_cache_misses)
+            hits.add_metric(labels, s.mm_cache_hits)
+            expired.add_metric(labels, s.leases_expired)
+            encoded.add_metric(labels, s.images_encoded)
         yield from (kv, queries, hits, expired, encoded)
 
 
@@ -209,6 +254,9 @@ CATALOG = (
     "epd:request_queue_time_seconds",
     "epd:num_requests_running",
     "epd:num_requests_waiting",
+    "epd:num_sequences_running",
+    "epd:image_pixels_in_flight",
+    "epd:request_errors_total",
     "epd:prompt_tokens_total",
     "epd:generation_tokens_total",
     "epd:request_success_total",
@@ -226,3 +274,4 @@ CATALOG = (
     "epd:images_encoded_total",
 )
 """Every exported series name, as a scrape shows it (counters gain `_total`)."""
+CATALOG = CATALOG + CONTROL_CATALOG

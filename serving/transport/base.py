@@ -43,32 +43,65 @@ class Transport(abc.ABC):
     def __init__(self, name: str) -> None:
         self.name = name
         self.buffers: dict[str, torch.Tensor] = {}
+        self.epoch = 0  # bumped whenever registered memory changes; peers must learn the new metadata
+        self.peer_epochs: dict[str, int] = {}
 
     def register(self, buffer: str, tensor: torch.Tensor) -> None:
-        """Make a contiguous tensor's memory readable by peers, once, under a name."""
+        """Make a contiguous tensor's memory readable by peers under a name. Registering a name again
+        replaces its memory and starts a new epoch: peers must `add_peer` the new metadata."""
         if not tensor.is_contiguous():
             raise ValueError("only contiguous tensors can be registered")
+        if buffer in self.buffers:
+            self._unregister(buffer, self.buffers[buffer])
+            self.epoch += 1
         self.buffers[buffer] = tensor
         self._register(buffer, tensor)
 
     @abc.abstractmethod
     def _register(self, buffer: str, tensor: torch.Tensor) -> None: ...
 
-    @abc.abstractmethod
-    def metadata(self) -> bytes:
-        """What a peer needs to reach this endpoint; exchanged once per peer pair."""
+    def _unregister(self, buffer: str, tensor: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        """Forget a buffer's memory before it is replaced."""
 
     @abc.abstractmethod
-    def add_peer(self, metadata: bytes) -> str:
-        """Learn a peer from its metadata and warm the connection; returns the peer's name."""
+    def metadata(self) -> bytes:
+        """What a peer needs to reach this endpoint; exchanged once per peer pair and epoch."""
+
+    def add_peer(self, metadata: bytes, epoch: int = 0, name: str | None = None) -> str:
+        """Learn a peer (or its new epoch: pass its `name`) from its metadata and warm the connection;
+        returns its name. Safe to call from any thread: set-up never runs on an engine thread."""
+        if name is not None and name in self.peer_epochs and self.peer_epochs[name] != epoch:
+            self._remove_peer(name)  # its registered memory changed: drop the old view first
+        elif name is not None and self.peer_epochs.get(name) == epoch:
+            return name
+        name = self._add_peer(metadata)
+        self.peer_epochs[name] = epoch
+        return name
+
+    @abc.abstractmethod
+    def _add_peer(self, metadata: bytes) -> str: ...
+
+    def remove_peer(self, name: str) -> None:
+        """Forget a peer (it died or left); later reads from it fail at once."""
+        self.peer_epochs.pop(name, None)
+        self._remove_peer(name)
+
+    def _remove_peer(self, name: str) -> None:  # noqa: B027 - optional hook
+        pass
 
     @abc.abstractmethod
     def publish(self, buffer: str, regions: list[Region]) -> RemoteRegions: ...
 
-    @abc.abstractmethod
     def read(self, source: RemoteRegions, buffer: str, regions: list[Region], tag: bytes) -> Transfer:
         """Start pulling `source` into `regions` of a local buffer (equal total size); `tag` reaches
-        the owner as a notification once the pull completes."""
+        the owner as a notification once the pull completes. A source from an epoch of the peer other
+        than the one this endpoint knows fails at once instead of reading memory that moved."""
+        if self.peer_epochs.get(source.peer) != source.epoch:
+            return FailedTransfer()
+        return self._read(source, buffer, regions, tag)
+
+    @abc.abstractmethod
+    def _read(self, source: RemoteRegions, buffer: str, regions: list[Region], tag: bytes) -> Transfer: ...
 
     @abc.abstractmethod
     def notifications(self) -> list[bytes]:
@@ -76,6 +109,13 @@ class Transport(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the endpoint's resources."""
+
+
+class FailedTransfer(Transfer):
+    nbytes = 0
+
+    def poll(self) -> TransferStatus:
+        return TransferStatus.FAILED
 
 
 def pair_regions(src: list[Region], dst: list[Region]) -> list[tuple[int, int, int]]:

@@ -48,17 +48,20 @@ class InProcessTransport(Transport):
     def metadata(self) -> bytes:
         return pickle.dumps({"name": self.name})
 
-    def add_peer(self, metadata: bytes) -> str:
+    def _add_peer(self, metadata: bytes) -> str:
         name = pickle.loads(metadata)["name"]
         if name not in self.hub.endpoints:
             raise ValueError(f"no endpoint {name!r} in this process")
         self.peers.add(name)
         return name
 
-    def publish(self, buffer: str, regions: list[Region]) -> RemoteRegions:
-        return RemoteRegions(self.name, buffer, tuple(regions))
+    def _remove_peer(self, name: str) -> None:
+        self.peers.discard(name)
 
-    def read(self, source: RemoteRegions, buffer: str, regions: list[Region], tag: bytes) -> Transfer:
+    def publish(self, buffer: str, regions: list[Region]) -> RemoteRegions:
+        return RemoteRegions(self.name, buffer, tuple(regions), epoch=self.epoch)
+
+    def _read(self, source: RemoteRegions, buffer: str, regions: list[Region], tag: bytes) -> Transfer:
         owner = self.hub.endpoints.get(source.peer)
         if owner is None or source.peer not in self.peers or source.buffer not in owner.buffers:
             return _DoneTransfer(TransferStatus.FAILED, 0)

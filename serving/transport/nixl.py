@@ -9,7 +9,15 @@ import threading
 
 import torch
 
-from serving.transport.base import Region, RemoteRegions, Transfer, TransferStatus, Transport, pair_regions
+from serving.transport.base import (
+    FailedTransfer,
+    Region,
+    RemoteRegions,
+    Transfer,
+    TransferStatus,
+    Transport,
+    pair_regions,
+)
 
 # UCX needs an active-message transport: shared-memory-only settings fail at agent creation. Keep
 # whatever the operator chose as long as it includes tcp.
@@ -51,6 +59,8 @@ class NixlTransport(Transport):
         )
         self.agent = nixl_agent(name, config)
         self.peers: set[str] = set()
+        self._registrations: dict[str, object] = {}
+        self._peer_lock = threading.Lock()
         self._notifs: list[bytes] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -68,28 +78,40 @@ class NixlTransport(Transport):
                     self._notifs.extend(tags)
 
     def _register(self, buffer: str, tensor: torch.Tensor) -> None:
-        self.agent.register_memory(tensor)
+        self._registrations[buffer] = self.agent.register_memory(tensor)
+
+    def _unregister(self, buffer: str, tensor: torch.Tensor) -> None:
+        if (descs := self._registrations.pop(buffer, None)) is not None:
+            self.agent.deregister_memory(descs)
 
     def metadata(self) -> bytes:
         return self.agent.get_agent_metadata()
 
-    def add_peer(self, metadata: bytes) -> str:
-        name = self.agent.add_remote_agent(metadata)
-        name = name.decode() if isinstance(name, bytes) else name
-        self.agent.make_connection(name)
-        self.peers.add(name)
+    def _add_peer(self, metadata: bytes) -> str:
+        with self._peer_lock:
+            name = self.agent.add_remote_agent(metadata)
+            name = name.decode() if isinstance(name, bytes) else name
+            self.agent.make_connection(name)
+            self.peers.add(name)
         return name
+
+    def _remove_peer(self, name: str) -> None:
+        with self._peer_lock:
+            if name in self.peers:
+                self.peers.discard(name)
+                self.agent.remove_remote_agent(name)
 
     def publish(self, buffer: str, regions: list[Region]) -> RemoteRegions:
         tensor = self.buffers[buffer]
         mem, dev = _mem(tensor)
         # NIXL checks remote descriptors against the owner's registered memory (known from its
         # metadata), so the base address is all a receiver needs to describe any sub-range.
-        return RemoteRegions(self.name, buffer, tuple(regions), pickle.dumps((tensor.data_ptr(), mem, dev)))
+        descriptors = pickle.dumps((tensor.data_ptr(), mem, dev))
+        return RemoteRegions(self.name, buffer, tuple(regions), descriptors, self.epoch)
 
-    def read(self, source: RemoteRegions, buffer: str, regions: list[Region], tag: bytes) -> Transfer:
+    def _read(self, source: RemoteRegions, buffer: str, regions: list[Region], tag: bytes) -> Transfer:
         if source.peer not in self.peers:
-            return _Failed()
+            return FailedTransfer()
         remote_base, remote_mem, remote_dev = pickle.loads(source.descriptors)
         local = self.buffers[buffer]
         local_mem, local_dev = _mem(local)
@@ -105,7 +127,7 @@ class NixlTransport(Transport):
             handle = self.agent.initialize_xfer("READ", local_descs, remote_descs, source.peer, tag)
             state = self.agent.transfer(handle)
         except Exception:  # noqa: BLE001 - any NIXL error is a failed transfer, never a crashed worker
-            return _Failed()
+            return FailedTransfer()
         transfer = _NixlTransfer(self.agent, handle, source.nbytes)
         if state == "ERR":
             transfer.status = TransferStatus.FAILED
@@ -123,10 +145,3 @@ class NixlTransport(Transport):
         for peer in list(self.peers):
             self.agent.remove_remote_agent(peer)
         self.peers.clear()
-
-
-class _Failed(Transfer):
-    nbytes = 0
-
-    def poll(self) -> TransferStatus:
-        return TransferStatus.FAILED

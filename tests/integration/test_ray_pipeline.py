@@ -1,8 +1,9 @@
 """The pipeline over Ray actors with NIXL between them: every topology gives the in-process tokens,
 16 concurrent requests complete correctly, and a cancelled request frees its KV on P and D.
 
-One Ray cluster and one set of workers (E, P, D) serve the whole module: a topology is configuration
-of the pipeline over pools, so each topology is a pipeline over the same actors."""
+One Ray cluster and one set of workers (E, P, D) serve the whole module: a topology is a routing of
+the same workers, so each topology is reached by switching their roles through the actuator (which
+also exercises live role switches and KV pool resizes)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,23 @@ import time
 
 import pytest
 
+from serving.cluster import Cluster
 from serving.engine.llm import LLMEngine
 from serving.pipeline import Pipeline, Request
-from serving.stages.cluster import Cluster
-from serving.stages.handles import Pool
-from serving.types import SamplingParams
+from serving.types import SamplingParams, parse_roles
 from tests.conftest import make_image
 
 CASES = {
     "text": [],
     "one-image": [(56, 84)],
     "two-images": [(70, 42), (28, 56)],
+}
+# topology → the roles of the e, p and d workers (None: drained, out of routing)
+LAYOUTS = {
+    "e+p+d": ("e", "p", "d"),
+    "ep+d": (None, "ep", "d"),
+    "e+pd": ("e", "pd", None),
+    "epd": (None, "epd", None),
 }
 
 
@@ -32,15 +39,14 @@ def cluster(tiny_model):
     c.shutdown()
 
 
-def pipeline_for(cluster: Cluster, topology: str) -> Pipeline:
-    e, p, d = (cluster.pipeline.pools[r].handles for r in "epd")
-    pools = {
-        "e+p+d": {"e": e, "p": p, "d": d},
-        "ep+d": {"ep": p, "d": d},
-        "e+pd": {"e": e, "pd": p},
-        "epd": {"epd": p},
-    }[topology]
-    return Pipeline(topology, {roles: Pool(roles, handles) for roles, handles in pools.items()})
+def arrange(cluster: Cluster, topology: str) -> None:
+    """Switch the three workers' roles (or drain them) into `topology`'s layout."""
+    names = sorted(cluster.directory.entries(), key=lambda e: e.name.split("-")[1])
+    for entry, roles in zip(names, LAYOUTS[topology], strict=True):
+        if roles is None:
+            cluster.plane.run(cluster.actuator.drain(entry.name))
+        else:
+            cluster.plane.run(cluster.actuator.switch(entry.name, parse_roles(roles)))
 
 
 async def collect(pipeline: Pipeline, request: Request) -> tuple[list[int], str, object]:
@@ -63,21 +69,24 @@ def requests_for(engine: LLMEngine, case: str, index: int = 0, max_tokens: int =
 
 @pytest.mark.parametrize("topology", ["e+p+d", "ep+d", "e+pd", "epd"])
 def test_every_topology_gives_the_inproc_tokens(cluster, engine, topology):
-    pipeline = pipeline_for(cluster, topology)
-    for case in CASES:
-        spec, arrays, params, expected = requests_for(engine, case)
-        tokens, text, last = asyncio.run(
-            collect(pipeline, Request(f"{topology}-{case}", spec, params, arrays))
-        )
-        assert (tokens, text) == (expected.token_ids, expected.text), f"{topology} / {case}"
-        assert last.finish_reason == expected.finish_reason
-        for stage in ("prefill_s", "decode_s", "e2e_s"):
-            assert last.extra[stage] > 0
-        if arrays and topology in ("e+p+d", "e+pd"):
-            # encode_s may be 0: an earlier topology left these images in E's embedding cache.
-            assert last.extra["e2p_bytes"] > 0 and "encode_s" in last.extra
-        if topology in ("e+p+d", "ep+d"):
-            assert last.extra["p2d_bytes"] > 0
+    arrange(cluster, topology)
+    try:
+        for case in CASES:
+            spec, arrays, params, expected = requests_for(engine, case)
+            tokens, text, last = asyncio.run(
+                collect(cluster.pipeline, Request(f"{topology}-{case}", spec, params, arrays))
+            )
+            assert (tokens, text) == (expected.token_ids, expected.text), f"{topology} / {case}"
+            assert last.finish_reason == expected.finish_reason
+            timings = last.timings
+            assert timings.prefill_s > 0 and timings.decode_s > 0 and timings.e2e_s > 0
+            if arrays and topology in ("e+p+d", "e+pd"):
+                # encode_s may be 0: an earlier topology left these images in E's embedding cache.
+                assert timings.e2p_bytes > 0 and timings.encode_s is not None
+            if topology in ("e+p+d", "ep+d"):
+                assert timings.p2d_bytes > 0
+    finally:
+        arrange(cluster, "e+p+d")
 
 
 def test_sixteen_concurrent_requests_through_one_e_one_p_one_d(cluster, engine):
@@ -112,7 +121,7 @@ def test_cancel_mid_decode_frees_kv_on_p_and_d(cluster, engine):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         stats = asyncio.run(cluster.stats())
-        used = {name: s["kv_blocks_used"] for name, s in stats.items()}
+        used = {name: s.kv_blocks_used for name, s in stats.items()}
         if all(v == 0 for v in used.values()):
             break
         time.sleep(0.1)

@@ -13,7 +13,7 @@ from serving.config import EngineConfig, WorkerConfig
 from serving.stages.embeddings import image_key
 from serving.stages.worker import StageWorker
 from serving.transport.inproc import InProcessHub
-from serving.types import SamplingParams
+from serving.types import SamplingParams, StageTimings
 from tests.conftest import make_image
 
 _ids = itertools.count()
@@ -21,14 +21,18 @@ _ids = itertools.count()
 
 @pytest.fixture(params=["inproc", "nixl"])
 def workers(request, tiny_model):
-    """An encode, a prefill and a decode worker, introduced to each other."""
+    """An encode, a prefill (that may also decode: `generate`) and a decode worker, introduced."""
     kind = request.param
     extra = {"hub": InProcessHub()} if kind == "inproc" else {}
     engine = EngineConfig(model=str(tiny_model), num_kv_blocks=128, block_size=4)
     made = {
         role: StageWorker(
             WorkerConfig(
-                name=f"{role}-{next(_ids)}", roles=role, engine=engine, transport=kind, lease_ttl_s=30
+                name=f"{role}-{next(_ids)}",
+                roles="pd" if role == "p" else role,
+                engine=engine,
+                transport=kind,
+                lease_ttl_s=30,
             ),
             **extra,
         )
@@ -37,8 +41,8 @@ def workers(request, tiny_model):
     infos = [w.info() for w in made.values()]
     for w in made.values():
         for info in infos:
-            if info["name"] != w.name:
-                w.add_peer(info["metadata"])
+            if info.name != w.name:
+                w.add_peer(info.metadata, info.epoch, info.name)
     yield made
     for w in made.values():
         w.shutdown()
@@ -68,10 +72,10 @@ def test_embeddings_arrive_byte_for_byte(workers):
     _, arrays = spec_for(e, images)
     ref = e.encode("r1", arrays)
     sent = torch.cat([e.cache.get(image_key(a)) for a in arrays])
-    received = p._pull_embeddings(ref, {})
+    received = p._pull_embeddings("r1", ref, StageTimings())
     assert received.shape == sent.shape and torch.equal(received.view(torch.uint8), sent.view(torch.uint8))
-    assert wait_for(lambda: e.stats()["leases_active"] == 0), "the pull's notification releases E's lease"
-    assert e.stats()["leases_released"] == 1 and e.stats()["embedding_slots_free"] == e.cfg.embedding_slots
+    assert wait_for(lambda: e.stats().leases_active == 0), "the pull's notification releases E's lease"
+    assert e.stats().leases_released == 1 and e.stats().embedding_slots_free == e.cfg.embedding_slots
 
 
 def test_kv_arrives_byte_for_byte_and_decode_matches_colocated(workers):
@@ -92,7 +96,7 @@ def test_kv_arrives_byte_for_byte_and_decode_matches_colocated(workers):
     assert torch.equal(tokens_of(received, result.kv.num_tokens), tokens_of(sent, result.kv.num_tokens))
     tokens += [t for delta in stream for t in delta.token_ids]
     assert tokens == colocated
-    assert wait_for(lambda: p.stats()["kv_blocks_used"] == 0), "P frees its KV once D has pulled it"
+    assert wait_for(lambda: p.stats().kv_blocks_used == 0), "P frees its KV once D has pulled it"
 
 
 def test_embedding_cache_hits_and_one_pixel_misses(workers):
@@ -106,15 +110,15 @@ def test_embedding_cache_hits_and_one_pixel_misses(workers):
         return [t for delta in p.generate(request_id, spec, params, ref, None) for t in delta.token_ids]
 
     first = run("a", arrays)
-    encoded = e.stats()["images_encoded"]
+    encoded = e.stats().images_encoded
     assert run("b", arrays) == first
     stats = e.stats()
-    assert stats["images_encoded"] == encoded, "a cache hit must not run the vision tower"
-    assert stats["mm_cache_hits"] == 1
+    assert stats.images_encoded == encoded, "a cache hit must not run the vision tower"
+    assert stats.mm_cache_hits == 1
     changed = arrays[0].copy()
     changed[0, 0, 0] ^= 1
     run("c", [changed])
-    assert e.stats()["images_encoded"] == encoded + 1 and e.stats()["mm_cache_misses"] == 2
+    assert e.stats().images_encoded == encoded + 1 and e.stats().mm_cache_misses == 2
 
 
 def test_kv_lease_never_pulled_expires_and_is_counted(tiny_model):
@@ -126,10 +130,10 @@ def test_kv_lease_never_pulled_expires_and_is_counted(tiny_model):
         spec, arrays = spec_for(p, [])
         result = p.prefill("lost", spec, SamplingParams(max_tokens=5), None, arrays)
         assert result.kv is not None
-        assert p.stats()["kv_blocks_used"] > 0 and p.stats()["leases_active"] == 1
-        assert wait_for(lambda: p.stats()["leases_active"] == 0)
+        assert p.stats().kv_blocks_used > 0 and p.stats().leases_active == 1
+        assert wait_for(lambda: p.stats().leases_active == 0)
         stats = p.stats()
-        assert stats["leases_expired"] == 1 and stats["kv_blocks_used"] == 0 and stats["num_held"] == 0
+        assert stats.leases_expired == 1 and stats.kv_blocks_used == 0 and stats.num_held == 0
     finally:
         p.shutdown()
 
@@ -142,7 +146,7 @@ def test_cancel_mid_decode_frees_kv_everywhere(workers):
     stream = d.decode("cancel-me", spec, params, result.kv)
     next(stream)
     next(stream)
-    assert d.stats()["kv_blocks_used"] > 0
+    assert d.stats().kv_blocks_used > 0
     stream.close()  # the consumer goes away mid-decode
-    assert wait_for(lambda: d.stats()["kv_blocks_used"] == 0 and d.stats()["num_running"] == 0)
-    assert wait_for(lambda: p.stats()["kv_blocks_used"] == 0)
+    assert wait_for(lambda: d.stats().kv_blocks_used == 0 and d.stats().num_running == 0)
+    assert wait_for(lambda: p.stats().kv_blocks_used == 0)

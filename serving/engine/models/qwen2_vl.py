@@ -30,11 +30,17 @@ class Qwen2VL(nn.Module):
         """Packed patches of several images → their packed visual embeddings (N_v, D_L)."""
         return self.visual(pixels.to(self.visual.patch_embed.proj.weight.dtype), grids)
 
-    def embed(self, token_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with each image-pad position replaced, in order, by a visual embedding."""
+    def embed(
+        self,
+        token_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with each image-pad position (or each position of `image_mask`) replaced,
+        in order, by a visual embedding."""
         embeds = self.model.embed_tokens(token_ids)
         if image_embeds is not None and image_embeds.numel():
-            mask = token_ids == self.cfg.image_token_id
+            mask = token_ids == self.cfg.image_token_id if image_mask is None else image_mask
             embeds[mask] = image_embeds.to(embeds.dtype)
         return embeds
 

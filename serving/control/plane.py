@@ -1,0 +1,140 @@
+"""The control plane of one deployment: the pool directory, the actuator, and the health monitor,
+on an event loop of their own (a thread), so control work never waits behind request handling.
+
+The health monitor reads every worker's stats each `health_interval_s`. A worker that died (its
+process is gone), does not answer within `health_timeout_s`, or reports its engine broken (a wedged
+or crashed engine thread) is replaced at once. A pipeline that sees a worker die reports it
+(`worker_died`), which takes it out of routing before the next pick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from serving.config import ControlConfig
+from serving.control.actuator import Actuator
+from serving.control.directory import PoolDirectory, WorkerEntry
+from serving.pipeline import Pipeline
+from serving.types import Role, Roles, WorkerPhase
+
+if TYPE_CHECKING:
+    from serving.stages.factory import WorkerFactory
+    from serving.stages.handles import WorkerHandle
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+_CHECKED = (WorkerPhase.ACTIVE, WorkerPhase.DRAINING, WorkerPhase.RECONFIGURING)
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        factory: WorkerFactory,
+        cfg: ControlConfig,
+        name_for: Callable[[Roles, int], str],
+        first_index: int,
+    ) -> None:
+        self.cfg = cfg
+        self.directory = PoolDirectory()
+        self.actuator = Actuator(self.directory, factory, cfg, name_for, first_index)
+        self.pipeline = Pipeline(
+            self.directory,
+            on_worker_died=self.worker_died,
+            max_leg_attempts=cfg.max_leg_attempts,
+            max_migrations=cfg.max_migrations,
+            wait_for_worker_s=cfg.wait_for_worker_s,
+        )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="control-plane", daemon=True)
+        self._thread.start()
+        self._monitor: concurrent.futures.Future | None = None
+
+    # -- running work on the control loop ----------------------------------------------------------
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await, from any event loop, a coroutine run on the control loop."""
+        return await asyncio.wrap_future(self.submit(coro))
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Blocking form of `call`, for synchronous callers."""
+        return self.submit(coro).result()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def adopt(self, handles: list[WorkerHandle], cpus: dict[str, tuple[int, ...]] | None = None) -> None:
+        """Take the deployment's first workers and start watching them."""
+        self.run(self.actuator.adopt(handles, cpus))
+        self._monitor = self.submit(self._watch())
+
+    def worker_died(self, name: str) -> None:
+        """A pipeline saw `name` die: no more routing to it; the monitor replaces it. Thread-safe."""
+        if self.directory.mark_failed(name):
+            self.submit(self.actuator.replace(name, "seen dead by a request"))
+
+    def ready(self) -> dict[Role, bool]:
+        """Whether each role has a worker taking its work now."""
+        return {role: self.directory.serving(role) for role in Role}
+
+    def stop(self) -> None:
+        """Stop watching and stop every worker."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+        entries = self.directory.entries()
+        with contextlib.suppress(Exception):
+            self.submit(_stop_all(entries)).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    async def refresh_stats(self, timeout_s: float = 2.0) -> None:
+        """Read every live worker's stats now (a scrape wants the latest); a worker that does not
+        answer in time keeps its last stats and is left to the health monitor."""
+
+        async def one(entry: WorkerEntry) -> None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(timeout_s):
+                    self.directory.update(entry.name, stats=await entry.handle.stats())
+
+        await asyncio.gather(*(one(e) for e in self.directory.entries() if e.phase in _CHECKED))
+
+    # -- health -----------------------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            entries = [e for e in self.directory.entries() if e.phase in _CHECKED]
+            await asyncio.gather(*(self._check(e) for e in entries))
+            for entry in self.directory.entries():
+                if entry.phase is WorkerPhase.FAILED:
+                    asyncio.ensure_future(self.actuator.replace(entry.name, "marked failed"))
+            await asyncio.sleep(self.cfg.health_interval_s)
+
+    async def _check(self, entry: WorkerEntry) -> None:
+        try:
+            async with asyncio.timeout(self.cfg.health_timeout_s):
+                stats = await entry.handle.stats()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - dead, unreachable or wedged: all mean replace
+            await self.actuator.replace(entry.name, f"health check failed: {type(exc).__name__}")
+            return
+        if not stats.engine_alive:
+            await self.actuator.replace(entry.name, "its engine stopped")
+            return
+        self.directory.update(entry.name, stats=stats)
+
+
+async def _stop_all(entries: list[WorkerEntry]) -> None:
+    await asyncio.gather(*(_quiet_stop(e.handle) for e in entries), return_exceptions=True)
+
+
+async def _quiet_stop(handle: WorkerHandle) -> None:
+    with contextlib.suppress(Exception):
+        await handle.stop()

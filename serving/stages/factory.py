@@ -1,0 +1,82 @@
+"""Starting workers: as Ray actors (NIXL between them) or in this process (in-process transport).
+The control plane starts, replaces and adds workers only through a factory; it never asks which."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import os
+from typing import Any
+
+from serving.config import WorkerConfig
+from serving.stages.handles import CONTROL_GROUP, LocalHandle, RayHandle, WorkerHandle
+from serving.types import Roles, roles_label
+
+
+class WorkerFactory(abc.ABC):
+    def __init__(self, template: WorkerConfig) -> None:
+        self.template = template  # engine and limits every worker shares; name and roles vary
+
+    def config(self, name: str, roles: Roles, cpus: tuple[int, ...] = ()) -> WorkerConfig:
+        return self.template.model_copy(update={"name": name, "roles": roles_label(roles), "cpus": cpus})
+
+    @abc.abstractmethod
+    async def start(self, name: str, roles: Roles, cpus: tuple[int, ...] = ()) -> WorkerHandle:
+        """A new worker, up and answering (its weights loaded)."""
+
+
+class LocalWorkerFactory(WorkerFactory):
+    def __init__(self, template: WorkerConfig, hub: Any) -> None:
+        super().__init__(template)
+        self.hub = hub
+
+    async def start(self, name: str, roles: Roles, cpus: tuple[int, ...] = ()) -> WorkerHandle:
+        from serving.stages.worker import StageWorker
+
+        worker = await asyncio.to_thread(StageWorker, self.config(name, roles, cpus), hub=self.hub)
+        return LocalHandle(worker)
+
+
+class RayWorkerFactory(WorkerFactory):
+    """One named Ray actor per worker. Data calls share a large thread pool (decode streams block in
+    it); control calls have their own concurrency group so they never wait behind streams."""
+
+    def __init__(
+        self, template: WorkerConfig, namespace: str | None = None, gpus_per_worker: int = 0
+    ) -> None:
+        super().__init__(template)
+        self.namespace = namespace
+        self.gpus = gpus_per_worker
+
+    def actor_options(self, name: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "namespace": self.namespace,
+            "num_cpus": 0 if self.gpus else 0.5,
+            "num_gpus": self.gpus,
+            "max_concurrency": 256,
+            "max_restarts": 0,  # the control plane replaces dead workers itself, under a new name
+            "runtime_env": {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}},
+        }
+
+    def actor(self, name: str, roles: Roles, cpus: tuple[int, ...] = ()) -> Any:
+        """Create the actor (it loads its weights in the background)."""
+        import ray
+
+        from serving.stages.worker import StageWorker
+
+        options = self.actor_options(name)
+        if not options["namespace"]:
+            del options["namespace"]
+        actor_class = ray.remote(concurrency_groups={CONTROL_GROUP: 16})(StageWorker)
+        return actor_class.options(**options).remote(self.config(name, roles, cpus))
+
+    async def start(self, name: str, roles: Roles, cpus: tuple[int, ...] = ()) -> WorkerHandle:
+        handle = RayHandle(self.actor(name, roles, cpus), name)
+        await handle.info()  # answers once the constructor (weights, transport) has finished
+        return handle
+
+
+def worker_name(roles: Roles, index: int, cluster_id: str | None = None) -> str:
+    """`d-1-<cluster id>`: the roles it started with, an index, and the deployment it belongs to."""
+    return f"{roles_label(roles)}-{index}-{cluster_id or os.getpid()}"
