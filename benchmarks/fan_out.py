@@ -1,7 +1,7 @@
 """The fan-out case of issue 9 against a live server started here with `--max-concurrent 4`: one
 `/v1/completions` request of 64 prompts × n=16 (1,024 sequences), then an allowed fan-out (4 prompts ×
-n=16 = 64 sequences) beside 8 single requests. Prints the status, time, choices run and the peak
-admission gauges seen while it ran. Run it from a checkout to measure that checkout's code:
+n=16 = 64 sequences, 32 tokens each) beside 8 single requests. Prints the status, time, choices run
+and the peak admission gauges seen while it ran. Run it from a checkout to measure that checkout's code:
 
     .venv/bin/python -m benchmarks.fan_out
 """
@@ -58,8 +58,8 @@ class GaugeWatch:
             time.sleep(0.05)
 
 
-def completions(url: str, prompts: list[str], n: int) -> tuple[int, float, int]:
-    body = {"model": "epd-tiny", "prompt": prompts, "n": n, "max_tokens": 4, "temperature": 0}
+def completions(url: str, prompts: list[str], n: int, max_tokens: int = 4) -> tuple[int, float, int]:
+    body = {"model": "epd-tiny", "prompt": prompts, "n": n, "max_tokens": max_tokens, "temperature": 0}
     start = time.perf_counter()
     response = httpx.post(f"{url}/v1/completions", json=body, headers=HEADERS, timeout=600)
     choices = len(response.json().get("choices", [])) if response.status_code == 200 else 0
@@ -83,7 +83,7 @@ def main() -> None:
         peaks = " / ".join(f"{watch.peak[n]:g}" for n in GaugeWatch.NAMES)
         print(f"{'64 prompts x n=16 (1,024 seqs)':<34}{status:>7}{elapsed:>10.2f}{choices:>9}  {peaks}")
         with GaugeWatch(url) as watch, ThreadPoolExecutor(9) as pool:
-            big = pool.submit(completions, url, ["hello"] * 4, 16)
+            big = pool.submit(completions, url, ["hello"] * 4, 16, 32)  # long enough to watch
             time.sleep(0.2)
             singles = [pool.submit(completions, url, [f"q{i}"], 1) for i in range(8)]
             status, elapsed, choices = big.result()

@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO target, seconds")
     srv.add_argument("--slo-tpot", type=float, default=0.2, help="TPOT SLO target, seconds")
-    srv.add_argument("--max-concurrent", type=int, default=64, help="requests in the stages at once")
+    srv.add_argument(
+        "--max-concurrent", type=int, default=64, help="sequences (prompts x n) in the stages at once"
+    )
     srv.add_argument("--max-queued", type=int, default=256, help="requests waiting for admission before 429")
     srv.add_argument("--max-model-len", type=int, default=8192)
     srv.add_argument("--pin-cpus", help="pin worker pools to CPUs, e.g. 'e=0;p=0;d=1' or 'epd=0,1'")
