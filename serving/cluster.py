@@ -28,6 +28,7 @@ from serving.types import (
     SamplingParams,
     StageTimings,
     TokenDelta,
+    WorkerPhase,
     WorkerStats,
     parse_roles,
 )
@@ -231,7 +232,9 @@ class Cluster:
         return asyncio.run(run_all())
 
     async def stats(self) -> dict[str, WorkerStats]:
-        entries = self.directory.entries()
+        """Fresh stats of every worker that is up (not one still starting, failed or stopped)."""
+        up = (WorkerPhase.ACTIVE, WorkerPhase.DRAINING, WorkerPhase.RECONFIGURING)
+        entries = [e for e in self.directory.entries() if e.phase in up]
         values = await asyncio.gather(*(e.handle.stats() for e in entries))
         return {e.name: v for e, v in zip(entries, values, strict=True)}
 

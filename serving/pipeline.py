@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -228,33 +228,37 @@ class Pipeline:
             await asyncio.sleep(_WAIT_POLL_S)
         return entry
 
-    async def _leg(self, worker: WorkerEntry, call: Awaitable[T]) -> T:
+    @contextlib.contextmanager
+    def _busy(self, worker: WorkerEntry) -> Iterator[None]:
+        """Count a leg in flight on `worker`, for least-loaded picking."""
         outstanding = self.directory.outstanding
         outstanding[worker.name] = outstanding.get(worker.name, 0) + 1
         try:
-            return await call
+            yield
         finally:
             outstanding[worker.name] = outstanding.get(worker.name, 1) - 1
+
+    async def _leg(self, worker: WorkerEntry, call: Awaitable[T]) -> T:
+        with self._busy(worker):
+            return await call
 
     async def _stream(
         self, worker: WorkerEntry, attempt: _Attempt, stream: AsyncIterator[TokenDelta]
     ) -> AsyncIterator[TokenDelta]:
         attempt.touched[worker.name] = worker.handle
-        outstanding = self.directory.outstanding
-        outstanding[worker.name] = outstanding.get(worker.name, 0) + 1
         try:
-            async for delta in stream:
-                if delta.finish_reason == FinishReason.ERROR:
-                    raise RequestFailed(delta.error or "the request failed")
-                if delta.finish_reason == FinishReason.ABORT:
-                    raise WorkerError(f"worker {worker.name} aborted the request")
-                yield delta
+            with self._busy(worker):
+                async for delta in stream:
+                    if delta.finish_reason == FinishReason.ERROR:
+                        raise RequestFailed(delta.error or "the request failed")
+                    if delta.finish_reason == FinishReason.ABORT:
+                        raise WorkerError(f"worker {worker.name} aborted the request")
+                    yield delta
         except WorkerDied:
             attempt.dead.add(worker.name)
             self._on_worker_died(worker.name)
             raise
         finally:
-            outstanding[worker.name] = outstanding.get(worker.name, 1) - 1
             with contextlib.suppress(Exception):
                 await stream.aclose()  # type: ignore[attr-defined]
 

@@ -74,10 +74,6 @@ class WorkerPhase(enum.StrEnum):
     STOPPED = "stopped"
     FAILED = "failed"
 
-    @property
-    def routable(self) -> bool:
-        return self is WorkerPhase.ACTIVE
-
 
 GREEDY_EPSILON = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
 
@@ -308,6 +304,3 @@ class NoWorkerAvailable(RuntimeError):
     def __init__(self, stage: Role) -> None:
         super().__init__(f"no {stage.name.lower()} worker is available")
         self.stage = stage
-
-    def __reduce__(self) -> tuple[type, tuple[Role]]:
-        return NoWorkerAvailable, (self.stage,)

@@ -70,7 +70,6 @@ class Actuator:
         self._name_for = name_for
         self._ids = itertools.count(first_index)
         self._locks: dict[str, asyncio.Lock] = {}
-        self._replacing: set[str] = set()
         self.counters = ControlCounters()
 
     # -- start-up -------------------------------------------------------------------------------------
@@ -89,9 +88,10 @@ class Actuator:
             )
         )
         for handle, info in zip(handles, infos, strict=True):
-            entry = WorkerEntry(info.name, handle, info.roles, WorkerPhase.ACTIVE, info.roles, info)
-            entry.cpus = (cpus or {}).get(info.name, ())
-            self.directory.put(entry)
+            pinned = (cpus or {}).get(info.name, ())
+            self.directory.put(
+                WorkerEntry(info.name, handle, info.roles, WorkerPhase.ACTIVE, info.roles, info, cpus=pinned)
+            )
 
     # -- operations -----------------------------------------------------------------------------------
 
@@ -161,27 +161,22 @@ class Actuator:
             await self._forget(entry)
             self.counters.removed += 1
 
-    async def replace(self, name: str, reason: str) -> WorkerEntry | None:
-        """A worker died or wedged: out of routing now, stopped, forgotten; a new one takes its roles
-        (up to the deployment's restart limit)."""
-        if name in self._replacing:
+    async def replace(self, name: str) -> WorkerEntry | None:
+        """A failed worker (dead, unreachable, wedged): out of routing, stopped, forgotten; a new one
+        takes its roles (up to the deployment's restart limit). The health monitor calls this once
+        per failed worker."""
+        entry = self.directory.get(name)
+        if entry is None:
             return None
-        self._replacing.add(name)
-        try:
-            entry = self.directory.get(name)
-            if entry is None:
-                return None
-            log.warning("worker %s failed (%s); replacing it", name, reason)
-            self.directory.mark_failed(name)
-            self.counters.failures += 1
-            await self._forget(entry)
-            if self.counters.restarts >= self.cfg.max_worker_restarts:
-                log.error("restart limit reached: worker %s is not replaced", name)
-                return None
-            self.counters.restarts += 1
-            return await self.add(entry.roles, entry.cpus, restarts=entry.restarts + 1)
-        finally:
-            self._replacing.discard(name)
+        log.warning("replacing failed worker %s", name)
+        self.directory.mark_failed(name)
+        self.counters.failures += 1
+        await self._forget(entry)
+        if self.counters.restarts >= self.cfg.max_worker_restarts:
+            log.error("restart limit reached: worker %s is not replaced", name)
+            return None
+        self.counters.restarts += 1
+        return await self.add(entry.roles, entry.cpus, restarts=entry.restarts + 1)
 
     # -- steps ----------------------------------------------------------------------------------------
 
@@ -204,12 +199,16 @@ class Actuator:
 
     async def _introduce(self, handle: WorkerHandle, info: WorkerInfo) -> None:
         """A new worker and every live worker learn each other's transport metadata."""
-        peers = [e for e in self.directory.entries() if e.info is not None and e.name != info.name]
-        peers = [e for e in peers if e.phase not in (WorkerPhase.FAILED, WorkerPhase.STOPPED)]
-        assert all(e.info for e in peers)
+        peers = [
+            (e, e.info)
+            for e in self.directory.entries()
+            if e.info is not None
+            and e.name != info.name
+            and e.phase not in (WorkerPhase.FAILED, WorkerPhase.STOPPED)
+        ]
         await asyncio.gather(
-            *(handle.add_peer(e.info.metadata, e.info.epoch, e.name) for e in peers if e.info),
-            *(_quiet(e.handle.add_peer(info.metadata, info.epoch, info.name)) for e in peers),
+            *(handle.add_peer(known.metadata, known.epoch, e.name) for e, known in peers),
+            *(_quiet(e.handle.add_peer(info.metadata, info.epoch, info.name)) for e, _ in peers),
         )
 
     async def _publish(self, info: WorkerInfo) -> None:

@@ -78,7 +78,7 @@ class ControlPlane:
     def worker_died(self, name: str) -> None:
         """A pipeline saw `name` die: no more routing to it; the monitor replaces it. Thread-safe."""
         if self.directory.mark_failed(name):
-            self.submit(self.actuator.replace(name, "seen dead by a request"))
+            log.warning("worker %s seen dead by a request", name)
 
     def ready(self) -> dict[Role, bool]:
         """Whether each role has a worker taking its work now."""
@@ -108,27 +108,44 @@ class ControlPlane:
     # -- health -----------------------------------------------------------------------------------------
 
     async def _watch(self) -> None:
+        """Each tick: check every live worker, then replace every failed one (in the background, so a
+        slow start never delays the next checks). Nothing here may end the loop."""
+        replacing: dict[str, asyncio.Task] = {}
         while True:
-            entries = [e for e in self.directory.entries() if e.phase in _CHECKED]
-            await asyncio.gather(*(self._check(e) for e in entries))
-            for entry in self.directory.entries():
-                if entry.phase is WorkerPhase.FAILED:
-                    asyncio.ensure_future(self.actuator.replace(entry.name, "marked failed"))
+            try:
+                entries = [e for e in self.directory.entries() if e.phase in _CHECKED]
+                await asyncio.gather(*(self._check(e) for e in entries))
+                for entry in self.directory.entries():
+                    if entry.phase is WorkerPhase.FAILED and entry.name not in replacing:
+                        task = asyncio.create_task(self.actuator.replace(entry.name))
+                        replacing[entry.name] = task
+                        task.add_done_callback(lambda t, name=entry.name: _finished(replacing, name, t))
+            except Exception:  # noqa: BLE001 - logged; the monitor must outlive any one failure
+                log.exception("health monitor tick failed")
             await asyncio.sleep(self.cfg.health_interval_s)
 
     async def _check(self, entry: WorkerEntry) -> None:
+        """Fresh stats, or the worker marked failed (dead, unreachable, wedged or engine broken)."""
         try:
             async with asyncio.timeout(self.cfg.health_timeout_s):
                 stats = await entry.handle.stats()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - dead, unreachable or wedged: all mean replace
-            await self.actuator.replace(entry.name, f"health check failed: {type(exc).__name__}")
+            log.warning("worker %s failed its health check: %s", entry.name, type(exc).__name__)
+            self.directory.mark_failed(entry.name)
             return
         if not stats.engine_alive:
-            await self.actuator.replace(entry.name, "its engine stopped")
+            log.warning("worker %s reports its engine stopped", entry.name)
+            self.directory.mark_failed(entry.name)
             return
         self.directory.update(entry.name, stats=stats)
+
+
+def _finished(replacing: dict[str, asyncio.Task], name: str, task: asyncio.Task) -> None:
+    replacing.pop(name, None)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("replacing worker %s failed: %r", name, exc)
 
 
 async def _stop_all(entries: list[WorkerEntry]) -> None:

@@ -35,10 +35,6 @@ from serving.types import FinishReason, RequestStatus, SamplingParams, TokenDelt
 log = logging.getLogger(__name__)
 
 
-class EngineBroken(RuntimeError):
-    """The engine failed in a way no single request explains: its worker must be replaced."""
-
-
 @dataclass
 class Prefilled:
     """What a prefill hands to decode: the first token, the rope delta and the KV it produced."""
@@ -230,11 +226,9 @@ class LLMEngine:
         if batch is None:
             return []
         self.last_stage = batch.stage
-        deltas = self._run_batch(batch.stage, batch.seqs)
-        if len(batch.seqs) > 1 and all(d.finish_reason == FinishReason.ERROR for d in deltas):
-            # Every request failed, each on its own: the engine itself is broken, not a request.
-            raise EngineBroken("every request of a batch failed alone")
-        return deltas
+        # Failures outside the per-request runs (scheduling, bookkeeping) propagate: the engine loop
+        # marks its worker broken. Requests that fail alone never do, so no client can take it down.
+        return self._run_batch(batch.stage, batch.seqs)
 
     def _run_batch(self, stage: str, seqs: list[Sequence]) -> list[TokenDelta]:
         """One forward and sampling for the batch. A failure is narrowed down by running each request

@@ -431,17 +431,13 @@ class GatewayService:
         try:
             async with asyncio.timeout(self.cfg.request_timeout_s):
                 first = await anext(runs, None)
-        except NoWorkerAvailable as exc:
+        except BaseException as exc:
             await runs.aclose()  # type: ignore[attr-defined]
             ticket.release()
-            raise _unavailable(exc) from None
-        except TimeoutError:
-            await runs.aclose()  # type: ignore[attr-defined]
-            ticket.release()
-            raise APIError(504, "The request timed out.", code="timeout") from None
-        except BaseException:
-            await runs.aclose()  # type: ignore[attr-defined]
-            ticket.release()
+            if isinstance(exc, NoWorkerAvailable):
+                raise _unavailable(exc) from None
+            if isinstance(exc, TimeoutError):
+                raise APIError(504, "The request timed out.", code="timeout") from None
             raise
 
         async def chained() -> AsyncIterator[tuple[Choice, TokenDelta]]:

@@ -140,8 +140,7 @@ class LocalHandle(WorkerHandle):
     async def _call(self, method: str, *args: Any) -> Any:
         return await asyncio.to_thread(getattr(self.worker, method), *args)
 
-    async def _control(self, method: str, *args: Any) -> Any:
-        return await asyncio.to_thread(getattr(self.worker, method), *args)
+    _control = _call  # in one process, control calls already have threads of their own
 
     async def _stream(self, method: str, *args: Any) -> AsyncIterator[TokenDelta]:
         loop = asyncio.get_running_loop()

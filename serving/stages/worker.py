@@ -176,15 +176,23 @@ class StageWorker:
 
         def evict_all() -> int:
             ids = self.ledger.request_ids(roles)
-            for rid in ids:
-                entry = self.ledger.get(rid)
-                if entry is not None and entry.sink is not None:
-                    entry.sink.put(_EVICTED)  # type: ignore[arg-type]
-                else:
-                    self._free(rid)
+            for rid in self._end_streams(ids):
+                self._free(rid)  # held for a peer, not streaming: nothing to migrate, just free it
             return len(ids)
 
         return self.loop.call(evict_all)
+
+    def _end_streams(self, request_ids: list[str]) -> list[str]:
+        """End the streams of these requests with WorkerUnavailable (they continue elsewhere); returns
+        the ones that had no stream here."""
+        rest = []
+        for rid in request_ids:
+            entry = self.ledger.get(rid)
+            if entry is not None and entry.sink is not None:
+                entry.sink.put(_EVICTED)  # type: ignore[arg-type]
+            else:
+                rest.append(rid)
+        return rest
 
     def set_roles(self, roles: Roles) -> WorkerInfo:
         """Serve `roles` from now on. Buffers are resized (and re-registered under a new epoch) when
@@ -265,10 +273,7 @@ class StageWorker:
     def _on_broken(self, reason: str) -> None:
         """The engine cannot go on: every stream here ends so its request continues elsewhere."""
         self.ledger.accept(frozenset())
-        for rid in self.ledger.request_ids():
-            entry = self.ledger.get(rid)
-            if entry is not None and entry.sink is not None:
-                entry.sink.put(_EVICTED)  # type: ignore[arg-type]
+        self._end_streams(self.ledger.request_ids())
 
     def _hold(self, request_id: str, role: Role, on_release: Any) -> str:
         """Grant a lease for what this request leaves here for a peer to pull; entered in the ledger."""

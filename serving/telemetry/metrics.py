@@ -272,6 +272,6 @@ CATALOG = (
     "epd:mm_cache_hits_total",
     "epd:lease_expired_total",
     "epd:images_encoded_total",
+    *CONTROL_CATALOG,
 )
 """Every exported series name, as a scrape shows it (counters gain `_total`)."""
-CATALOG = CATALOG + CONTROL_CATALOG

@@ -236,3 +236,31 @@ def test_a_fault_inside_one_request_fails_it_alone(cluster, engine, stage):
     assert tokens == expected.token_ids, "the worker keeps serving"
     assert all(s.engine_alive for s in cluster.stats_now().values())
     assert_idle(cluster)
+
+
+def test_a_drain_past_its_deadline_evicts_streams_and_they_migrate(cluster, engine):
+    spec, arrays, params, expected = prepared(engine, 120, images=1, max_tokens=600)
+    evictions = cluster.actuator.counters.evictions
+    migrations = cluster.pipeline.counters.migrations
+    cfg = cluster.actuator.cfg
+    cluster.actuator.cfg = cfg.model_copy(update={"drain_timeout_s": 0.2})  # far shorter than the stream
+    switched = []
+
+    async def switch_its_decoder():
+        stats = cluster.stats_now()
+        busy = next(e.name for e in workers_with(cluster, Role.DECODE) if stats[e.name].requests_in_flight)
+        await cluster.plane.call(cluster.actuator.switch(busy, parse_roles("p")))
+        switched.append(busy)
+
+    try:
+        tokens, last = asyncio.run(
+            collect(cluster, Request("evicted", spec, params, arrays), switch_its_decoder, after_tokens=20)
+        )
+    finally:
+        cluster.actuator.cfg = cfg
+        for name in switched:
+            cluster.plane.run(cluster.actuator.switch(name, parse_roles("d")))
+    assert tokens == expected.token_ids and last.finish_reason == expected.finish_reason
+    assert cluster.actuator.counters.evictions > evictions
+    assert cluster.pipeline.counters.migrations > migrations
+    assert_idle(cluster)
