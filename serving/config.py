@@ -45,7 +45,13 @@ class EngineConfig(BaseModel):
     )
     max_num_seqs: int = Field(64, ge=1, description="Most requests in the running decode batch.")
     max_prefill_tokens: int = Field(
-        8192, ge=16, description="Token budget of one prefill batch (a longer prompt runs alone)."
+        8192, ge=16, description="Most prompt tokens prefilled in one step (within max_step_tokens)."
+    )
+    max_step_tokens: int = Field(
+        512,
+        ge=16,
+        description="Token budget of one engine step: a token for each running request first, then "
+        "prefill chunks (vLLM's max_num_batched_tokens); a longer prompt is prefilled over several steps.",
     )
     max_model_len: int = Field(8192, ge=16, description="Longest prompt plus output, in tokens.")
     max_encode_images: int = Field(16, ge=1, description="Most images in one encode batch.")
@@ -69,6 +75,11 @@ class WorkerConfig(BaseModel):
     embedding_slot_tokens: int = Field(64, ge=1, description="Visual tokens per embedding slot.")
     cpus: tuple[int, ...] = Field(
         (), description="Pin the worker's process to these CPUs; empty: no pinning."
+    )
+    threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads; 0: one per pinned CPU, or torch's default when unpinned.",
     )
     admission_timeout_s: float = Field(
         60.0, gt=0, description="How long a decode waits for KV room before trying another worker."
@@ -105,6 +116,32 @@ class ControlConfig(BaseModel):
     )
     max_leg_attempts: int = Field(3, ge=1, description="Tries of an E or P leg, each on another worker.")
     max_migrations: int = Field(2, ge=0, description="Times one request's decode may move to another worker.")
+
+
+class ControllerConfig(BaseModel):
+    """The SLO-driven controller: how often it looks, what it may do, and its bounds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["off", "advisory", "on"] = Field(
+        "off", description="off; advisory (log and export what it would do); on (act)."
+    )
+    tick_s: float = Field(2.0, gt=0, description="How often it observes and decides.")
+    window_s: float = Field(20.0, gt=0, description="Sliding window of finished requests it judges by.")
+    cooldown_s: float = Field(10.0, ge=0, description="Quiet time after any action.")
+    min_gain: float = Field(
+        0.05, ge=0, le=1, description="Predicted SLO-attainment gain a move must bring (hysteresis)."
+    )
+    attainment_target: float = Field(0.9, gt=0, le=1, description="Share of requests that must meet the SLO.")
+    min_requests: int = Field(8, ge=1, description="Finished requests in the window before it acts.")
+    max_workers: int = Field(0, ge=0, description="It may add workers up to this many; 0: never adds.")
+    min_workers: int = Field(0, ge=0, description="It may remove workers down to this many; 0: never.")
+    manage_admission: bool = Field(
+        False, description="Set the gateway's concurrent-sequence limit to what the decode pool holds in SLO."
+    )
+    profile: str | None = Field(
+        None, description="`epd profile` output to start the cost model from; measured times refine it."
+    )
 
 
 class GatewayConfig(BaseModel):
@@ -165,6 +202,9 @@ class GatewayConfig(BaseModel):
     slo_ttft_s: float = Field(2.0, gt=0, description="TTFT target for the SLO counters.")
     slo_tpot_s: float = Field(0.2, gt=0, description="TPOT target for the SLO counters.")
     expose_openapi: bool = Field(False, description="Serve /openapi.json (off: it maps the attack surface).")
+    grpc_port: int | None = Field(
+        None, ge=1, le=65535, description="Port of the gRPC API beside HTTP (same host); None: no gRPC."
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )

@@ -6,6 +6,7 @@ epd ctl drain NAME                stop routing to a worker and wait until it is 
 epd ctl resume NAME               route to a drained worker again
 epd ctl add --roles d             start a new worker
 epd ctl remove NAME               drain a worker, then stop it
+epd ctl decisions [--json]        the SLO controller: mode, what it sees, its recent decisions
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import httpx
 
 
 def add_ctl_parser(sub: Any) -> None:
-    ctl = sub.add_parser("ctl", help="operate a running server: workers, switch, drain, resume, add, remove")
+    ctl = sub.add_parser(
+        "ctl", help="operate a running server: workers, switch, drain, resume, add, remove, decisions"
+    )
     ctl.add_argument("--url", default=os.environ.get("EPD_URL", "http://127.0.0.1:8000"))
     ctl.add_argument("--api-key", default=os.environ.get("EPD_API_KEY"), help="or $EPD_API_KEY")
     ctl.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an operation")
@@ -33,6 +37,8 @@ def add_ctl_parser(sub: Any) -> None:
     for verb, text in (("drain", "stop routing to a worker"), ("resume", "route to a drained worker"),
                        ("remove", "drain and stop a worker")):  # fmt: skip
         verbs.add_parser(verb, help=text).add_argument("name")
+    decisions = verbs.add_parser("decisions", help="the SLO controller's recent decisions")
+    decisions.add_argument("--json", action="store_true", help="print them as JSON")
     add = verbs.add_parser("add", help="start a new worker")
     add.add_argument("--roles", required=True)
     ctl.set_defaults(func=cmd_ctl)
@@ -52,6 +58,10 @@ def _run(args: argparse.Namespace) -> None:
         if args.verb == "workers":
             body = _check(client.get("/admin/workers"))
             print(json.dumps(body, indent=2) if args.json else format_workers(body))
+            return
+        if args.verb == "decisions":
+            body = _check(client.get("/admin/decisions"))
+            print(json.dumps(body, indent=2) if args.json else format_decisions(body))
             return
         if args.verb == "switch":
             body = _check(client.post(f"/admin/workers/{args.name}/switch", json={"roles": args.roles}))
@@ -73,6 +83,31 @@ def format_workers(body: dict[str, Any]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     ready = ", ".join(f"{role}={'yes' if ok else 'NO'}" for role, ok in body.get("ready", {}).items())
     return "\n".join(lines + [f"directory version {body.get('version')}; roles served: {ready}"])
+
+
+def format_decisions(body: dict[str, Any]) -> str:
+    """The controller's state and its decisions, newest last."""
+    lines = [f"controller: {body.get('mode', 'off')}"]
+    if (seen := body.get("observed")) is not None:
+        lines.append(
+            f"last {body.get('window_s')} s: {seen['requests']} requests, {seen['rate']} req/s, attainment "
+            f"{seen['attainment']:.0%} (TTFT {seen['attainment_ttft']:.0%}, "
+            f"TPOT {seen['attainment_tpot']:.0%}), "
+            f"goodput {seen['goodput']} req/s; predicted attainment {body.get('predicted_attainment')}"
+        )
+    for d in body.get("decisions", []):
+        target = d.get("worker") or ""
+        if d.get("roles"):
+            target = f"{target} -> {d['roles']}" if target else f"+{d['roles']}"
+        if d.get("limit") is not None:
+            target = f"max sequences {d['limit']}"
+        lines.append(
+            f"{time.strftime('%H:%M:%S', time.localtime(d['at']))}  {d['mode']:<8} {d['kind']:<9} "
+            f"{target:<28} {d['outcome']:<10} {d['reason']}"
+        )
+    if not body.get("decisions"):
+        lines.append("no decisions yet")
+    return "\n".join(lines)
 
 
 def _check(response: httpx.Response) -> dict[str, Any]:

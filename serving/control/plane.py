@@ -21,9 +21,10 @@ from serving.config import ControlConfig
 from serving.control.actuator import Actuator
 from serving.control.directory import PoolDirectory, WorkerEntry
 from serving.pipeline import Pipeline
-from serving.types import Role, Roles, WorkerPhase
+from serving.types import Role, Roles, WorkerPhase, WorkerStats
 
 if TYPE_CHECKING:
+    from serving.controller.loop import ControllerLoop
     from serving.stages.factory import WorkerFactory
     from serving.stages.handles import WorkerHandle
 
@@ -54,6 +55,8 @@ class ControlPlane:
         self._thread = threading.Thread(target=self._loop.run_forever, name="control-plane", daemon=True)
         self._thread.start()
         self._monitor: concurrent.futures.Future | None = None
+        self.controller: ControllerLoop | None = None  # the SLO controller, when one is started
+        self._controller_run: concurrent.futures.Future | None = None
 
     # -- running work on the control loop ----------------------------------------------------------
 
@@ -75,6 +78,11 @@ class ControlPlane:
         self.run(self.actuator.adopt(handles, cpus))
         self._monitor = self.submit(self._watch())
 
+    def start_controller(self, controller: ControllerLoop) -> None:
+        """Run the SLO controller's ticks on this plane's loop, beside the health monitor."""
+        self.controller = controller
+        self._controller_run = self.submit(controller.run())
+
     def worker_died(self, name: str) -> None:
         """A pipeline saw `name` die: no more routing to it; the monitor replaces it. Thread-safe."""
         if self.directory.mark_failed(name):
@@ -86,24 +94,34 @@ class ControlPlane:
 
     def stop(self) -> None:
         """Stop watching and stop every worker."""
-        if self._monitor is not None:
-            self._monitor.cancel()
+        for task in (self._monitor, self._controller_run):
+            if task is not None:
+                task.cancel()
+        if self.controller is not None:
+            with contextlib.suppress(Exception):
+                self.submit(self.controller.stop()).result(timeout=10)
         entries = self.directory.entries()
         with contextlib.suppress(Exception):
             self.submit(_stop_all(entries)).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 
-    async def refresh_stats(self, timeout_s: float = 2.0) -> None:
-        """Read every live worker's stats now (a scrape wants the latest); a worker that does not
-        answer in time keeps its last stats and is left to the health monitor."""
+    async def refresh_stats(self, timeout_s: float = 2.0) -> dict[str, WorkerStats]:
+        """Read every live worker's stats now (a scrape wants the latest) and return those that
+        answered. Each worker has its own timeout and its own failure: one that is dead, wedged or
+        answers with a cancellation is left out (and to the health monitor), never the others."""
 
-        async def one(entry: WorkerEntry) -> None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(timeout_s):
-                    self.directory.update(entry.name, stats=await entry.handle.stats())
+        async def one(entry: WorkerEntry) -> WorkerStats:
+            async with asyncio.timeout(timeout_s):
+                stats = await entry.handle.stats()
+            self.directory.update(entry.name, stats=stats)
+            return stats
 
-        await asyncio.gather(*(one(e) for e in self.directory.entries() if e.phase in _CHECKED))
+        entries = [e for e in self.directory.entries() if e.phase in _CHECKED]
+        # return_exceptions: a failure (even a CancelledError from a dead actor's call) stays with its
+        # worker instead of abandoning the gather and every other worker's answer.
+        results = await asyncio.gather(*(one(e) for e in entries), return_exceptions=True)
+        return {e.name: r for e, r in zip(entries, results, strict=True) if isinstance(r, WorkerStats)}
 
     # -- health -----------------------------------------------------------------------------------------
 

@@ -106,9 +106,10 @@ class KVPool:
 
     # -- access for attention -------------------------------------------------------------------
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of one layer's keys and values, each `(num_blocks, block_size, kv_heads, head_dim)`."""
-        return self.data[:, index, 0], self.data[:, index, 1]
+    def layer(self, index: int) -> torch.Tensor:
+        """A view of one layer's keys and values, `(num_blocks, 2, block_size, kv_heads, head_dim)`: a
+        block's keys and values of one layer lie together, so attention reads both in one pass."""
+        return self.data[:, index]
 
     # -- moving blocks between pools ------------------------------------------------------------
 

@@ -3,10 +3,12 @@
 Lifecycle of a request inside the engine:
   1. add_request: the prompt (tokens with expanded image pads, preprocessed images) becomes a Sequence
      in the waiting queue; a request that could never fit the KV pool is refused here.
-  2. step (prefill): the scheduler admits waiting requests under the token budget and KV room; their
-     images are encoded in one vision-tower batch, their prompts prefilled in one forward, and a first
-     token sampled for each.
-  3. step (decode): every running request feeds its newest token; one forward for the whole batch.
+  2. step: one forward over the step's token budget — every running request's newest token first,
+     then prefill chunks of admitted requests (images encoded in one vision-tower batch when a
+     request's first chunk is scheduled). A request whose prompt is now fully cached samples its first
+     token; one whose chunk left prompt tokens uncached continues next step.
+  3. Every later step: each running request feeds its newest token, in the same forward as others'
+     prefill chunks.
   4. After each step: tokens are appended, detokenized and checked against the stop rules; finished
      requests leave the batch and give their KV blocks back.
 """
@@ -27,7 +29,7 @@ from serving.engine.kv_cache import KVExport
 from serving.engine.models.config import load_model_config
 from serving.engine.runner import ModelRunner
 from serving.engine.sampler import sample
-from serving.engine.scheduler import Scheduler
+from serving.engine.scheduler import Batch, Scheduler
 from serving.engine.sequence import Sequence
 from serving.engine.tokenizer import Tokenizer
 from serving.types import FinishReason, RequestStatus, SamplingParams, TokenDelta
@@ -68,7 +70,9 @@ class LLMEngine:
         self.held: dict[str, Sequence] = {}  # prefilled, KV kept for a decode worker to take
         self._reserved: dict[str, Sequence] = {}  # blocks set aside for KV arriving from a prefill
         self._ids = itertools.count()
-        self.last_stage = ""  # "prefill" or "decode": what the latest step ran
+        self.last_stage = ""  # "prefill" (some prefill work) or "decode" (decode only): the latest step
+        self.last_batch: Batch | None = None  # what the latest step ran: its sequences and token counts
+        self.last_prefilled: list[str] = []  # requests whose prefill completed in the latest step
         self.requests_failed = 0  # requests that failed alone inside a step
         # Called with (stage, request ids) before each batch runs; tests inject faults through it.
         self.fault_hook: Callable[[str, list[str]], None] | None = None
@@ -223,35 +227,45 @@ class LLMEngine:
 
     def step(self) -> list[TokenDelta]:
         batch = self.scheduler.schedule()
+        self.last_prefilled = []
         if batch is None:
             return []
         self.last_stage = batch.stage
+        self.last_batch = batch
         # Failures outside the per-request runs (scheduling, bookkeeping) propagate: the engine loop
         # marks its worker broken. Requests that fail alone never do, so no client can take it down.
-        return self._run_batch(batch.stage, batch.seqs)
+        return self._run_batch(batch.seqs, batch.q_lens, batch.num_decode)
 
-    def _run_batch(self, stage: str, seqs: list[Sequence]) -> list[TokenDelta]:
-        """One forward and sampling for the batch. A failure is narrowed down by running each request
-        alone: the ones that fail alone end with an error, the others go on as if nothing happened."""
+    def _run_batch(self, seqs: list[Sequence], q_lens: list[int], num_decode: int) -> list[TokenDelta]:
+        """One forward over decode tokens and prefill chunks, then sampling for every sequence whose
+        KV is now complete. A failure is narrowed down by running each request alone: the ones that
+        fail alone end with an error, the others go on as if nothing happened."""
         cached = [s.num_cached for s in seqs]
         try:
             if self.fault_hook is not None:
-                self.fault_hook(stage, [s.request_id for s in seqs])
-            if stage == "prefill":
-                self.encode(seqs)
-                logits = self.runner.prefill(seqs)
-            else:
-                logits = self.runner.decode_step(seqs)
-            sampled = [s for s in seqs if not s.resume_pending]
-            keep = [i for i, s in enumerate(seqs) if not s.resume_pending]
+                self.fault_hook("decode", [s.request_id for s in seqs[:num_decode]])
+                self.fault_hook("prefill", [s.request_id for s in seqs[num_decode:]])
+            self.encode(seqs[num_decode:])
+            logits = self.runner.forward_step(seqs, q_lens)
+            # A prefill chunk that leaves prompt tokens uncached samples nothing yet; a resumed prefill
+            # recomputed tokens sampled elsewhere and samples nothing either.
+            complete = [i for i, s in enumerate(seqs) if s.prefill_done]
+            keep = [i for i in complete if not seqs[i].resume_pending]
+            sampled = [seqs[i] for i in keep]
             tokens, logprobs = sample(logits[keep], sampled) if sampled else ([], [])
         except Exception as exc:  # noqa: BLE001 - contained per request below
             for seq, n in zip(seqs, cached, strict=True):
                 seq.num_cached = n  # the KV written for these positions is rewritten on the rerun
             if len(seqs) == 1:
                 return [self.fail(seqs[0], exc)]
-            return [delta for seq in seqs for delta in self._run_batch(stage, [seq])]
-        deltas = [self._resumed(s) for s in seqs if s.resume_pending]
+            return [
+                delta
+                for i, (seq, q_len) in enumerate(zip(seqs, q_lens, strict=True))
+                for delta in self._run_batch([seq], [q_len], int(i < num_decode))
+            ]
+        prefilled = [seqs[i] for i in complete if i >= num_decode]
+        self.last_prefilled.extend(s.request_id for s in prefilled)
+        deltas = [self._resumed(seqs[i]) for i in complete if seqs[i].resume_pending]
         for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
             try:
                 deltas.append(self._advance(seq, token, lp))
@@ -266,6 +280,7 @@ class LLMEngine:
         if seq.request_id in self._prefill_only:
             self._prefill_only.discard(seq.request_id)
             self._seqs.pop(seq.request_id, None)
+            self.scheduler.hand_off(seq)
             self.held[seq.request_id] = seq
         else:
             self.scheduler.add_running(seq)
@@ -281,6 +296,7 @@ class LLMEngine:
             self._prefill_only.discard(seq.request_id)
             self._seqs.pop(seq.request_id)
             seq.image_embeds = None
+            self.scheduler.hand_off(seq)
             self.held[seq.request_id] = seq
         elif seq.status != RequestStatus.RUNNING_DECODE:
             seq.image_embeds = None  # the prompt is in the KV cache now

@@ -1,4 +1,6 @@
-"""The model's three stages on one device: encode(images), prefill(sequences), decode_step(sequences).
+"""The model's stages on one device: encode(images), and forward_step(sequences, token counts), which
+runs prefill chunks and decode tokens mixed in one forward (`prefill` and `decode_step` are its two
+pure cases).
 
 The runner owns the weights and the KV pool and does tensor work only; which requests run, and when,
 is the scheduler's business. Positions come from each sequence's own tokens and grids.
@@ -86,65 +88,85 @@ class ModelRunner:
         embeds = self.model.encode(pixels, grids)
         return list(embeds.split([self.model_config.num_image_tokens(g) for g in grids]))
 
-    # -- P ----------------------------------------------------------------------------------------
+    # -- P and D ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """One forward over every sequence's uncached prompt tokens; KV lands in each sequence's blocks.
         Returns the last position's logits per sequence (B, V)."""
-        token_ids, positions, q_lens = [], [], []
+        return self.forward_step(seqs, [s.num_prefill_tokens - s.num_cached for s in seqs])
+
+    @torch.inference_mode()
+    def decode_step(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Feed each sequence's newest token; the batch runs as one forward. Returns logits (B, V)."""
+        return self.forward_step(seqs, [1] * len(seqs))
+
+    @torch.inference_mode()
+    def forward_step(self, seqs: list[Sequence], q_lens: list[int]) -> torch.Tensor:
+        """One forward over each sequence's next `q_len` uncached tokens — a decode token, a prefill
+        chunk or a whole prompt, mixed in one batch. KV lands in each sequence's blocks; returns the
+        logits of each sequence's last computed position (B, V)."""
+        if all(q == 1 and s.num_cached >= len(s.prompt_token_ids) for s, q in zip(seqs, q_lens, strict=True)):
+            return self._decode_forward(seqs)
         cfg = self.model_config
-        image_mask = []
-        for seq in seqs:
-            tokens = self._prefill_tokens(seq)
-            pos, seq.rope_delta = mrope_positions(
-                seq.prompt_token_ids, seq.grids, cfg.image_token_id, cfg.vision.spatial_merge_size
-            )
-            # Outputs replayed after a migration are text whatever their ids: they sit where decode put
-            # them (index + rope delta) and are never replaced by visual embeddings.
-            outputs = torch.arange(len(seq.prompt_token_ids), len(tokens)) + seq.rope_delta
-            pos = torch.cat([pos, outputs.expand(3, -1)], dim=1)
-            new = slice(seq.num_cached, len(tokens))
-            token_ids.extend(tokens[new])
-            positions.append(pos[:, new])
-            is_pad = torch.tensor(tokens[new]) == cfg.image_token_id
-            is_pad[max(0, len(seq.prompt_token_ids) - seq.num_cached) :] = False
+        token_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        image_mask: list[torch.Tensor] = []
+        image_rows: list[torch.Tensor] = []
+        for seq, q_len in zip(seqs, q_lens, strict=True):
+            start, end = seq.num_cached, seq.num_cached + q_len
+            tokens = seq.token_slice(start, end)
+            token_ids.extend(tokens)
+            positions.append(self._positions(seq, start, end))
+            prompt_len = len(seq.prompt_token_ids)
+            if start < prompt_len and seq.image_embeds is not None:
+                # Outputs replayed after a migration are text whatever their ids: only prompt pads take
+                # visual embeddings, the rows of this chunk's pads in prompt order.
+                is_pad = torch.tensor(tokens) == cfg.image_token_id
+                is_pad[prompt_len - start :] = False
+                before = seq.prompt_token_ids[:start].count(cfg.image_token_id)
+                image_rows.append(seq.image_embeds[before : before + int(is_pad.sum())])
+            else:
+                is_pad = torch.zeros(len(tokens), dtype=torch.bool)
             image_mask.append(is_pad)
-            q_lens.append(len(tokens) - seq.num_cached)
-            self.pool.grow(seq.block_table, len(tokens))
+            self.pool.grow(seq.block_table, end)
         ids = torch.tensor(token_ids, device=self.device)
-        mask = torch.cat(image_mask).to(self.device)
-        embeds = self.model.embed(ids, self._packed_image_embeds(seqs), mask)
+        rows = torch.cat(image_rows).to(self.device) if image_rows else None
+        mask = torch.cat(image_mask).to(self.device) if rows is not None else None
+        embeds = self.model.embed(ids, rows, mask)
         logits = self._forward(seqs, embeds, torch.cat(positions, dim=1), q_lens)
         for seq, q_len in zip(seqs, q_lens, strict=True):
             seq.num_cached += q_len
         return logits
 
-    @staticmethod
-    def _prefill_tokens(seq: Sequence) -> list[int]:
-        """The tokens whose KV a prefill computes: the prompt, plus restored outputs but the newest
-        (a migrated request's next decode step feeds that one)."""
-        tokens = seq.prompt_token_ids + seq.output_token_ids
-        return tokens[:-1] if seq.resume_pending else tokens
-
-    def _packed_image_embeds(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        parts = [s.image_embeds for s in seqs if s.image_embeds is not None and s.num_cached == 0]
-        return torch.cat(parts).to(self.device) if parts else None
-
-    # -- D ----------------------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def decode_step(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Feed each sequence's newest token; the batch runs as one forward. Returns logits (B, V)."""
+    def _decode_forward(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The common step, every sequence past its prompt feeding its newest token: no slicing."""
         for seq in seqs:
             self.pool.grow(seq.block_table, seq.num_cached + 1)
         ids = torch.tensor([s.last_token for s in seqs], device=self.device)
         pos = torch.tensor([s.num_cached + s.rope_delta for s in seqs], device=self.device)
-        embeds = self.model.embed(ids, None)
-        logits = self._forward(seqs, embeds, pos.expand(3, -1), [1] * len(seqs))
+        logits = self._forward(seqs, self.model.embed(ids, None), pos.expand(3, -1), [1] * len(seqs))
         for seq in seqs:
             seq.num_cached += 1
         return logits
+
+    def _positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """M-RoPE positions (3, end - start) of tokens [start, end): the prompt's from its tokens and
+        grids (made once per request), every later token at index + rope delta on all three axes."""
+        prompt_len = len(seq.prompt_token_ids)
+        if start < prompt_len and seq.prompt_positions is None:
+            cfg = self.model_config
+            seq.prompt_positions, seq.rope_delta = mrope_positions(
+                seq.prompt_token_ids, seq.grids, cfg.image_token_id, cfg.vision.spatial_merge_size
+            )
+        if start >= prompt_len:
+            return (torch.arange(start, end) + seq.rope_delta).expand(3, -1)
+        assert seq.prompt_positions is not None
+        head = seq.prompt_positions[:, start : min(end, prompt_len)]
+        if end <= prompt_len:
+            return head
+        tail = (torch.arange(prompt_len, end) + seq.rope_delta).expand(3, -1)
+        return torch.cat([head, tail], dim=1)
 
     # -- shared -----------------------------------------------------------------------------------
 

@@ -1,4 +1,10 @@
-"""Per-stage batching: which waiting requests prefill together, which running requests decode together.
+"""Per-step batching with chunked prefill: every step is one forward over a token budget that mixes
+decode tokens and prefill chunks (vLLM's default scheduler).
+
+Each step takes, in order: one token for every running request (decode never waits behind a long
+prompt), then the next chunk of each partly prefilled request, then new requests in arrival order,
+each prompt cut to what is left of `max_step_tokens` (and of `max_prefill_tokens`). A prompt longer
+than the budget is prefilled over several steps while the decode batch keeps going.
 
 Admission reserves, up front, the KV blocks a request can reach (prompt + max_tokens), so a running
 request never has to be preempted for memory; blocks are still allocated as tokens arrive, so pool
@@ -18,8 +24,22 @@ from serving.types import RequestStatus
 
 @dataclass
 class Batch:
-    stage: str  # "prefill" or "decode"
     seqs: list[Sequence]
+    q_lens: list[int]  # tokens each sequence computes this step: 1 to decode, a chunk to prefill
+    num_decode: int  # the first num_decode sequences decode; the rest prefill
+
+    @property
+    def stage(self) -> str:
+        """ "prefill" when the step carries any prefill work, else "decode"."""
+        return "prefill" if self.num_decode < len(self.seqs) else "decode"
+
+    @property
+    def decoding(self) -> list[Sequence]:
+        return self.seqs[: self.num_decode]
+
+    @property
+    def prefilling(self) -> list[Sequence]:
+        return self.seqs[self.num_decode :]
 
 
 class Scheduler:
@@ -27,61 +47,76 @@ class Scheduler:
         self.cfg = cfg
         self.pool = pool
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.prefilling: list[Sequence] = []  # admitted, KV partly computed (chunked prefill)
+        self.running: list[Sequence] = []  # decoding
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:
-        """A sequence whose KV is already in the pool (imported from a prefill worker) joins decode."""
+        """A sequence whose KV is in the pool (prefilled here or imported from a prefill worker)
+        joins decode."""
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
         seq.status = RequestStatus.RUNNING_DECODE
         self.running.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
 
     def _growth_reserved(self) -> int:
-        """Blocks promised to running requests that they have not allocated yet."""
-        return sum(self.pool.blocks_for(s.max_len) - len(s.block_table) for s in self.running)
+        """Blocks promised to admitted requests that they have not allocated yet."""
+        return sum(
+            self.pool.blocks_for(s.max_len) - len(s.block_table) for s in (*self.running, *self.prefilling)
+        )
 
     def can_admit(self, seq: Sequence, extra_blocks: int = 0) -> bool:
         need = self.pool.blocks_for(seq.max_len) - len(seq.block_table)
         return need + extra_blocks <= self.pool.num_free - self._growth_reserved()
 
-    def schedule_prefill(self) -> list[Sequence]:
-        """Waiting requests in arrival order under the token budget, the batch-size cap and KV room."""
-        batch: list[Sequence] = []
-        tokens = 0
-        reserved = 0
-        while self.waiting and len(self.running) + len(batch) < self.cfg.max_num_seqs:
-            seq = self.waiting[0]
-            new_tokens = seq.num_tokens - seq.num_cached
-            if batch and tokens + new_tokens > self.cfg.max_prefill_tokens:
-                break
-            if not self.can_admit(seq, reserved):
-                break
-            self.waiting.popleft()
-            seq.status = RequestStatus.RUNNING_PREFILL
-            batch.append(seq)
-            tokens += new_tokens
-            reserved += self.pool.blocks_for(seq.max_len) - len(seq.block_table)
-        return batch
-
-    def schedule_decode(self) -> list[Sequence]:
-        return self.running[: self.cfg.max_num_seqs]
-
     def schedule(self) -> Batch | None:
-        """Prefill first (new requests reach their first token sooner), else a decode step."""
-        if seqs := self.schedule_prefill():
-            return Batch("prefill", seqs)
-        if seqs := self.schedule_decode():
-            return Batch("decode", seqs)
-        return None
+        """Decode tokens first, then prefill chunks, under the step's token budget."""
+        budget = self.cfg.max_step_tokens
+        take = min(self.cfg.max_num_seqs, budget)
+        seqs = self.running[:take]
+        if len(self.running) > take:
+            # More running than one step takes: the next step starts after these, so none starves.
+            self.running = self.running[take:] + seqs
+        q_lens = [1] * len(seqs)
+        num_decode = len(seqs)
+        prefill_budget = min(budget - len(seqs), self.cfg.max_prefill_tokens)
+        for seq in self.prefilling:
+            if prefill_budget <= 0:
+                break
+            chunk = min(seq.num_prefill_tokens - seq.num_cached, prefill_budget)
+            seqs.append(seq)
+            q_lens.append(chunk)
+            prefill_budget -= chunk
+        while (
+            self.waiting
+            and prefill_budget > 0
+            and len(self.running) + len(self.prefilling) < self.cfg.max_num_seqs
+            and self.can_admit(self.waiting[0])
+        ):
+            seq = self.waiting.popleft()
+            seq.status = RequestStatus.RUNNING_PREFILL
+            self.prefilling.append(seq)
+            chunk = min(seq.num_prefill_tokens - seq.num_cached, prefill_budget)
+            seqs.append(seq)
+            q_lens.append(chunk)
+            prefill_budget -= chunk
+        if not seqs:
+            return None
+        return Batch(seqs, q_lens, num_decode)
+
+    def hand_off(self, seq: Sequence) -> None:
+        """A prefill-only request is prefilled: it leaves the batch, its blocks stay with it."""
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Drop a sequence from every queue and give its blocks back."""
-        if seq in self.running:
-            self.running.remove(seq)
-        if seq in self.waiting:
-            self.waiting.remove(seq)
+        for queue in (self.running, self.prefilling, self.waiting):
+            if seq in queue:
+                queue.remove(seq)
         self.pool.free(seq.block_table)

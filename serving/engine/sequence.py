@@ -34,6 +34,7 @@ class Sequence:
     text: str = ""
     prefill_only: bool = False  # stops after its prefill; its KV is handed to a decode worker
     resume_pending: bool = False  # restored outputs whose KV a prefill must recompute, not sample
+    prompt_positions: torch.Tensor | None = None  # (3, prompt) M-RoPE positions, made on the first chunk
     _held: str = ""  # text withheld from the stream while it could still become a stop string
     _generator: torch.Generator | None = None
     _stops: StopMatcher | None = None  # incremental stop-string matcher, made on the first token
@@ -49,6 +50,25 @@ class Sequence:
         if self.prefill_only:
             return min(self.num_tokens + 1, self.max_model_len)
         return min(len(self.prompt_token_ids) + self.params.max_tokens, self.max_model_len)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens whose KV a prefill computes: the prompt, plus restored outputs but the newest (a
+        migrated request's next decode step feeds that one)."""
+        return self.num_tokens - 1 if self.resume_pending else self.num_tokens
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_cached >= self.num_prefill_tokens
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + outputs, without copying the whole context."""
+        n = len(self.prompt_token_ids)
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
     @property
     def last_token(self) -> int:

@@ -1,8 +1,12 @@
-"""OpenAI error objects. Messages are written for clients: no exception text, paths or addresses."""
+"""Service errors as OpenAI error objects (messages are written for clients: nothing internal)."""
 
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
+
+from serving.api.errors import APIError, internal_error
+
+__all__ = ["APIError", "error_body", "error_response", "internal_error"]
 
 TYPES = {
     400: "invalid_request_error",
@@ -18,43 +22,16 @@ TYPES = {
 }
 
 
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-        stage: str = "gateway",
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-        self.stage = stage  # where it came from, for the error metrics: gateway, encode, prefill, decode
-
-    @property
-    def error_type(self) -> str:
-        """The `error_type` label of `epd:request_errors_total`."""
-        if self.code == "stage_failed":
-            return "stage_failed"
-        named = {401: "authentication", 429: "rate_limited", 503: "unavailable", 504: "timeout"}
-        return named.get(self.status, "invalid_request" if self.status < 500 else "internal")
-
-    def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": TYPES.get(self.status, "invalid_request_error"),
-                "param": self.param,
-                "code": self.code,
-            }
+def error_body(exc: APIError) -> dict:
+    return {
+        "error": {
+            "message": exc.message,
+            "type": TYPES.get(exc.status, "invalid_request_error"),
+            "param": exc.param,
+            "code": exc.code,
         }
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    }
 
 
-def internal_error() -> APIError:
-    return APIError(
-        500, "The server had an internal error while processing the request.", code="internal_error"
-    )
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from serving.gateway.errors import APIError
+from serving.api.errors import APIError
 
 MAX_DEPTH = 64  # arrays and objects inside each other; OpenAI bodies need fewer than 10
 

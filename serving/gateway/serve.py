@@ -9,8 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from serving.config import ControlConfig, GatewayConfig, WorkerConfig
-from serving.gateway.errors import APIError, internal_error
+from serving.config import ControlConfig, ControllerConfig, GatewayConfig, WorkerConfig
+from serving.gateway.errors import APIError, error_response, internal_error
 from serving.types import Roles
 
 # No `from __future__ import annotations` here: FastAPI must see real annotation objects on the
@@ -18,6 +18,7 @@ from serving.types import Roles
 # taken for a query parameter).
 
 NAMESPACE = "epd"
+GATEWAY_RESOURCE = "epd-gateway"
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class GatewaySettings:
     cluster_id: str
     max_model_len: int
     gpus_per_worker: int = 0
+    role_resources: bool = False  # workers ask for their group's `epd-<roles>` resource (Kubernetes)
+    controller: ControllerConfig = ControllerConfig()
 
 
 def build_service(settings: GatewaySettings) -> Any:
@@ -45,7 +48,9 @@ def build_service(settings: GatewaySettings) -> Any:
     from serving.stages.factory import RayWorkerFactory, worker_name
     from serving.stages.handles import RayHandle
 
-    factory = RayWorkerFactory(settings.worker_template, NAMESPACE, settings.gpus_per_worker)
+    factory = RayWorkerFactory(
+        settings.worker_template, NAMESPACE, settings.gpus_per_worker, settings.role_resources
+    )
 
     def name_for(roles: Roles, index: int) -> str:
         return worker_name(roles, index, settings.cluster_id)
@@ -53,9 +58,25 @@ def build_service(settings: GatewaySettings) -> Any:
     plane = ControlPlane(factory, settings.control, name_for, len(settings.workers))
     handles = [RayHandle(ray.get_actor(name, namespace=NAMESPACE), name) for name, _ in settings.workers]
     plane.adopt(handles, dict(settings.workers))
-    return GatewayService(
+    service = GatewayService(
         settings.gateway, settings.model_dir, settings.model_id, plane, settings.max_model_len
     )
+    if settings.controller.mode != "off":
+        from serving.controller.build import build_controller
+
+        plane.start_controller(build_controller(settings, plane, service.metrics, service.admission))
+    return service
+
+
+async def start_rpc(service: Any, cfg: GatewayConfig) -> Any:
+    """The gRPC server over the service's layer, on `cfg.grpc_port` (None: no gRPC)."""
+    if cfg.grpc_port is None:
+        return None
+    from serving.rpc.server import RpcServer
+
+    rpc = RpcServer(service.core, service.admin.ops, cfg.host, cfg.grpc_port)
+    await rpc.start()
+    return rpc
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -63,20 +84,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> Response:
-        return exc.response()
+        return error_response(exc)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> Response:
         message = "Not found." if exc.status_code == 404 else "The request could not be served."
-        return APIError(exc.status_code, message).response()
+        return error_response(APIError(exc.status_code, message))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return APIError(400, "The request is not valid.").response()
+        return error_response(APIError(400, "The request is not valid."))
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> Response:
-        return internal_error().response()
+        return error_response(internal_error())
 
 
 def gateway_application(settings: GatewaySettings) -> Any:
@@ -91,11 +112,18 @@ def gateway_application(settings: GatewaySettings) -> Any:
     )
     install_error_handlers(app)
 
-    @serve.deployment(name="gateway", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0.25})
+    options: dict[str, Any] = {"num_cpus": 0.25}
+    if settings.role_resources:  # on Kubernetes the head offers `epd-gateway`: the gateway stays there
+        options["resources"] = {GATEWAY_RESOURCE: 0.01}
+
+    @serve.deployment(name="gateway", max_ongoing_requests=4096, ray_actor_options=options)
     @serve.ingress(app)
     class Gateway:
-        def __init__(self, settings: GatewaySettings) -> None:
+        async def __init__(self, settings: GatewaySettings) -> None:
             self.service = build_service(settings)
+            # The gRPC API on this replica's event loop, beside the routes: one service layer, so one
+            # admission, one set of metrics. Started before the replica reports ready.
+            self.rpc = await start_rpc(self.service, settings.gateway)
 
         @app.post("/v1/chat/completions")
         async def chat_completions(self, request: Request) -> Response:
@@ -128,6 +156,11 @@ def gateway_application(settings: GatewaySettings) -> Any:
             self.service.authorize_admin(request)
             return self.service.admin.workers()
 
+        @app.get("/admin/decisions")
+        async def admin_decisions(self, request: Request) -> Response:
+            self.service.authorize_admin(request)
+            return self.service.admin.decisions()
+
         @app.post("/admin/workers")
         async def admin_add(self, request: Request) -> Response:
             self.service.authorize_admin(request)
@@ -157,6 +190,9 @@ def gateway_application(settings: GatewaySettings) -> Any:
         async def admin_shutdown(self, request: Request) -> Response:
             """Stop admitting (503 + Retry-After) and wait for in-flight requests, up to the grace."""
             self.service.authorize_admin(request)
-            return await self.service.begin_shutdown()
+            answer = await self.service.begin_shutdown()
+            if self.rpc is not None:
+                await self.rpc.stop(grace_s=1.0)  # in-flight calls ended above; refuse new ones
+            return answer
 
     return Gateway.bind(settings)

@@ -42,11 +42,21 @@ class RayWorkerFactory(WorkerFactory):
     it); control calls have their own concurrency group so they never wait behind streams."""
 
     def __init__(
-        self, template: WorkerConfig, namespace: str | None = None, gpus_per_worker: int = 0
+        self,
+        template: WorkerConfig,
+        namespace: str | None = None,
+        gpus_per_worker: int = 0,
+        role_resources: bool = False,
+        detached: bool = False,
     ) -> None:
         super().__init__(template)
         self.namespace = namespace
         self.gpus = gpus_per_worker
+        # On Kubernetes each worker group advertises a custom resource for its roles (`epd-e`,
+        # `epd-pd`, ...); asking for one unit places a worker in the group sized for its stage.
+        self.role_resources = role_resources
+        # Started from a Serve config's build task, workers must outlive that task (their owner).
+        self.detached = detached
 
     def actor_options(self, name: str) -> dict[str, Any]:
         return {
@@ -68,6 +78,10 @@ class RayWorkerFactory(WorkerFactory):
         options = self.actor_options(name)
         if not options["namespace"]:
             del options["namespace"]
+        if self.role_resources:
+            options["resources"] = {role_resource(roles): 1}
+        if self.detached:
+            options.update(lifetime="detached", get_if_exists=True)
         actor_class = ray.remote(concurrency_groups={CONTROL_GROUP: 16})(StageWorker)
         return actor_class.options(**options).remote(self.config(name, roles, cpus))
 
@@ -75,6 +89,11 @@ class RayWorkerFactory(WorkerFactory):
         handle = RayHandle(self.actor(name, roles, cpus), name)
         await handle.info()  # answers once the constructor (weights, transport) has finished
         return handle
+
+
+def role_resource(roles: Roles) -> str:
+    """The custom resource a worker group for these roles advertises: `epd-e`, `epd-pd`, `epd-epd`."""
+    return f"epd-{roles_label(roles)}"
 
 
 def worker_name(roles: Roles, index: int, cluster_id: str | None = None) -> str:

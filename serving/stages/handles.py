@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import os
 import threading
+import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +31,7 @@ from serving.types import (
     WorkerError,
     WorkerInfo,
     WorkerStats,
+    WorkerUnavailable,
 )
 
 if TYPE_CHECKING:
@@ -172,9 +176,49 @@ class LocalHandle(WorkerHandle):
             stop.set()
 
 
+class _Subscription:
+    """This process's one stream from a worker: each item is one engine step's deltas for every request
+    streamed from it here, routed to the requests' queues. Ended by the worker's death, it fails every
+    open request with the typed error and is reopened by the next request."""
+
+    def __init__(self, actor: Any, name: str) -> None:
+        self.actor, self.name = actor, name
+        self.consumer = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.queues: dict[str, asyncio.Queue] = {}
+        self._pump: asyncio.Task | None = None
+
+    def open(self, request_id: str) -> asyncio.Queue:
+        items: asyncio.Queue = asyncio.Queue()
+        self.queues[request_id] = items
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.get_running_loop().create_task(self._run())
+        return items
+
+    def close(self, request_id: str, items: asyncio.Queue) -> None:
+        if self.queues.get(request_id) is items:
+            del self.queues[request_id]
+
+    async def _run(self) -> None:
+        try:
+            with _typed_errors(self.name):
+                refs = self.actor.subscribe.options(num_returns="streaming").remote(self.consumer)
+                async for ref in refs:
+                    for item in await ref:
+                        if (items := self.queues.get(item.request_id)) is not None:
+                            items.put_nowait(item)
+            raise WorkerUnavailable(f"worker {self.name} stopped streaming")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to every request waiting here
+            for items in self.queues.values():
+                items.put_nowait(exc)
+
+
 class RayHandle(WorkerHandle):
     def __init__(self, actor: Any, name: str) -> None:
         self.actor, self.name = actor, name
+        self._subscriptions: dict[int, _Subscription] = {}  # per event loop
+        self._cancels: set[asyncio.Task] = set()
 
     async def stop(self) -> None:
         import ray
@@ -195,10 +239,43 @@ class RayHandle(WorkerHandle):
             return await getattr(self.actor, method).options(concurrency_group=CONTROL_GROUP).remote(*args)
 
     async def _stream(self, method: str, *args: Any) -> AsyncIterator[TokenDelta]:
-        with _typed_errors(self.name):
-            refs = getattr(self.actor, method).options(num_returns="streaming").remote(*args)
-            async for ref in refs:
-                yield await ref
+        """The request starts with one call; its deltas come through this process's subscription to
+        the worker, which carries one message per engine step for all its requests."""
+        from serving.stages.outbox import StreamEnd
+
+        loop = asyncio.get_running_loop()
+        sub = self._subscriptions.get(id(loop))
+        if sub is None:
+            sub = self._subscriptions[id(loop)] = _Subscription(self.actor, self.name)
+        request_id = args[0]
+        items = sub.open(request_id)
+        finished = False
+        try:
+            with _typed_errors(self.name):
+                await getattr(self.actor, f"start_{method}").remote(sub.consumer, *args)
+            while True:
+                item = await items.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, StreamEnd):
+                    raise WorkerUnavailable(item.reason)
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            sub.close(request_id, items)
+            if not finished:
+                # The consumer went away mid-stream: free the request on the worker, as closing a
+                # per-request stream did.
+                task = loop.create_task(self._cancel_quietly(request_id))
+                self._cancels.add(task)
+                task.add_done_callback(self._cancels.discard)
+
+    async def _cancel_quietly(self, request_id: str) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(10):
+                await self._control("cancel", request_id)
 
 
 class _typed_errors:  # noqa: N801 - used as a context manager, reads like a function

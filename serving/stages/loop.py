@@ -3,7 +3,9 @@
 Other threads hand it work with `call` (run a function there, wait for its result) or `encode`
 (images joining the next vision batch). Each pass it runs the queued calls, housekeeping (pull
 notifications, lease expiry), one batched encode of everything queued, and one engine step, then hands
-the step's token deltas to `deliver`.
+the step's token deltas to `deliver`. With nothing to run it sleeps until work is handed to it: only
+while `housekeeping_due` says something is pending (leases a peer may pull) does it wake every few
+milliseconds, so an idle worker costs no CPU.
 
 A failure inside one request is contained by the engine (that request ends with an error). A failure
 nothing explains, or a pass that runs longer than `stuck_after_s` (the watchdog), marks the loop
@@ -29,7 +31,8 @@ from serving.engine.llm import LLMEngine
 from serving.types import TokenDelta, WorkerUnavailable
 
 T = TypeVar("T")
-_IDLE_WAIT_S = 0.005
+_HOUSEKEEPING_WAIT_S = 0.005  # while leases are out: how soon a pull's notification frees memory
+_IDLE_WAIT_S = 1.0  # nothing pending: wake once a second anyway (cheap), never spin
 _LIVENESS_CHECK_S = 0.5
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,12 @@ class EngineLoop:
         deliver: Deliver,
         on_broken: Callable[[str], None],
         stuck_after_s: float = 120.0,
+        housekeeping_due: Callable[[], bool] = lambda: False,
     ) -> None:
         self.engine = engine
         self._housekeeping = housekeeping
+        self._housekeeping_due = housekeeping_due
+        self._wake = threading.Event()  # set whenever a call or an encode is queued
         self._deliver = deliver
         self._on_broken = on_broken
         self.stuck_after_s = stuck_after_s
@@ -70,6 +76,7 @@ class EngineLoop:
         future: Future = Future()
         self._check_alive()
         self._calls.put((fn, future))
+        self._wake.set()
         while True:
             try:
                 return future.result(timeout=_LIVENESS_CHECK_S)
@@ -81,6 +88,7 @@ class EngineLoop:
         future: Future = Future()
         self._check_alive()
         self._encodes.put((request_id, images, future))
+        self._wake.set()
         while True:
             try:
                 return future.result(timeout=_LIVENESS_CHECK_S)
@@ -89,6 +97,7 @@ class EngineLoop:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=5)
 
     def mark_broken(self, reason: str) -> None:
@@ -125,12 +134,12 @@ class EngineLoop:
                 self.mark_broken(f"an engine pass has run for over {self.stuck_after_s:.0f} s")
 
     def _run_calls(self, block: bool) -> None:
+        if block and self._calls.empty() and self._encodes.empty():
+            self._wake.wait(_HOUSEKEEPING_WAIT_S if self._housekeeping_due() else _IDLE_WAIT_S)
+        # Cleared before draining: work queued after this point sets it again, so none is missed.
+        self._wake.clear()
         try:
-            item = (
-                self._calls.get(timeout=_IDLE_WAIT_S)
-                if block and self._encodes.empty()
-                else self._calls.get_nowait()
-            )
+            item = self._calls.get_nowait()
         except queue.Empty:
             return
         while True:

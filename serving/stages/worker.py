@@ -40,6 +40,8 @@ from serving.stages.embeddings import EmbeddingBuffer, EmbeddingCache, image_key
 from serving.stages.faults import FaultPlan
 from serving.stages.ledger import Ledger
 from serving.stages.loop import EngineLoop
+from serving.stages.outbox import DeltaTimings, Outbox, StreamSink
+from serving.stages.streams import ConsumerStreams
 from serving.transport import TransferStatus, Transport, make_transport
 from serving.transport.leases import LeaseTable
 from serving.types import (
@@ -89,11 +91,13 @@ def buffer_sizes(roles: Roles, cfg: WorkerConfig, full_kv_blocks: int, min_kv_bl
     return kv, slots
 
 
-class StageWorker:
+class StageWorker(ConsumerStreams):
     def __init__(self, cfg: WorkerConfig, **transport_kwargs: Any) -> None:
         self.cfg = cfg
         if cfg.cpus:
             pin_process(cfg.cpus)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.name = cfg.name
         self.roles: Roles = parse_roles(cfg.roles)
         self.phase = WorkerPhase.STARTING
@@ -107,8 +111,14 @@ class StageWorker:
         self.faults = FaultPlan()
         self.engine.fault_hook = self.faults.check
         self._prefill_s: dict[str, float] = {}
+        self._outboxes: dict[str, Outbox] = {}  # consumer → its deltas not yet taken
         self.loop = EngineLoop(
-            self.engine, self._housekeeping, self._deliver, self._on_broken, cfg.engine_stuck_after_s
+            self.engine,
+            self._housekeeping,
+            self._deliver,
+            self._on_broken,
+            cfg.engine_stuck_after_s,
+            housekeeping_due=lambda: len(self.leases) > 0,
         )
         self.ledger.accept(self.roles)
         self.phase = WorkerPhase.ACTIVE
@@ -259,16 +269,28 @@ class StageWorker:
         for tag in self.transport.notifications():
             self.leases.release(tag.decode())
         self.leases.expire()
+        self.transport.expect_reads(len(self.leases) > 0)
 
     def _deliver(self, deltas: list[TokenDelta], stage: str, step_s: float) -> None:
+        prefilled = set(self.engine.last_prefilled)
+        touched: dict[int, Outbox] = {}
         for delta in deltas:
-            if stage == "prefill":
+            if delta.request_id in prefilled:
                 self._prefill_s[delta.request_id] = step_s
             entry = self.ledger.get(delta.request_id)
-            if entry is not None and entry.sink is not None:
-                entry.sink.put(delta)
+            sink = entry.sink if entry is not None else None
+            if isinstance(sink, StreamSink):
+                sink.queue(delta)
+                touched[id(sink.outbox)] = sink.outbox
+            elif sink is not None:
+                sink.put(delta)
             if delta.finished:
                 self.ledger.update(delta.request_id, _leave_engine)
+                if isinstance(sink, StreamSink):  # its stream ends here: free what it held now
+                    self.ledger.update(delta.request_id, _drop_sink)
+                    self._free(delta.request_id)
+        for outbox in touched.values():
+            outbox.flush()  # one message per consumer for the whole step
 
     def _on_broken(self, reason: str) -> None:
         """The engine cannot go on: every stream here ends so its request continues elsewhere."""
@@ -284,6 +306,7 @@ class StageWorker:
 
         lease = self.leases.grant(request_id, self.cfg.lease_ttl_s, release)
         self.ledger.update(request_id, lambda e: e.leases.add(lease))
+        self.transport.expect_reads(True)  # a peer will pull it: progress the transport meanwhile
         return lease
 
     # -- E ----------------------------------------------------------------------------------------
@@ -400,9 +423,12 @@ class StageWorker:
         embeds: torch.Tensor | None,
         prefill_only: bool,
         resume: list[int] | None = None,
-    ) -> queue.Queue[TokenDelta]:
-        """Queue the request in the engine; its deltas arrive in the returned sink."""
-        sink: queue.Queue[TokenDelta] = queue.Queue()
+        sink: Any = None,
+    ) -> Any:
+        """Queue the request in the engine; its deltas arrive in the returned sink (a new queue, unless
+        a consumer's `StreamSink` is given)."""
+        if sink is None:
+            sink = queue.Queue()
 
         def add() -> None:
             self.ledger.update(request_id, lambda e: setattr(e, "sink", sink))
@@ -507,7 +533,10 @@ class StageWorker:
         params: SamplingParams,
         kv: KVRef,
         restored: list[int] | None,
-    ) -> tuple[queue.Queue[TokenDelta], float]:
+        make_sink: Any = None,
+    ) -> tuple[Any, float]:
+        """Reserve blocks, pull the KV into them, join the decode batch. The sink is a new queue, or
+        what `make_sink(transfer seconds)` gives."""
         prompt = Prompt(spec.token_ids, grids=spec.grids)
 
         def reserve() -> list[int] | None:
@@ -523,7 +552,7 @@ class StageWorker:
         start = time.perf_counter()
         self._transfer(kv.source, "kv", self.engine.runner.pool.regions(table), kv.lease_id)
         transfer_s = time.perf_counter() - start
-        sink: queue.Queue[TokenDelta] = queue.Queue()
+        sink = queue.Queue() if make_sink is None else make_sink(transfer_s)
 
         def join() -> None:
             self.ledger.update(request_id, lambda e: setattr(e, "sink", sink))
@@ -558,20 +587,10 @@ class StageWorker:
         self, request_id: str, sink: queue.Queue[TokenDelta], timings: StageTimings
     ) -> Iterator[TokenDelta]:
         """Deltas of a request until it finishes; timings ride on the first and the last delta."""
-        first_at: float | None = None
-        pending: StageTimings | None = timings
+        stamp = DeltaTimings(request_id, timings, self._prefill_s)
         try:
             while True:
-                delta = self._next(sink)
-                first_at = first_at or time.perf_counter()
-                if (run_s := self._prefill_s.pop(request_id, None)) is not None:
-                    pending = (pending or StageTimings()).merge(StageTimings(prefill_s=run_s))
-                if delta.finished:
-                    pending = (pending or StageTimings()).merge(
-                        StageTimings(decode_s=time.perf_counter() - first_at)
-                    )
-                if pending is not None:
-                    delta.timings, pending = pending, None
+                delta = stamp.stamp(self._next(sink))
                 yield delta
                 if delta.finished:
                     return

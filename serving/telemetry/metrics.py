@@ -16,12 +16,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from serving.controller.observation import Kind, RequestRecord
+from serving.controller.window import RequestWindow
 from serving.telemetry.control_metrics import CONTROL_CATALOG
+from serving.telemetry.controller_metrics import CONTROLLER_CATALOG
 from serving.types import StageTimings, WorkerStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 STAGES = ("encode", "e2p_transfer", "prefill", "p2d_transfer", "decode")
+QUEUED_STAGES = ("encode", "prefill")  # the stages whose workers queue requests for a batch
 ERROR_TYPES = (
     "invalid_request",  # 4xx for the request itself (schema, media, context length, content type)
     "authentication",  # 401
@@ -44,6 +48,9 @@ class Metrics:
     def __init__(self, model_name: str, slo_ttft_s: float, slo_tpot_s: float) -> None:
         self.registry = CollectorRegistry()
         self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s
+        # Arrivals and finished requests of the last minutes, for the SLO controller; both front ends
+        # account here. Set when a controller runs (it sizes the horizon); None: nothing is kept.
+        self.window: RequestWindow | None = None
         r, model = self.registry, ["model_name"]
         self.ttft = Histogram(
             "epd:time_to_first_token_seconds",
@@ -120,6 +127,13 @@ class Metrics:
         self.transfer_bytes = Counter(
             "epd:transfer_bytes", "Bytes moved between stages.", model + ["edge"], registry=r
         )
+        self.stage_queue = Histogram(
+            "epd:stage_queue_time_seconds",
+            "Time a request waited in a worker's queue before its encode or prefill batch.",
+            model + ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.slo_requests = Counter("epd:slo_requests", "Requests judged against the SLO.", model, registry=r)
         self.slo_ttft_met = Counter(
             "epd:slo_ttft_met", "Requests with TTFT within the SLO.", model, registry=r
@@ -141,6 +155,8 @@ class Metrics:
             self.stage.labels(model_name, stage)
         for edge in ("e2p", "p2d"):
             self.transfer_bytes.labels(model_name, edge)
+        for stage in QUEUED_STAGES:
+            self.stage_queue.labels(model_name, stage)
         for m in (
             self.ttft,
             self.itl,
@@ -170,6 +186,11 @@ class Metrics:
         stage = stage if stage in ERROR_STAGES else "gateway"
         self.errors.labels(self.model, error_type, stage).inc()
 
+    def arrive(self, at: float, has_images: bool) -> None:
+        """A sequence asked for, admitted or not (the controller's arrival rates)."""
+        if self.window is not None:
+            self.window.arrive(at, Kind.IMAGE if has_images else Kind.TEXT)
+
     def observe_request(
         self,
         *,
@@ -194,11 +215,20 @@ class Metrics:
             key = f"{stage}_s"
             if (value := getattr(timings, key)) is not None:
                 self.stage.labels(m, stage).observe(value)
+        for stage in QUEUED_STAGES:
+            if (value := getattr(timings, f"{stage}_queue_s")) is not None:
+                self.stage_queue.labels(m, stage).observe(value)
         for edge in ("e2p", "p2d"):
             if (nbytes := getattr(timings, f"{edge}_bytes")) is not None:
                 self.transfer_bytes.labels(m, edge).inc(nbytes)
         for a, b in zip(token_times, token_times[1:], strict=False):
             self.itl.labels(m).observe(b - a)
+        if self.window is not None and finish_reason != "abort":  # a client that left is no evidence
+            self.window.add(
+                _record(
+                    arrival, first_token, end, prompt_tokens, output_tokens, finish_reason, timings, queue_s
+                )
+            )
         if first_token is None or finish_reason in ("abort", "error"):
             return
         ttft = first_token - arrival
@@ -211,6 +241,37 @@ class Metrics:
         self.slo_ttft_met.labels(m).inc(ttft_ok)
         self.slo_tpot_met.labels(m).inc(tpot_ok)
         self.slo_met.labels(m).inc(ttft_ok and tpot_ok)
+
+
+def _record(
+    arrival: float,
+    first_token: float | None,
+    end: float,
+    prompt_tokens: int,
+    output_tokens: int,
+    finish_reason: str,
+    timings: StageTimings,
+    queue_s: float,
+) -> RequestRecord:
+    """The controller's view of a finished request. A request went through encode iff it had images;
+    their token count is not known here, so it is left at 0 and the controller's cost model is
+    calibrated per request kind instead."""
+    kind = Kind.IMAGE if timings.encode_s is not None else Kind.TEXT
+    return RequestRecord.finished(
+        arrival,
+        first_token,
+        end,
+        kind,
+        (prompt_tokens, 0, output_tokens),
+        finish_reason in ("stop", "length"),
+        queue_s=queue_s,
+        encode_queue_s=timings.encode_queue_s,
+        encode_s=timings.encode_s,
+        e2p_s=timings.e2p_transfer_s,
+        prefill_queue_s=timings.prefill_queue_s,
+        prefill_s=timings.prefill_s,
+        p2d_s=timings.p2d_transfer_s,
+    )
 
 
 class WorkerCollector(Collector):
@@ -236,6 +297,16 @@ class WorkerCollector(Collector):
         encoded = CounterMetricFamily(
             "epd:images_encoded", "Images run through the vision tower.", labels=["model_name", "worker"]
         )
+        running = GaugeMetricFamily(
+            "epd:worker_requests_running",
+            "Requests in a worker's engine batch.",
+            labels=["model_name", "worker"],
+        )
+        waiting = GaugeMetricFamily(
+            "epd:worker_requests_waiting",
+            "Requests queued in a worker's engine for a batch.",
+            labels=["model_name", "worker"],
+        )
         for worker, s in sorted(self.stats.items()):
             labels = [self.model, worker]
             kv.add_metric(labels, s.kv_cache_usage)
@@ -243,7 +314,9 @@ class WorkerCollector(Collector):
             hits.add_metric(labels, s.mm_cache_hits)
             expired.add_metric(labels, s.leases_expired)
             encoded.add_metric(labels, s.images_encoded)
-        yield from (kv, queries, hits, expired, encoded)
+            running.add_metric(labels, s.num_running)
+            waiting.add_metric(labels, s.num_waiting)
+        yield from (kv, queries, hits, expired, encoded, running, waiting)
 
 
 CATALOG = (
@@ -272,6 +345,10 @@ CATALOG = (
     "epd:mm_cache_hits_total",
     "epd:lease_expired_total",
     "epd:images_encoded_total",
+    "epd:stage_queue_time_seconds",
+    "epd:worker_requests_running",
+    "epd:worker_requests_waiting",
     *CONTROL_CATALOG,
+    *CONTROLLER_CATALOG,
 )
 """Every exported series name, as a scrape shows it (counters gain `_total`)."""

@@ -103,6 +103,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def _read(self, source: RemoteRegions, buffer: str, regions: list[Region], tag: bytes) -> Transfer: ...
 
+    def expect_reads(self, active: bool) -> None:  # noqa: B027 - optional hook
+        """Whether peers may be pulling this endpoint's memory now (leases are out): a transport that
+        must progress for their reads to complete does so only meanwhile."""
+
     @abc.abstractmethod
     def notifications(self) -> list[bytes]:
         """Tags of pulls from this endpoint's memory completed since the last call."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+import time
 
 import torch
 
@@ -23,6 +24,10 @@ from serving.transport.base import (
 # whatever the operator chose as long as it includes tcp.
 if "tcp" not in os.environ.get("UCX_TLS", "tcp"):
     os.environ["UCX_TLS"] = os.environ["UCX_TLS"] + ",tcp"
+
+
+_IDLE_PROGRESS_S = 1.0
+_WARMUP_PROGRESS_S = 5.0
 
 
 def _mem(tensor: torch.Tensor) -> tuple[str, int]:
@@ -64,6 +69,9 @@ class NixlTransport(Transport):
         self._notifs: list[bytes] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._reads_expected = False  # leases are out: peers may be reading our memory
+        self._hot_until = 0.0  # progress fast until then: a connection with a new peer is warming up
+        self._wake = threading.Event()
         self._interval = progress_interval_s
         self._progress = threading.Thread(
             target=self._progress_loop, name=f"nixl-progress-{name}", daemon=True
@@ -71,11 +79,23 @@ class NixlTransport(Transport):
         self._progress.start()
 
     def _progress_loop(self) -> None:
-        while not self._stop.wait(self._interval):
+        # Fast while peers may be pulling (their READs need our progress over TCP); otherwise once a
+        # second, so an idle worker does not wake 2,000 times a second.
+        while not self._stop.is_set():
+            if self._reads_expected or time.monotonic() < self._hot_until:
+                self._stop.wait(self._interval)
+            else:
+                self._wake.wait(_IDLE_PROGRESS_S)
+                self._wake.clear()
             tags = [tag for tags in self.agent.get_new_notifs().values() for tag in tags]
             if tags:
                 with self._lock:
                     self._notifs.extend(tags)
+
+    def expect_reads(self, active: bool) -> None:
+        self._reads_expected = active
+        if active:
+            self._wake.set()
 
     def _register(self, buffer: str, tensor: torch.Tensor) -> None:
         self._registrations[buffer] = self.agent.register_memory(tensor)
@@ -88,6 +108,8 @@ class NixlTransport(Transport):
         return self.agent.get_agent_metadata()
 
     def _add_peer(self, metadata: bytes) -> str:
+        self._hot_until = time.monotonic() + _WARMUP_PROGRESS_S
+        self._wake.set()
         with self._peer_lock:
             name = self.agent.add_remote_agent(metadata)
             name = name.decode() if isinstance(name, bytes) else name
@@ -141,6 +163,7 @@ class NixlTransport(Transport):
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._progress.join(timeout=2)
         for peer in list(self.peers):
             self.agent.remove_remote_agent(peer)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loadgen.server import start_server, stop_server
+from loadgen.server import free_port, start_server, stop_server
 from tests.conftest import make_image
 
 API_KEY = "test-key"
@@ -22,10 +22,16 @@ def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model: Path, tmp_path_factory):
+def grpc_port() -> int:
+    """The session server's gRPC port (the same gateway serves HTTP and gRPC)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model: Path, tmp_path_factory, grpc_port: int):
     args = [
         "--model", str(tiny_model), "--api-key", API_KEY, "--allow-media-host", "127.0.0.1",
-        "--max-body-mb", "2", "--max-model-len", "2048",
+        "--max-body-mb", "2", "--max-model-len", "2048", "--grpc-port", str(grpc_port),
     ]  # fmt: skip
     proc, url = start_server(args, tmp_path_factory.mktemp("serve") / "serve.log", timeout_s=240)
     yield url

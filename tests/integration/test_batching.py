@@ -59,14 +59,15 @@ def test_all_at_once_equal_each_alone(engine):
     assert together == alone
 
 
-def test_prefill_token_budget_splits_batches(tiny_model):
-    engine = LLMEngine(EngineConfig(model=str(tiny_model), num_kv_blocks=256, max_prefill_tokens=64))
+def test_step_token_budget_splits_prefills(tiny_model):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), num_kv_blocks=256, max_step_tokens=64))
     requests = prompts(engine)
     for prompt, params in requests:
         engine.add_request(prompt, params)
-    first = engine.scheduler.schedule_prefill()
-    assert 1 <= len(first) < len(requests)
-    assert sum(s.num_tokens for s in first) <= 64 or len(first) == 1
+    first = engine.scheduler.schedule()
+    assert first is not None and first.stage == "prefill"
+    assert 1 <= len(first.seqs) < len(requests)
+    assert sum(first.q_lens) == 64
 
 
 @pytest.mark.parametrize("index", [1, 3, 4])

@@ -6,8 +6,8 @@ import gc
 
 import pytest
 
-from serving.gateway.admission import Admission
-from serving.gateway.errors import APIError
+from serving.api.admission import Admission
+from serving.api.errors import APIError
 
 
 def test_full_queue_is_429_with_retry_after():

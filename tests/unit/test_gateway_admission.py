@@ -16,8 +16,8 @@ from unittest.mock import AsyncMock, MagicMock
 import pytest
 from starlette.requests import Request
 
+from serving.api.errors import APIError
 from serving.config import GatewayConfig
-from serving.gateway.errors import APIError
 from serving.gateway.service import GatewayService
 from serving.types import FinishReason, TokenDelta
 

@@ -14,11 +14,11 @@ import time
 import pytest
 from PIL import Image
 
+from serving.api import media as media_module
+from serving.api.admission import Admission
+from serving.api.errors import APIError
+from serving.api.media import MediaFetcher, probe_image
 from serving.config import GatewayConfig
-from serving.gateway import media as media_module
-from serving.gateway.admission import Admission
-from serving.gateway.errors import APIError
-from serving.gateway.media import MediaFetcher, probe_image
 from tests.conftest import make_image
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from serving.gateway.errors import APIError
+from serving.api.errors import APIError
 from serving.gateway.jsonbody import MAX_DEPTH, parse_body
 from serving.gateway.schemas import ChatCompletionRequest, CompletionRequest
 

@@ -44,14 +44,14 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor],
+        kv: torch.Tensor,
         batch: AttentionBatch,
     ) -> torch.Tensor:
         tokens = x.shape[0]
         q = apply_rotary(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        return self.o_proj(paged_attention(q, k, v, kv[0], kv[1], batch))
+        return self.o_proj(paged_attention(q, k, v, kv, batch))
 
 
 class DecoderLayer(nn.Module):

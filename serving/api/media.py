@@ -23,10 +23,10 @@ import httpx
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from serving.api.admission import Ticket
+from serving.api.errors import APIError
 from serving.config import GatewayConfig
 from serving.engine.image_processor import to_rgb
-from serving.gateway.admission import Ticket
-from serving.gateway.errors import APIError
 
 FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
 _DATA_URL = re.compile(r"^data:image/([a-zA-Z0-9.+-]+);base64,(.*)$", re.DOTALL)
@@ -71,8 +71,11 @@ class MediaFetcher:
         timeout = httpx.Timeout(cfg.media_read_timeout_s, connect=cfg.media_connect_timeout_s)
         self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
 
-    async def load_all(self, urls: list[tuple[str, str]], ticket: Ticket | None = None) -> list[np.ndarray]:
-        """A request's image URLs (with the `param` naming each) → RGB uint8 arrays (H, W, 3).
+    async def load_all(
+        self, urls: list[tuple[str | bytes, str]], ticket: Ticket | None = None
+    ) -> list[np.ndarray]:
+        """A request's images (URLs, or encoded bytes given inline, with the `param` naming each) → RGB
+        uint8 arrays (H, W, 3).
 
         Every fetch runs under one deadline and one byte budget for the request; every header is then
         checked (pixels, frames, aspect ratio) and the request's declared pixels are checked against its
@@ -109,7 +112,12 @@ class MediaFetcher:
         """One image URL (data: or http(s)) → RGB uint8 array (H, W, 3), under the request budgets."""
         return (await self.load_all([(url, param)]))[0]
 
-    async def _bytes(self, url: str, param: str, media: RequestMedia) -> bytes:
+    async def _bytes(self, url: str | bytes, param: str, media: RequestMedia) -> bytes:
+        if isinstance(url, bytes):  # inline bytes (gRPC): the same caps as a data URL
+            if len(url) > self.cfg.max_image_bytes:
+                raise APIError(400, "The image is larger than the server accepts.", param, "image_too_large")
+            media.charge(len(url), param)
+            return url
         if url.startswith("data:"):
             data = self._from_data_url(url, param)
             media.charge(len(data), param)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from serving.gateway.errors import APIError
+from serving.api.errors import APIError
 
 
 def _overloaded(message: str) -> APIError:
@@ -103,6 +103,12 @@ class Admission:
         self.running -= 1
         self.sequences -= ticket.sequences
         self.pixels -= ticket.pixels
+        self._wake()
+
+    def set_limit(self, max_sequences: int) -> None:
+        """A new concurrent-sequence limit (the SLO controller's); a raise admits who now fits.
+        Call it on the event loop that runs the admission."""
+        self.max_sequences = max(max_sequences, 1)
         self._wake()
 
     def _wake(self) -> None:

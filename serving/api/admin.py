@@ -1,0 +1,78 @@
+"""The control plane's operations for both front ends (`/admin/*` and the gRPC Admin service): the
+pool directory as plain data, and the actuator's operations run on the plane's own event loop, so a
+long drain never blocks request handling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.api.errors import APIError
+from serving.control.actuator import ActuatorError
+from serving.control.directory import WorkerEntry
+from serving.control.plane import ControlPlane
+from serving.types import Roles, roles_label
+
+
+def worker_view(entry: WorkerEntry, outstanding: int) -> dict[str, Any]:
+    """One worker as `epd ctl workers --json` prints it."""
+    stats = entry.stats
+    return {
+        "name": entry.name,
+        "roles": roles_label(entry.roles),
+        "routing": roles_label(entry.routing),
+        "phase": entry.phase.value,
+        "pid": stats.pid if stats else (entry.info.pid if entry.info else None),
+        "node": stats.node if stats else (entry.info.node if entry.info else None),
+        "epoch": entry.info.epoch if entry.info else None,
+        "outstanding": outstanding,
+        "requests_in_flight": stats.requests_in_flight if stats else 0,
+        "kv_cache_usage": round(stats.kv_cache_usage, 4) if stats else 0.0,
+        "kv_blocks_total": stats.kv_blocks_total if stats else 0,
+        "leases_active": stats.leases_active if stats else 0,
+        "restarts": entry.restarts,
+        "phase_since": entry.since,
+    }
+
+
+class AdminService:
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    def workers(self) -> dict[str, Any]:
+        """The directory: its version, which roles are served, every worker sorted by name."""
+        directory = self.plane.directory
+        entries = sorted(directory.entries(), key=lambda e: e.name)
+        return {
+            "version": directory.version,
+            "ready": {role.value: ok for role, ok in self.plane.ready().items()},
+            "workers": [worker_view(e, directory.outstanding.get(e.name, 0)) for e in entries],
+        }
+
+    def decisions(self) -> dict[str, Any]:
+        """The SLO controller: its mode, what it saw and predicted last, and its recent decisions."""
+        controller = self.plane.controller
+        if controller is None:
+            return {"mode": "off", "decisions": []}
+        return controller.snapshot()
+
+    async def add(self, roles: Roles) -> dict[str, Any]:
+        return worker_view(await self._act(self.plane.actuator.add(roles)), 0)
+
+    async def switch(self, name: str, roles: Roles) -> dict[str, Any]:
+        return worker_view(await self._act(self.plane.actuator.switch(name, roles)), 0)
+
+    async def drain(self, name: str) -> dict[str, Any]:
+        return worker_view(await self._act(self.plane.actuator.drain(name)), 0)
+
+    async def resume(self, name: str) -> dict[str, Any]:
+        return worker_view(await self._act(self.plane.actuator.resume(name)), 0)
+
+    async def remove(self, name: str) -> None:
+        await self._act(self.plane.actuator.remove(name))
+
+    async def _act(self, coro: Any) -> Any:
+        try:
+            return await self.plane.call(coro)
+        except ActuatorError as exc:
+            status = 404 if str(exc).startswith("no worker") else 409
+            raise APIError(status, str(exc), code="invalid_worker_operation") from None

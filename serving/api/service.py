@@ -1,0 +1,255 @@
+"""`GenerationService`: everything a request needs besides its transport. Both front ends call it:
+authenticate, check, admit, fetch and decode images, tokenize, run the choices (`Generation`), and
+account metrics and SLOs in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client import generate_latest
+
+from serving.api.admission import Admission
+from serving.api.errors import APIError
+from serving.api.media import MediaFetcher
+from serving.api.prepare import (
+    chat_messages,
+    check_sequences,
+    check_tokens,
+    sampling_params,
+    seeded,
+)
+from serving.api.requests import GenerateRequest, check_bounds
+from serving.api.run import Choice, Generation, Usage
+from serving.config import GatewayConfig
+from serving.control.plane import ControlPlane
+from serving.engine.inputs import InputProcessor
+from serving.telemetry.control_metrics import ControlCollector
+from serving.telemetry.controller_metrics import ControllerCollector
+from serving.telemetry.metrics import Metrics, WorkerCollector
+from serving.types import PromptSpec, Role
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    token_ids: list[int]
+    image_tokens: int
+
+
+@dataclass(frozen=True)
+class SLOStatus:
+    """The SLO targets and how the requests this gateway finished met them, since it started."""
+
+    ttft_target_s: float
+    tpot_target_s: float
+    requests: int
+    ttft_met: int
+    tpot_met: int
+    met: int
+    window_s: float
+
+    @property
+    def attainment(self) -> float:
+        return self.met / self.requests if self.requests else 0.0
+
+    @property
+    def goodput_rps(self) -> float:
+        return self.met / self.window_s if self.window_s > 0 else 0.0
+
+
+class GenerationService:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        model_dir: str,
+        model_id: str,
+        plane: ControlPlane,
+        max_model_len: int,
+    ) -> None:
+        self.cfg, self.model_id, self.plane, self.max_model_len = cfg, model_id, plane, max_model_len
+        self.pipeline = plane.pipeline
+        self.inputs = InputProcessor.from_dir(model_dir)
+        self.media = MediaFetcher(cfg)
+        self.admission = Admission(
+            cfg.max_concurrent_requests, cfg.max_queued_requests, cfg.max_image_pixels_in_flight
+        )
+        self.metrics = Metrics(model_id, cfg.slo_ttft_s, cfg.slo_tpot_s)
+        self.worker_stats = WorkerCollector(model_id)
+        self.metrics.registry.register(self.worker_stats)
+        self.metrics.registry.register(ControlCollector(model_id, plane))
+        self.metrics.registry.register(ControllerCollector(model_id, plane))
+        self.started = time.monotonic()
+        self.shutting_down = False
+
+    # -- checks -----------------------------------------------------------------------------------
+
+    def authorize(self, authorization: str | None) -> None:
+        """`authorization` is the header (HTTP) or metadata (gRPC) value: `Bearer <key>`."""
+        if not self.cfg.api_keys:
+            return
+        header = authorization or ""
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        # Compare against every key so the time taken does not say which prefix matched.
+        ok = False
+        for key in self.cfg.api_keys:
+            ok |= hmac.compare_digest(given.encode(), key.encode())
+        if not ok:
+            raise APIError(401, "Missing or invalid API key.", code="invalid_api_key")
+
+    def check_model(self, name: str) -> None:
+        """An empty name means the served model (gRPC); the OpenAI schema requires one."""
+        if name and name != self.model_id:
+            raise APIError(404, f"The model '{name[:100]}' does not exist.", "model", "model_not_found")
+
+    @contextlib.contextmanager
+    def errors_counted(self) -> Iterator[None]:
+        """Count an error leaving the block in `epd:request_errors_total` (type, stage)."""
+        try:
+            yield
+        except APIError as exc:
+            self.metrics.observe_error(exc.error_type, exc.stage)
+            raise
+        except Exception:
+            self.metrics.observe_error("internal", "gateway")
+            raise
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def generate(
+        self, request: GenerateRequest, arrival: float, prefix: str = "req", timeout_s: float | None = None
+    ) -> Generation:
+        """The request checked, admitted, prepared and started, its first event awaited. The caller
+        iterates `events()` and must `close()` it."""
+        check_bounds(request)
+        self.check_model(request.model)
+        limit = self.cfg.request_timeout_s
+        timeout_s = limit if timeout_s is None else max(min(timeout_s, limit), 0.0)
+        if request.is_chat:
+            check_sequences(self.cfg, request)
+            messages, images = chat_messages(self.cfg, request)
+            for _ in range(request.n):  # demand, counted before admission (a 429 is load too)
+                self.metrics.arrive(arrival, bool(images))
+            # Admitted before any image is fetched or decoded: the request's images are charged to it.
+            ticket = await self.admission.acquire(request.n)
+            queue_s = time.perf_counter() - arrival
+            try:
+                arrays = await self.media.load_all(images, ticket)
+                spec, arrays = await self._chat_spec(messages, arrays)
+                check_tokens(self.cfg, len(spec.token_ids) * request.n, "messages")
+                params = sampling_params(self.cfg, request, len(spec.token_ids), self.max_model_len)
+                seed = request.sampling.seed
+                choices = [Choice(i, spec, seeded(params, seed, i), arrays) for i in range(request.n)]
+            except BaseException:
+                ticket.release()
+                raise
+        else:
+            prompts = request.prompts or ()
+            if not prompts or any(not p for p in prompts):
+                message = "prompt must be a non-empty string or list of non-empty strings."
+                raise APIError(400, message, request.prompt_param)
+            check_sequences(self.cfg, request)
+            # Client text: special-token text in a prompt is plain text, never a control token or pad.
+            specs = [await asyncio.to_thread(self.inputs.spec_from_text, prompt) for prompt in prompts]
+            check_tokens(self.cfg, sum(len(s.token_ids) for s in specs) * request.n, request.prompt_param)
+            choices = []
+            for p, spec in enumerate(specs):
+                params = sampling_params(self.cfg, request, len(spec.token_ids), self.max_model_len)
+                choices += [
+                    Choice(p * request.n + i, spec, seeded(params, request.sampling.seed, i))
+                    for i in range(request.n)
+                ]
+            for _ in choices:  # demand, counted before admission (a 429 is load too)
+                self.metrics.arrive(arrival, False)
+            ticket = await self.admission.acquire(len(choices))
+            queue_s = time.perf_counter() - arrival
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        generation = Generation(
+            self.pipeline, self.metrics, request_id, choices, arrival, queue_s, ticket, timeout_s
+        )
+        await generation.prime()  # no worker for a stage: an APIError now, before any answer
+        return generation
+
+    async def tokenize(self, request: GenerateRequest) -> Tokenized:
+        """The prompt tokens the request would run (image pads expanded), under the same checks; images
+        are fetched and decoded under admission (their sizes decide their token counts)."""
+        check_bounds(request)
+        self.check_model(request.model)
+        if not request.is_chat:
+            prompt = (request.prompts or ("",))[0]
+            if not prompt:
+                raise APIError(400, "prompt must be a non-empty string.", request.prompt_param)
+            spec = await asyncio.to_thread(self.inputs.spec_from_text, prompt)
+            return Tokenized(list(spec.token_ids), 0)
+        messages, images = chat_messages(self.cfg, request)
+        ticket = await self.admission.acquire(1) if images else None
+        try:
+            arrays = await self.media.load_all(images, ticket)
+            spec, _ = await self._chat_spec(messages, arrays)
+        finally:
+            if ticket is not None:
+                ticket.release()
+        return Tokenized(list(spec.token_ids), self._image_tokens(spec))
+
+    async def _chat_spec(self, messages: list, images: list) -> tuple[PromptSpec, list]:
+        try:
+            return await asyncio.to_thread(self.inputs.spec_from_messages, messages, images)
+        except ValueError:
+            raise APIError(400, "The messages could not be turned into a prompt.", "messages") from None
+
+    def _image_tokens(self, spec: PromptSpec) -> int:
+        return sum(self.inputs.model_config.num_image_tokens(g) for g in spec.grids)
+
+    def usage(self, choices: list[Choice]) -> Usage:
+        prompts = {id(c.spec): c.spec for c in choices}.values()
+        return Usage(
+            prompt_tokens=sum(len(s.token_ids) for s in prompts),
+            completion_tokens=sum(len(c.token_ids) for c in choices),
+            image_tokens=sum(self._image_tokens(s) for s in prompts),
+        )
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def roles_ready(self) -> dict[Role, bool]:
+        """Whether each role has a worker taking its work now."""
+        return self.plane.ready()
+
+    async def scrape(self) -> bytes:
+        """The metrics in Prometheus' text format, with fresh worker stats: each worker is read with
+        its own timeout, and one that does not answer is left out of this scrape alone."""
+        answered = await self.plane.call(self.plane.refresh_stats())
+        self.worker_stats.stats = dict(answered or {})
+        self.metrics.running.labels(self.model_id).set(self.admission.running)
+        self.metrics.waiting.labels(self.model_id).set(self.admission.waiting)
+        self.metrics.sequences_running.labels(self.model_id).set(self.admission.sequences)
+        self.metrics.image_pixels.labels(self.model_id).set(self.admission.pixels)
+        return generate_latest(self.metrics.registry)
+
+    def slo(self) -> SLOStatus:
+        def count(name: str) -> int:
+            value = self.metrics.registry.get_sample_value(name, {"model_name": self.model_id})
+            return int(value or 0)
+
+        return SLOStatus(
+            ttft_target_s=self.cfg.slo_ttft_s,
+            tpot_target_s=self.cfg.slo_tpot_s,
+            requests=count("epd:slo_requests_total"),
+            ttft_met=count("epd:slo_ttft_met_total"),
+            tpot_met=count("epd:slo_tpot_met_total"),
+            met=count("epd:slo_met_total"),
+            window_s=time.monotonic() - self.started,
+        )
+
+    async def begin_shutdown(self) -> int:
+        """Stop admitting new requests (503 + Retry-After) and wait for the running ones to finish, up
+        to the configured grace; returns how many were still running at the end."""
+        self.shutting_down = True
+        self.admission.close()
+        deadline = time.monotonic() + self.cfg.shutdown_grace_s
+        while (self.admission.running or self.admission.waiting) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self.admission.running

@@ -1,0 +1,156 @@
+"""Protobuf messages ↔ the service layer's types. Protobuf gives the types; the service layer checks
+the bounds. Fields this server does not know (a client built from a newer .proto) are refused by
+number rather than ignored, as the OpenAI routes refuse unsupported parameters by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from serving.api.errors import APIError, invalid_value
+from serving.api.requests import GenerateRequest, ImageInput, Sampling, TextInput
+from serving.api.requests import Message as ChatMessage
+from serving.api.run import Choice, Usage
+from serving.rpc.proto import generate_pb2 as pb
+from serving.types import FinishReason, StageTimings, TokenDelta
+
+_FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
+_TIMING_FIELDS = frozenset(pb.StageTimings.DESCRIPTOR.fields_by_name)
+
+
+class Malformed:
+    """What a request that does not parse as its message becomes (refused as INVALID_ARGUMENT)."""
+
+
+def lenient(message: type[Message]) -> Any:
+    """A request deserializer that turns undecodable bytes (invalid UTF-8 in a string field, a
+    truncated message) into `Malformed` instead of an exception gRPC would answer as INTERNAL."""
+
+    def parse(raw: bytes) -> Message | Malformed:
+        try:
+            return message.FromString(raw)
+        except (DecodeError, ValueError, RuntimeError):
+            return Malformed()
+
+    return parse
+
+
+def check_parsed(request: Any) -> None:
+    if isinstance(request, Malformed):
+        raise APIError(
+            400, "The request is not a valid protobuf message of its type.", code="invalid_message"
+        )
+    if found := unknown_field(request):
+        path, number = found
+        where = f" in '{path}'" if path else ""
+        raise APIError(
+            400,
+            f"The request carries field number {number}{where}, which this server does not support.",
+            path or None,
+            "unsupported_parameter",
+        )
+
+
+def unknown_field(message: Message, path: str = "") -> tuple[str, int] | None:
+    """(path, field number) of the first field the server's .proto does not declare."""
+    unknown = UnknownFieldSet(message)
+    if len(unknown):
+        return path, unknown[0].field_number
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        items = list(value) if field.is_repeated else [value]
+        for i, item in enumerate(items):
+            sub = f"{path}{field.name}" + (f".{i}" if field.is_repeated else "")
+            if found := unknown_field(item, sub + "."):
+                return found[0].rstrip("."), found[1]
+    return None
+
+
+def generate_request(request: pb.GenerateRequest | pb.TokenizeRequest) -> GenerateRequest:
+    """A Generate (or Tokenize) request as the service layer's request."""
+    check_parsed(request)
+    messages = tuple(_message(i, m) for i, m in enumerate(request.messages))
+    if request.prompt and messages:
+        raise invalid_value("prompt", "give messages or a prompt, not both")
+    prompts = (request.prompt,) if request.prompt else None
+    if not isinstance(request, pb.GenerateRequest):
+        return GenerateRequest(request.model, messages=messages, prompts=prompts)
+    s = request.sampling
+
+    def opt(name: str) -> Any:
+        return getattr(s, name) if s.HasField(name) else None
+
+    sampling = Sampling(
+        max_tokens=opt("max_tokens"),
+        temperature=opt("temperature"),
+        top_p=opt("top_p"),
+        top_k=opt("top_k"),
+        seed=opt("seed"),
+        stop=tuple(s.stop),
+        ignore_eos=s.ignore_eos,
+        min_tokens=s.min_tokens,
+        logprobs=opt("logprobs"),
+    )
+    n = request.n if request.HasField("n") else 1
+    return GenerateRequest(request.model, messages=messages, prompts=prompts, sampling=sampling, n=n)
+
+
+def _message(i: int, message: pb.Message) -> ChatMessage:
+    if message.text and len(message.parts):
+        raise invalid_value(f"messages.{i}", "give text or parts, not both")
+    if not len(message.parts):
+        return ChatMessage(message.role, message.text)
+    parts: list[TextInput | ImageInput] = []
+    for j, part in enumerate(message.parts):
+        param = f"messages.{i}.parts.{j}"
+        kind = part.WhichOneof("part")
+        if kind == "text":
+            parts.append(TextInput(part.text))
+        elif kind == "image" and part.image.WhichOneof("source") == "data":
+            parts.append(ImageInput(data=part.image.data, param=f"{param}.image.data"))
+        elif kind == "image" and part.image.WhichOneof("source") == "url":
+            parts.append(ImageInput(url=part.image.url, param=f"{param}.image.url"))
+        elif kind == "image":
+            raise invalid_value(f"{param}.image", "an image needs data or a url")
+        else:
+            raise invalid_value(param, "a part needs text or an image")
+    return ChatMessage(message.role, tuple(parts))
+
+
+def generate_response(
+    request_id: str, choice: Choice, delta: TokenDelta, usage: Usage | None = None
+) -> pb.GenerateResponse:
+    out = pb.GenerateResponse(
+        request_id=request_id, index=choice.index, token_ids=delta.token_ids, text=delta.text
+    )
+    k = choice.params.logprobs or 0
+    for entry in delta.logprobs or []:
+        # The engine's entry is the chosen token, then the k most likely ones (a dict: the chosen one
+        # appears once even when it is among them), so the k best of the entry are the top k.
+        (token_id, logprob), *_ = entry.items()
+        best = sorted(entry.items(), key=lambda item: -item[1])[:k]
+        top = [pb.TopLogprob(token_id=t, logprob=lp) for t, lp in best]
+        out.logprobs.append(pb.TokenLogprob(token_id=token_id, logprob=logprob, top=top))
+    if delta.finish_reason is not None:
+        out.finish_reason = _FINISH.get(delta.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+        out.timings.CopyFrom(stage_timings(delta.timings or choice.timings))
+    if usage is not None:
+        out.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+                image_tokens=usage.image_tokens,
+            )
+        )
+    return out
+
+
+def stage_timings(timings: StageTimings) -> pb.StageTimings:
+    """The fields the .proto declares (a field added to `StageTimings` later is left out, not fatal)."""
+    return pb.StageTimings(
+        **{k: v for k, v in vars(timings).items() if v is not None and k in _TIMING_FIELDS}
+    )

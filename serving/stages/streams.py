@@ -1,0 +1,82 @@
+"""A worker's batched streams: every request one consumer streams from it, delivered per engine step.
+
+`start_generate` / `start_decode` admit a request as `generate` / `decode` do, but instead of a stream
+per request its deltas go to the consumer's outbox; `subscribe` hands the consumer one list per step
+(see `outbox`). Mixed into `StageWorker`, whose ledger, engine loop and admission paths it uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from serving.stages.outbox import DeltaTimings, Outbox, StreamItem, StreamSink
+from serving.types import EmbeddingRef, KVRef, PromptSpec, Role, SamplingParams, StageTimings, WorkerPhase
+
+if TYPE_CHECKING:
+    import numpy as np
+
+_TAKE_WAIT_S = 1.0  # a subscription with nothing to send re-checks the worker's phase this often
+
+
+class ConsumerStreams:
+    def subscribe(self: Any, consumer: str) -> Iterator[list[StreamItem]]:
+        """Every engine step's deltas for the consumer's requests, one list per step, until the worker
+        stops."""
+        outbox = self._outbox(consumer)
+        while self.phase is not WorkerPhase.STOPPED:
+            if items := outbox.take(_TAKE_WAIT_S):
+                yield items
+
+    def start_generate(
+        self: Any,
+        consumer: str,
+        request_id: str,
+        spec: PromptSpec,
+        params: SamplingParams,
+        embeddings: EmbeddingRef | None = None,
+        images: list[np.ndarray] | None = None,
+        resume: list[int] | None = None,
+    ) -> None:
+        """`generate`, its deltas going to the consumer's subscription."""
+        self.ledger.admit(request_id, Role.PREFILL)
+        try:
+            self.ledger.admit(request_id, Role.DECODE)
+            timings = StageTimings()
+            prompt, embeds = self._prompt_inputs(request_id, spec, embeddings, images, timings)
+            sink = self._stream_sink(consumer, request_id, timings)
+            self._admit(request_id, prompt, params, embeds, prefill_only=False, resume=resume, sink=sink)
+        except BaseException:
+            self._quiet_free(request_id)
+            raise
+
+    def start_decode(
+        self: Any,
+        consumer: str,
+        request_id: str,
+        spec: PromptSpec,
+        params: SamplingParams,
+        kv: KVRef,
+        restored: list[int] | None = None,
+    ) -> None:
+        """`decode`, its deltas going to the consumer's subscription."""
+        self.ledger.admit(request_id, Role.DECODE)
+
+        def make_sink(transfer_s: float) -> StreamSink:
+            timings = StageTimings(p2d_transfer_s=transfer_s, p2d_bytes=float(kv.source.nbytes))
+            return self._stream_sink(consumer, request_id, timings)
+
+        try:
+            self._join_decode(request_id, spec, params, kv, restored, make_sink)
+        except BaseException:
+            self._quiet_free(request_id)
+            raise
+
+    def _outbox(self: Any, consumer: str) -> Outbox:
+        return self._outboxes.setdefault(consumer, Outbox())  # atomic under the GIL
+
+    def _stream_sink(self: Any, consumer: str, request_id: str, timings: StageTimings) -> StreamSink:
+        from serving.stages.worker import _EVICTED
+
+        stamp = DeltaTimings(request_id, timings, self._prefill_s)
+        return StreamSink(self._outbox(consumer), stamp, _EVICTED)
