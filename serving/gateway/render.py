@@ -26,8 +26,12 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
 
 
-def logprobs_body(kind: str, entries: list[dict[int, float]], decode: Decode) -> dict[str, Any] | None:
-    """Each entry is the chosen token's logprob first, then the alternatives, best first."""
+def logprobs_body(
+    kind: str, entries: list[dict[int, float]], decode: Decode, top: int = 0
+) -> dict[str, Any] | None:
+    """Each entry is the engine's: the chosen token's logprob first, then the `top` most likely tokens.
+    It is a dict, so the chosen token appears once even when it is among them: the `top` best of the
+    entry, by logprob, are the top list (taking all but the first would drop the chosen one then)."""
     if not entries:
         return None
 
@@ -35,21 +39,20 @@ def logprobs_body(kind: str, entries: list[dict[int, float]], decode: Decode) ->
         text = decode([token_id], skip_special_tokens=False)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
+    def best(entry: dict[int, float]) -> list[tuple[int, float]]:
+        return sorted(entry.items(), key=lambda kv: -kv[1])[:top]
+
     if kind == "chat":
         content = []
         for entry in entries:
             (token_id, logprob), *_ = entry.items()
-            content.append(
-                item(token_id, logprob) | {"top_logprobs": [item(t, lp) for t, lp in list(entry.items())[1:]]}
-            )
+            content.append(item(token_id, logprob) | {"top_logprobs": [item(t, lp) for t, lp in best(entry)]})
         return {"content": content}
     tokens = [decode([next(iter(e))], skip_special_tokens=False) for e in entries]
     return {
         "tokens": tokens,
         "token_logprobs": [next(iter(e.values())) for e in entries],
-        "top_logprobs": [
-            {decode([t], skip_special_tokens=False): lp for t, lp in list(e.items())[1:]} for e in entries
-        ],
+        "top_logprobs": [{decode([t], skip_special_tokens=False): lp for t, lp in best(e)} for e in entries],
     }
 
 
@@ -62,7 +65,7 @@ def final_body(
         entry: dict[str, Any] = {
             "index": c.index,
             "finish_reason": str(c.finish_reason),
-            "logprobs": logprobs_body(kind, c.logprobs, decode),
+            "logprobs": logprobs_body(kind, c.logprobs, decode, c.params.logprobs or 0),
         }
         if kind == "chat":
             entry["message"] = {"role": "assistant", "content": text}
