@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -45,6 +46,7 @@ class Tokenizer:
         self._plain = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
         self._plain.encode_special_tokens = True
         specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self._added_ids = frozenset(self._tok.get_added_tokens_decoder())
         self._special_ids = specials
         # Longest first, so a token that begins another is not matched inside it.
         alternatives = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
@@ -119,6 +121,20 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for. With byte-level BPE a token can be part of a UTF-8
+        character, which its decoded text cannot show (it decodes to U+FFFD); added tokens are their
+        literal text."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode()
+        table = _byte_decoder()
+        if all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode()
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Render messages whose content is a string or a list of {"type": "text"|"image", ...} parts;
         each image part becomes one `<|vision_start|><|image_pad|><|vision_end|>`."""
@@ -142,6 +158,24 @@ def _mark_message(message: dict[str, Any], mark: Any) -> dict[str, Any]:
         ]
         return {**message, "content": parts}
     return message
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), inverted."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 class Detokenizer:

@@ -27,7 +27,11 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 
 def logprobs_body(
-    kind: str, entries: list[dict[int, float]], decode: Decode, top: int = 0
+    kind: str,
+    entries: list[dict[int, float]],
+    decode: Decode,
+    top: int = 0,
+    token_bytes: Callable[[int], bytes] | None = None,
 ) -> dict[str, Any] | None:
     """Each entry is the engine's: the chosen token's logprob first, then the `top` most likely tokens.
     It is a dict, so the chosen token appears once even when it is among them: the `top` best of the
@@ -37,7 +41,8 @@ def logprobs_body(
 
     def item(token_id: int, logprob: float) -> dict[str, Any]:
         text = decode([token_id], skip_special_tokens=False)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        raw = token_bytes(token_id) if token_bytes else text.encode()  # a part of a character too
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
     def best(entry: dict[int, float]) -> list[tuple[int, float]]:
         return sorted(entry.items(), key=lambda kv: -kv[1])[:top]
@@ -57,7 +62,13 @@ def logprobs_body(
 
 
 def final_body(
-    kind: str, request_id: str, model: str, choices: list[Choice], usage: Usage, decode: Decode
+    kind: str,
+    request_id: str,
+    model: str,
+    choices: list[Choice],
+    usage: Usage,
+    decode: Decode,
+    token_bytes: Callable[[int], bytes] | None = None,
 ) -> dict[str, Any]:
     out = []
     for c in sorted(choices, key=lambda c: c.index):
@@ -65,7 +76,7 @@ def final_body(
         entry: dict[str, Any] = {
             "index": c.index,
             "finish_reason": str(c.finish_reason),
-            "logprobs": logprobs_body(kind, c.logprobs, decode, c.params.logprobs or 0),
+            "logprobs": logprobs_body(kind, c.logprobs, decode, c.params.logprobs or 0, token_bytes),
         }
         if kind == "chat":
             entry["message"] = {"role": "assistant", "content": text}

@@ -229,9 +229,17 @@ class GatewayService:
                 stage=failed.failed_stage,
             )
         usage = self.core.usage(generation.choices)
-        decode = self.inputs.tokenizer.decode
+        tokenizer = self.inputs.tokenizer
         return JSONResponse(
-            final_body(kind, generation.request_id, self.model_id, generation.choices, usage, decode)
+            final_body(
+                kind,
+                generation.request_id,
+                self.model_id,
+                generation.choices,
+                usage,
+                tokenizer.decode,
+                tokenizer.token_bytes,
+            )
         )
 
     async def _stream_events(

@@ -52,3 +52,18 @@ def test_text_completions_get_the_same_top_lists() -> None:
         logprobs_body("chat", entries([1.0, 0.0], chosen=1, top=0), decode)["content"][0]["top_logprobs"]
         == []
     )
+
+
+def test_bytes_are_the_tokens_own_even_for_part_of_a_character(tiny_model) -> None:
+    from serving.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_model)
+    ids = tok.encode_text("héllo 世界")
+    # Byte-level BPE splits these characters: some tokens decode to U+FFFD on their own ...
+    assert any(tok.decode([i], skip_special_tokens=False) == "\ufffd" for i in ids)
+    # ... but their bytes, joined, are the text's UTF-8 bytes.
+    assert b"".join(tok.token_bytes(i) for i in ids) == "héllo 世界".encode()
+    assert tok.token_bytes(tok.token_id("<|im_start|>")) == b"<|im_start|>"
+    partial = next(i for i in ids if tok.decode([i], skip_special_tokens=False) == "\ufffd")
+    body = logprobs_body("chat", [{partial: -0.5}], tok.decode, 0, tok.token_bytes)
+    assert body["content"][0]["bytes"] == list(tok.token_bytes(partial)) != list("\ufffd".encode())
