@@ -203,8 +203,8 @@ class Simulator:
             self._queued[role] -= 1
             service = c.encode(req.r.image_tokens) if role is E else c.prefill(req.r.prompt_tokens)
             stage = "encode" if role is E else "prefill"
-            setattr(req, f"{stage}_queue_s", self.now - req.queued_at)
-            setattr(req, f"{stage}_s", service)
+            req.stages[f"{stage}_queue_s"] = self.now - req.queued_at
+            req.stages[f"{stage}_s"] = service
             t += service
             w.busy_s[role] += service
             current[role] = req
@@ -237,18 +237,18 @@ class Simulator:
             while w.d_queue and len(w.running) < self.costs.max_decode_batch:
                 self._join_decode(w, w.d_queue.popleft())
         if enc is not None:
-            enc.e2p_s = self.costs.e2p_s
-            self._at(self.now + enc.e2p_s, _TO_P, enc)
+            enc.stages["e2p_s"] = self.costs.e2p_s
+            self._at(self.now + self.costs.e2p_s, _TO_P, enc)
         if pre is not None:
             pre.first_token = self.now
             if pre.r.output_tokens <= 1:
                 finished += self._finish(pre)
             elif D in w.routing and D in w.roles:
-                pre.p2d_s = 0.0
+                pre.stages["p2d_s"] = 0.0
                 self._join_decode(w, pre)
             else:
-                pre.p2d_s = self.costs.p2d_s
-                self._at(self.now + pre.p2d_s, _TO_D, pre)
+                pre.stages["p2d_s"] = self.costs.p2d_s
+                self._at(self.now + self.costs.p2d_s, _TO_D, pre)
         self._drained(w)
         self._kick(w)
         return finished
@@ -270,12 +270,7 @@ class Simulator:
             r.kind,
             (r.prompt_tokens, r.image_tokens, r.output_tokens),
             ok,
-            encode_queue_s=req.encode_queue_s,
-            encode_s=req.encode_s,
-            e2p_s=req.e2p_s,
-            prefill_queue_s=req.prefill_queue_s,
-            prefill_s=req.prefill_s,
-            p2d_s=req.p2d_s,
+            **req.stages,
         )
 
     # -- role changes -----------------------------------------------------------------------------------

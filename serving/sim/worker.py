@@ -16,13 +16,9 @@ E, P, D = Role.ENCODE, Role.PREFILL, Role.DECODE
 class InFlight:
     r: SimRequest
     queued_at: float = 0.0
-    encode_queue_s: float | None = None
-    encode_s: float | None = None
-    e2p_s: float | None = None
-    prefill_queue_s: float | None = None
-    prefill_s: float | None = None
-    p2d_s: float | None = None
     first_token: float | None = None
+    # Seconds per stage, named as `RequestRecord`'s fields (encode_queue_s, encode_s, e2p_s, ...).
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

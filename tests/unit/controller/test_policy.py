@@ -211,9 +211,16 @@ def test_the_encoder_stays_while_no_image_arrives() -> None:
 
 
 def test_the_worker_budget_counts_workers_still_starting() -> None:
-    policy = Policy(PolicyConfig(max_workers=4), COSTS)
+    # Even with the starting encoder, two are not enough for this burst: an add would help, but the
+    # starting worker already fills the budget of four.
+    burst = {Kind.IMAGE: KindLoad(rate=9.0, prompt_tokens=1100, image_tokens=1000, output_tokens=32)}
     pool = workers("e,p,d,e", phases={"w3": WorkerPhase.STARTING})
-    assert policy.decide(obs(100.0, pool, IMAGE_BURST, attainment=0.2), 100.0) == []
+    assert (
+        Policy(PolicyConfig(max_workers=4), COSTS).decide(obs(100.0, pool, burst, attainment=0.2), 100.0)
+        == []
+    )
+    adds = Policy(PolicyConfig(max_workers=5), COSTS).decide(obs(100.0, pool, burst, attainment=0.2), 100.0)
+    assert [a.kind for a in adds] == [ActionKind.ADD]
 
 
 def test_the_model_stays_finite_at_a_thousand_workers() -> None:
