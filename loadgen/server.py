@@ -19,12 +19,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], log: Path, timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
-    """`epd serve ARGS --port <free>` in its own process group; returns it and its URL once /ready."""
+def start_server(
+    args: list[str], log: Path, timeout_s: float = 300, source: Path | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`epd serve ARGS --port <free>` in its own process group; returns it and its URL once /ready.
+    `source`: serve the `serving` package of another checkout (e.g. an older commit's worktree) with
+    this environment's packages; Ray's workers inherit its PYTHONPATH."""
     port = free_port()
     cmd = [sys.executable, "-m", "serving.cli", "serve", *args, "--port", str(port)]
+    env = None
+    if source is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])}
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=source
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:

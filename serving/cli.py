@@ -99,8 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from serving.stages.factory import RayWorkerFactory
 
     # Serve's controller reconciles ten times a second by default: the largest share of an idle
-    # server's CPU. Twice a second still starts and replaces deployments promptly.
-    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
+    # server's CPU (at 0.5 s still ~0.5 % of a core). Once a second still starts and replaces
+    # deployments promptly (replica health checks run every 10 s anyway); our workers' failure
+    # detection is the control plane's own (`health_interval_s`).
+    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "1.0")
     init_ray(args.address, NAMESPACE, host=_ray_host(args.host))
     import torch
 
@@ -167,7 +169,14 @@ def serve_settings(
         expose_openapi=args.openapi,
         grpc_port=args.grpc_port,
     )
-    engine = EngineConfig(model=model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    engine = EngineConfig(
+        model=model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_step_tokens=args.max_step_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
     control = ControlConfig(
         max_worker_restarts=args.max_worker_restarts,
         drain_timeout_s=args.drain_timeout,
@@ -297,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--max-queued", type=int, default=256, help="requests waiting for admission before 429")
     srv.add_argument("--max-model-len", type=int, default=8192)
+    srv.add_argument(
+        "--max-step-tokens",
+        type=int,
+        default=EngineConfig.model_fields["max_step_tokens"].default,
+        help="token budget of one engine step (decode tokens first, then prefill chunks)",
+    )
+    srv.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="turn off automatic prefix caching (reuse of KV blocks of a shared prompt prefix)",
+    )
     srv.add_argument("--pin-cpus", help="pin worker pools to CPUs, e.g. 'e=0;p=0;d=1' or 'epd=0,1'")
     srv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, MiB (413 above)")
     srv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -1,37 +1,95 @@
 """Paged attention over a packed batch of sequences with different query and context lengths.
 
-One code path serves prefill chunks (many new tokens, causal) and decode (one new token per sequence),
-mixed in one step: new keys and values are written into the pool first, then the blocks the batch
-uses — and only those, no padding to the longest context — are read with one `index_select` per layer
-into a packed `(tokens, kv_heads, head_dim)` buffer whose rows are each sequence's context in order.
-Each sequence then attends over a view of its own rows, without a mask: a decode token sees its whole
-context, a prompt prefilled at once is plainly causal, and only a chunk that continues a partly cached
-prompt carries a small causal mask offset by what is cached.
+One entry point serves prefill chunks (many new tokens, causal) and decode (one new token per
+sequence), mixed in one step. New keys and values are written into the pool first; then the batch is
+served in two groups:
 
-Why a packed read rather than attending to the blocks where they lie: the pool is block-major
-(`(blocks, layers, 2, block_size, ...)`, kept so one request's KV is one transportable region), so a
-layer's keys are strided across blocks and no plain matmul reads them in place; a single
-`index_select` of whole block rows runs at memory speed and costs what the context holds, where the
-padded batch before it copied every sequence up to the longest one and masked the rest.
+- **Decode tokens** (one query, the whole context visible) go to a C kernel (`serving.engine.kernels`)
+  that reads each sequence's blocks where they lie in the pool: no copy of the context, the heads that
+  share a KV head read each key once, and nothing is padded.
+- **Prompt tokens** (a whole prompt or a chunk of one) read the blocks they use with one `index_select`
+  per layer into packed contiguous keys and values, and each sequence attends over its own rows with
+  `scaled_dot_product_attention`: plainly causal for a prompt prefilled at once, with a small causal
+  mask offset by what is cached for a chunk that continues a partly cached prompt. Prefill is
+  compute-bound, so the copy costs little next to the attention itself.
+
+When the kernel is unavailable (no C compiler, a non-CPU device, a dtype it does not take) decode
+tokens take the second path too: the kernel is a speed-up, never a requirement.
+
+Why not attend in place with plain tensor ops: the pool is block-major (`(blocks, layers, 2,
+block_size, ...)`, kept so one request's KV is one transportable region), so a layer's keys are strided
+across blocks and no matmul reads them where they lie.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from serving.engine import kernels
+
+
+@dataclass
+class _Group:
+    """Some of the batch's sequences: their query rows and where their context lies."""
+
+    q_lens: list[int]
+    ctx_lens: list[int]
+    q_starts: list[int]  # each sequence's first query row in the batch
+    rows: torch.Tensor | None  # (tokens,) the group's query rows in the batch; None = all rows, in order
+    block_index: torch.Tensor  # (P,) the sequences' used blocks, packed
+    block_starts: torch.Tensor  # (S,) int64, each sequence's first entry in block_index
+    ctx: torch.Tensor  # (S,) int64 context lengths
+    masks: list[torch.Tensor | None]  # per sequence: causal mask of a chunk after cached tokens, else None
+
+    @classmethod
+    def build(
+        cls,
+        members: list[int],
+        q_lens: list[int],
+        ctx_lens: list[int],
+        q_starts: list[int],
+        tables: list[list[int]],
+        block_size: int,
+        total_rows: int,
+        device: torch.device,
+    ) -> _Group | None:
+        if not members:
+            return None
+        blocks: list[int] = []
+        starts: list[int] = []
+        rows: list[int] = []
+        masks: list[torch.Tensor | None] = []
+        for i in members:
+            q_len, ctx = q_lens[i], ctx_lens[i]
+            starts.append(len(blocks))
+            blocks.extend(tables[i][: -(-ctx // block_size)])
+            rows.extend(range(q_starts[i], q_starts[i] + q_len))
+            masks.append(_chunk_mask(q_len, ctx, device) if 1 < q_len < ctx else None)
+        everything = len(rows) == total_rows  # members are in batch order, so all rows means arange
+        return cls(
+            q_lens=[q_lens[i] for i in members],
+            ctx_lens=[ctx_lens[i] for i in members],
+            q_starts=[q_starts[i] for i in members],
+            rows=None if everything else torch.tensor(rows, dtype=torch.long, device=device),
+            block_index=torch.tensor(blocks, dtype=torch.long, device=device),
+            block_starts=torch.tensor(starts, dtype=torch.long),
+            ctx=torch.tensor([ctx_lens[i] for i in members], dtype=torch.long),
+            masks=masks,
+        )
+
 
 @dataclass
 class AttentionBatch:
-    q_lens: list[int]
-    ctx_lens: list[int]
-    block_index: torch.Tensor  # (P,) every sequence's blocks, packed in batch order
-    row_starts: list[int]  # each sequence's first row in the packed (P * block_size) context rows
     slot_blocks: torch.Tensor  # (T,) block of each new token
     slot_offsets: torch.Tensor  # (T,) offset inside that block
-    masks: list[torch.Tensor | None]  # per sequence: causal mask of a chunk after cached tokens, else None
+    decode: _Group | None  # sequences feeding one token after their whole prompt is cached
+    prompt: _Group | None  # the rest: whole prompts and prompt chunks
+    block_size: int
+    device: torch.device
 
     @classmethod
     def build(
@@ -42,28 +100,27 @@ class AttentionBatch:
         block_size: int,
         device: torch.device,
     ) -> AttentionBatch:
-        blocks: list[int] = []
-        row_starts: list[int] = []
         slot_blocks: list[int] = []
         slot_offsets: list[int] = []
-        masks: list[torch.Tensor | None] = []
-        for q_len, ctx, table in zip(q_lens, ctx_lens, tables, strict=True):
-            used = -(-ctx // block_size)
-            row_starts.append(len(blocks) * block_size)
-            blocks.extend(table[:used])
+        q_starts: list[int] = []
+        decode: list[int] = []
+        prompt: list[int] = []
+        for i, (q_len, ctx, table) in enumerate(zip(q_lens, ctx_lens, tables, strict=True)):
+            q_starts.append(len(slot_blocks))
             # Each sequence's new tokens are the last q_len of its context.
             for pos in range(ctx - q_len, ctx):
                 slot_blocks.append(table[pos // block_size])
                 slot_offsets.append(pos % block_size)
-            masks.append(_chunk_mask(q_len, ctx, device) if 1 < q_len < ctx else None)
+            (decode if q_len == 1 else prompt).append(i)
+        total = len(slot_blocks)
+        args = (q_lens, ctx_lens, q_starts, tables, block_size, total, device)
         return cls(
-            q_lens=q_lens,
-            ctx_lens=ctx_lens,
-            block_index=torch.tensor(blocks, dtype=torch.long, device=device),
-            row_starts=row_starts,
             slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
             slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
-            masks=masks,
+            decode=_Group.build(decode, *args),
+            prompt=_Group.build(prompt, *args),
+            block_size=block_size,
+            device=device,
         )
 
 
@@ -82,19 +139,56 @@ def paged_attention(
 ) -> torch.Tensor:
     """q (T, H, D), k/v (T, KV, D) packed; kv_cache one layer of the pool, (num_blocks, 2, block_size,
     KV, D). Returns (T, H * D)."""
+    _write_kv(k, v, kv_cache, batch)
+    heads, dim = q.shape[1], q.shape[2]
+    out = q.new_empty(q.shape[0], heads * dim)
+    if batch.decode is not None and not _decode_kernel(q, kv_cache, batch.decode, out):
+        _attend_gathered(q, kv_cache, batch.decode, out)
+    if batch.prompt is not None:
+        _attend_gathered(q, kv_cache, batch.prompt, out)
+    return out
+
+
+def _write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch) -> None:
     kv_cache[batch.slot_blocks, 0, batch.slot_offsets] = k
     kv_cache[batch.slot_blocks, 1, batch.slot_offsets] = v
+
+
+def _decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out: torch.Tensor) -> bool:
+    """The decode group through the C kernel; False when it cannot run here."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    queries = q if group.rows is None else q.index_select(0, group.rows)
+    result = kernels.paged_decode(
+        queries.to(torch.float32).contiguous(),
+        kv_cache,
+        group.block_index,
+        group.block_starts,
+        group.ctx,
+        1.0 / math.sqrt(q.shape[2]),
+    )
+    if result is None:
+        return False
+    flat = result.view(result.shape[0], -1).to(out.dtype)
+    if group.rows is None:
+        out.copy_(flat)
+    else:
+        out.index_copy_(0, group.rows, flat)
+    return True
+
+
+def _attend_gathered(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out: torch.Tensor) -> None:
+    """Read the group's used blocks into packed contiguous keys and values, then attend per sequence."""
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = kv_cache.shape[3]
-    # One read of the used blocks' keys and values together (they are adjacent in each block).
-    context = kv_cache.index_select(0, batch.block_index)  # (P, 2, block_size, KV, D)
-    keys = context[:, 0].flatten(0, 1)  # (P * block_size, KV, D), a view
-    values = context[:, 1].flatten(0, 1)
-    out = q.new_empty(q.shape[0], heads * dim)
-    t = 0
-    for q_len, ctx, row, mask in zip(
-        batch.q_lens, batch.ctx_lens, batch.row_starts, batch.masks, strict=True
+    # Keys and values read separately so each comes out contiguous and flattens to rows as a view.
+    keys = kv_cache[:, 0].index_select(0, group.block_index).flatten(0, 1)  # (P * block_size, KV, D)
+    values = kv_cache[:, 1].index_select(0, group.block_index).flatten(0, 1)
+    block_size = kv_cache.shape[2]
+    for q_len, ctx, t, first_block, mask in zip(
+        group.q_lens, group.ctx_lens, group.q_starts, group.block_starts.tolist(), group.masks, strict=True
     ):
+        row = first_block * block_size
         ks = keys[row : row + ctx].transpose(0, 1)[None]  # (1, KV, ctx, D), a view
         vs = values[row : row + ctx].transpose(0, 1)[None]
         if q_len == 1:
@@ -112,5 +206,3 @@ def paged_attention(
                 enable_gqa=kv_heads != heads,
             )
             out[t : t + q_len] = o[0].transpose(0, 1).reshape(q_len, heads * dim)
-        t += q_len
-    return out

@@ -11,6 +11,11 @@ Lifecycle of a request inside the engine:
      prefill chunks.
   4. After each step: tokens are appended, detokenized and checked against the stop rules; finished
      requests leave the batch and give their KV blocks back.
+
+Prefix caching (cfg.enable_prefix_caching): add_request hashes the prompt's full blocks (images by
+content); admission starts a request after its longest cached prefix; after every step the blocks a
+prefill completed are registered for later requests. Blocks imported from a prefill worker
+(`reserve`, `add_prefilled`) are private: decode workers do not cache them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from serving.config import EngineConfig
 from serving.engine.image_processor import ImageProcessor, ImageProcessorConfig
 from serving.engine.inputs import InputProcessor, Prompt
-from serving.engine.kv_cache import KVExport
+from serving.engine.kv_cache import KVExport, content_key, prompt_block_hashes
 from serving.engine.models.config import load_model_config
 from serving.engine.runner import ModelRunner
 from serving.engine.sampler import sample
@@ -74,6 +79,7 @@ class LLMEngine:
         self.last_batch: Batch | None = None  # what the latest step ran: its sequences and token counts
         self.last_prefilled: list[str] = []  # requests whose prefill completed in the latest step
         self.requests_failed = 0  # requests that failed alone inside a step
+        self.prefill_tokens_computed = 0  # prompt (and resumed) tokens run through the model
         # Called with (stage, request ids) before each batch runs; tests inject faults through it.
         self.fault_hook: Callable[[str, list[str]], None] | None = None
 
@@ -131,11 +137,32 @@ class LLMEngine:
             seq.image_embeds = image_embeds
         elif prompt.grids and not prompt.images:
             raise ValueError("the prompt has image grids but neither pixels nor embeddings")
+        if self.cfg.enable_prefix_caching:
+            seq.block_hashes = prompt_block_hashes(
+                seq.prompt_token_ids,
+                self.runner.pool.block_size,
+                self.model_config.image_token_id,
+                self._image_keys(seq),
+            )
         self._seqs[request_id] = seq
         if prefill_only:
             self._prefill_only.add(request_id)
         self.scheduler.add(seq)
         return request_id
+
+    def _image_keys(self, seq: Sequence) -> list[tuple[bytes, int]] | None:
+        """(content key, pad rows) of each image, for the prefix cache: from the pixels when the request
+        brings them, else from its embeddings (so a request's images match others sent the same way)."""
+        counts = [self.model_config.num_image_tokens(g) for g in seq.grids]
+        if seq.images:
+            return [
+                (content_key(im.pixel_values, 0, *im.grid_thw), n)
+                for im, n in zip(seq.images, counts, strict=True)
+            ]
+        if seq.image_embeds is not None:
+            rows = seq.image_embeds.split(counts)
+            return [(content_key(r, 1, *g), n) for r, g, n in zip(rows, seq.grids, counts, strict=True)]
+        return None if counts else []
 
     def reserve(
         self, request_id: str, prompt: Prompt, params: SamplingParams, kv_tokens: int
@@ -217,9 +244,14 @@ class LLMEngine:
         return set(self._seqs) | set(self.held) | set(self._reserved)
 
     def resize_kv(self, num_blocks: int) -> None:
-        """A new KV pool of `num_blocks` (a worker whose roles changed); only while nothing uses it."""
+        """A new KV pool of `num_blocks` (a worker whose roles changed); only while nothing uses it.
+        The prefix cache is dropped first: it names blocks of the old pool."""
         if self.request_ids():
             raise RuntimeError("the KV pool can only be resized while the engine holds no request")
+        pool = self.runner.pool
+        pool.reset_prefix_cache()
+        if pool.num_free != pool.num_blocks:  # a leak: harmless here (the pool is replaced), but a bug
+            log.warning("%d KV blocks still held with no request", pool.num_blocks - pool.num_free)
         self.runner.resize_pool(num_blocks)
         self.scheduler.pool = self.runner.pool
 
@@ -263,6 +295,9 @@ class LLMEngine:
                 for i, (seq, q_len) in enumerate(zip(seqs, q_lens, strict=True))
                 for delta in self._run_batch([seq], [q_len], int(i < num_decode))
             ]
+        self.prefill_tokens_computed += sum(q_lens[num_decode:])
+        for seq in seqs:
+            self.scheduler.register_computed(seq)
         prefilled = [seqs[i] for i in complete if i >= num_decode]
         self.last_prefilled.extend(s.request_id for s in prefilled)
         deltas = [self._resumed(seqs[i]) for i in complete if seqs[i].resume_pending]
@@ -316,8 +351,18 @@ class LLMEngine:
         )
 
     def encode(self, seqs: list[Sequence]) -> None:
-        """Encode the images of every sequence that lacks embeddings, in vision batches of bounded size."""
-        todo = [(seq, im) for seq in seqs if seq.image_embeds is None for im in seq.images]
+        """Encode the images of every sequence that lacks embeddings, in vision batches of bounded size.
+        A sequence whose every image pad lies in its cached prefix needs none: nothing it computes is
+        an image token."""
+        pad = self.model_config.image_token_id
+        todo = [
+            (seq, im)
+            for seq in seqs
+            if seq.image_embeds is None
+            and seq.images
+            and not (seq.num_prefix_hit and pad not in seq.prompt_token_ids[seq.num_cached :])
+            for im in seq.images
+        ]
         embeds: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(todo), self.cfg.max_encode_images):
             chunk = todo[start : start + self.cfg.max_encode_images]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from serving.config import EngineConfig
+from serving.engine.allocator import tune_allocator
 from serving.engine.attention import AttentionBatch
 from serving.engine.image_processor import ProcessedImage
 from serving.engine.kv_cache import KVPool
@@ -36,6 +37,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_config: ModelConfig | None = None) -> None:
+        tune_allocator()
         self.cfg = cfg
         self.model_config = model_config or load_model_config(cfg.model)
         self.device = resolve_device(cfg.device)

@@ -9,6 +9,12 @@ than the budget is prefilled over several steps while the decode batch keeps goi
 Admission reserves, up front, the KV blocks a request can reach (prompt + max_tokens), so a running
 request never has to be preempted for memory; blocks are still allocated as tokens arrive, so pool
 usage reports what is really held.
+
+With prefix caching on, admission first looks up the request's longest cached prefix of full prompt
+blocks (never the whole prompt: the last prompt token is always recomputed, for its logits), takes
+references to those blocks and starts the prefill after them; blocks someone else already holds cost
+the admission nothing. After each step the engine offers newly completed prompt blocks to the cache
+(`register_computed`), so a request admitted later shares them even while their first owner runs.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []  # admitted, KV partly computed (chunked prefill)
         self.running: list[Sequence] = []  # decoding
+        self.prefix_queried_tokens = 0  # prompt tokens of admitted requests (vLLM's prefix_cache_queries)
+        self.prefix_hit_tokens = 0  # of those, tokens whose KV came from the prefix cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -70,9 +78,41 @@ class Scheduler:
             self.pool.blocks_for(s.max_len) - len(s.block_table) for s in (*self.running, *self.prefilling)
         )
 
-    def can_admit(self, seq: Sequence, extra_blocks: int = 0) -> bool:
+    def can_admit(self, seq: Sequence, extra_blocks: int = 0, hit: list[int] | None = None) -> bool:
+        """Whether the pool can hold all `seq` may reach; `hit` are cached prefix blocks it would share
+        (those already held by another request take no free block)."""
         need = self.pool.blocks_for(seq.max_len) - len(seq.block_table)
+        if hit:
+            need -= self.pool.num_in_use(hit)
         return need + extra_blocks <= self.pool.num_free - self._growth_reserved()
+
+    def prefix_hit(self, seq: Sequence) -> list[int]:
+        """The cached blocks `seq` could start from: its longest cached prefix of full prompt blocks,
+        short of the last prompt token (and of the last token to prefill), which is always computed."""
+        if not self.cfg.enable_prefix_caching or seq.block_table or seq.num_cached:
+            return []
+        limit = (min(len(seq.prompt_token_ids), seq.num_prefill_tokens) - 1) // self.pool.block_size
+        return self.pool.lookup_prefix(seq.block_hashes[:limit])
+
+    def _admit(self, seq: Sequence, hit: list[int]) -> None:
+        if hit:
+            self.pool.share(hit)
+            seq.block_table.extend(hit)
+            seq.num_cached = seq.num_prefix_hit = len(hit) * self.pool.block_size
+            seq.num_registered = len(hit)
+        if self.cfg.enable_prefix_caching:
+            self.prefix_queried_tokens += len(seq.prompt_token_ids)
+            self.prefix_hit_tokens += seq.num_prefix_hit
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Offer the prompt blocks `seq` has fully computed since the last call to the prefix cache."""
+        if not self.cfg.enable_prefix_caching:
+            return
+        full = min(seq.num_cached, len(seq.prompt_token_ids)) // self.pool.block_size
+        full = min(full, len(seq.block_hashes), len(seq.block_table))
+        for i in range(seq.num_registered, full):
+            self.pool.register(seq.block_table[i], seq.block_hashes[i])
+        seq.num_registered = max(seq.num_registered, full)
 
     def schedule(self) -> Batch | None:
         """Decode tokens first, then prefill chunks, under the step's token budget."""
@@ -96,9 +136,10 @@ class Scheduler:
             self.waiting
             and prefill_budget > 0
             and len(self.running) + len(self.prefilling) < self.cfg.max_num_seqs
-            and self.can_admit(self.waiting[0])
+            and self.can_admit(self.waiting[0], hit=(hit := self.prefix_hit(self.waiting[0])))
         ):
             seq = self.waiting.popleft()
+            self._admit(seq, hit)
             seq.status = RequestStatus.RUNNING_PREFILL
             self.prefilling.append(seq)
             chunk = min(seq.num_prefill_tokens - seq.num_cached, prefill_budget)

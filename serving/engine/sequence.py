@@ -28,6 +28,9 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # leading tokens whose keys and values are in the pool
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hash of each full prompt block
+    num_registered: int = 0  # leading blocks of block_table already offered to the prefix cache
+    num_prefix_hit: int = 0  # leading prompt tokens whose KV came from the prefix cache
     rope_delta: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

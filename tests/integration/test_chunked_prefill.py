@@ -16,8 +16,16 @@ CHUNK = 16  # the smallest step budget: a multimodal prompt needs many steps, im
 
 @pytest.fixture(scope="module")
 def chunked(tiny_model) -> LLMEngine:
+    # Prefix caching off: these tests count the steps a repeated prompt's prefill takes
+    # (tests/unit/test_prefix_cache.py covers chunked prefill with cache hits).
     return LLMEngine(
-        EngineConfig(model=str(tiny_model), num_kv_blocks=512, block_size=4, max_step_tokens=CHUNK)
+        EngineConfig(
+            model=str(tiny_model),
+            num_kv_blocks=512,
+            block_size=4,
+            max_step_tokens=CHUNK,
+            enable_prefix_caching=False,
+        )
     )
 
 

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from serving.engine import attention, kernels
 from serving.engine.attention import AttentionBatch, paged_attention
 
 HEADS, KV_HEADS, DIM, BLOCK = 8, 2, 16, 4
@@ -79,3 +80,102 @@ def test_wrong_context_differs_from_reference() -> None:
     full = paged_attention(q, k, v, layer.clone(), AttentionBatch.build([1], [10], [table], BLOCK, q.device))
     short = paged_attention(q, k, v, layer.clone(), AttentionBatch.build([1], [9], [table], BLOCK, q.device))
     assert not torch.allclose(full, short)
+
+
+# -- the C decode kernel ----------------------------------------------------------------------------
+
+needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernel is off here")
+
+
+def _decode_case(seed: int, dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block: int):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    num_blocks = 200
+    layer = torch.randn(num_blocks, 2, block, kv_heads, dim).to(dtype)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    ctx_lens = [rng.randint(1, 150) for _ in range(rng.randint(1, 9))]
+    tables = [[free.pop() for _ in range(-(-c // block))] for c in ctx_lens]
+    q = torch.randn(len(ctx_lens), heads, dim).to(dtype)
+    return layer, ctx_lens, tables, q
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block"),
+    [(8, 2, 64, 16), (4, 4, 128, 16), (12, 2, 16, 4), (6, 3, 24, 8)],  # vector and scalar head sizes
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_kernel_equals_reference(
+    dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block: int, threads: int
+) -> None:
+    """The kernel reads blocks in place and matches dense attention over each sequence's context, for
+    float32 and bfloat16 pools, grouped and plain heads, head sizes it vectorises and ones it does not,
+    and when it splits sequences across threads."""
+    layer, ctx_lens, tables, q = _decode_case(threads * 100 + dim, dtype, heads, kv_heads, dim, block)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch = AttentionBatch.build([1] * len(ctx_lens), ctx_lens, tables, block, torch.device("cpu"))
+        group = batch.decode
+        out = kernels.paged_decode(
+            q.float().contiguous(),
+            layer,
+            group.block_index,
+            group.block_starts,
+            group.ctx,
+            1 / math.sqrt(dim),
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert out is not None
+    for i, (ctx, table) in enumerate(zip(ctx_lens, tables, strict=True)):
+        rows = (
+            torch.tensor([table[p // block] for p in range(ctx)]),
+            torch.tensor([p % block for p in range(ctx)]),
+        )
+        keys, values = layer[:, 0][rows].double(), layer[:, 1][rows].double()
+        g = heads // kv_heads
+        k = keys.repeat_interleave(g, dim=1).transpose(0, 1)
+        v = values.repeat_interleave(g, dim=1).transpose(0, 1)
+        scores = (q[i].double()[:, None, :] @ k.transpose(1, 2)) / math.sqrt(dim)
+        expected = (scores.softmax(-1) @ v)[:, 0]
+        torch.testing.assert_close(out[i].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_and_torch_paths_agree_in_a_mixed_batch() -> None:
+    """paged_attention sends decode tokens to the kernel and prompt tokens to SDPA; forcing the decode
+    tokens down the gather path instead gives the same step output."""
+    torch.manual_seed(3)
+    layer = torch.randn(64, 2, BLOCK, KV_HEADS, DIM)
+    q_lens, ctx_lens = [1, 7, 1, 12, 1], [30, 7, 9, 20, 41]
+    tables = [list(range(i * 12, i * 12 + 12)) for i in range(5)]
+    total = sum(q_lens)
+    q, k, v = (
+        torch.randn(total, HEADS, DIM),
+        torch.randn(total, KV_HEADS, DIM),
+        torch.randn(total, KV_HEADS, DIM),
+    )
+    batch = AttentionBatch.build(q_lens, ctx_lens, tables, BLOCK, torch.device("cpu"))
+    with_kernel = paged_attention(q, k, v, layer.clone(), batch)
+    torch_only = layer.clone()
+    attention._write_kv(k, v, torch_only, batch)
+    expected = torch.empty_like(with_kernel)
+    attention._attend_gathered(q, torch_only, batch.decode, expected)
+    attention._attend_gathered(q, torch_only, batch.prompt, expected)
+    torch.testing.assert_close(with_kernel, expected, rtol=1e-5, atol=1e-5)
+    assert batch.decode is not None and batch.decode.rows is not None  # the decode rows were scattered
+
+
+def test_kernel_declines_what_it_cannot_run() -> None:
+    """float64 pools and non-CPU layouts get None, so the caller takes the torch path."""
+    layer = torch.randn(4, 2, BLOCK, KV_HEADS, DIM, dtype=torch.float64)
+    idx = torch.tensor([0], dtype=torch.long)
+    assert (
+        kernels.paged_decode(
+            torch.randn(1, HEADS, DIM), layer, idx, torch.zeros(1, dtype=torch.long), idx + 1, 1.0
+        )
+        is None
+    )

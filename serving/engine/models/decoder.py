@@ -8,7 +8,7 @@ from torch import nn
 from serving.engine.attention import AttentionBatch, paged_attention
 from serving.engine.kv_cache import KVPool
 from serving.engine.models.config import TextConfig
-from serving.engine.models.layers import GatedMLP, RMSNorm, apply_rotary
+from serving.engine.models.layers import GatedMLP, RMSNorm, apply_rotary, concat_linear
 
 
 class MRotary:
@@ -38,6 +38,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.qkv: nn.Linear | None = None
+        self.sizes = [cfg.num_heads * cfg.head_dim, *[cfg.num_kv_heads * cfg.head_dim] * 2]
+
+    def fuse(self) -> None:
+        """Q, K and V as one matmul (after the weights load)."""
+        self.qkv = concat_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
@@ -48,9 +55,13 @@ class Attention(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         return self.o_proj(paged_attention(q, k, v, kv, batch))
 
 
@@ -65,6 +76,16 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, kv, batch):  # noqa: ANN001 - hot path, types as in Decoder.forward
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Fuse every attention's Q/K/V and every gated MLP's gate/up in `model`, and turn the patch
+    embedding's convolution into a matmul (after loading)."""
+    from serving.engine.models.vision import PatchEmbed
+
+    for module in list(model.modules()):
+        if isinstance(module, (Attention, GatedMLP, PatchEmbed)):
+            module.fuse()
 
 
 class Decoder(nn.Module):

@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from serving.engine.models.config import ModelConfig, load_model_config
+from serving.engine.models.cpu_linear import PackedLinear, pack_linears, packing_available
+from serving.engine.models.decoder import fuse_projections
 from serving.engine.models.qwen2_vl import Qwen2VL
 
 # transformers v5 module paths, seen in checkpoints saved without its conversion mapping.
@@ -54,4 +56,9 @@ def load_model(
         raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {sorted(missing)[:3]}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    fuse_projections(model)
+    pack_linears(model.model)
+    pack_linears(model.visual)
+    if packing_available(model.lm_head.weight):
+        model.lm_head = PackedLinear(model.lm_head)
     return model.requires_grad_(False).eval()

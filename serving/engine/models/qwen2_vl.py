@@ -28,7 +28,7 @@ class Qwen2VL(nn.Module):
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """Packed patches of several images → their packed visual embeddings (N_v, D_L)."""
-        return self.visual(pixels.to(self.visual.patch_embed.proj.weight.dtype), grids)
+        return self.visual(pixels.to(self.visual.patch_embed.dtype), grids)
 
     def embed(
         self,

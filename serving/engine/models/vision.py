@@ -13,13 +13,32 @@ from serving.engine.models.layers import ACTIVATIONS, GatedMLP, RMSNorm, apply_r
 class PatchEmbed(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.kernel = torch.Size((cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size))
         self.in_channels = cfg.in_channels
         self.embed_dim = cfg.embed_dim
         self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, self.kernel, stride=self.kernel, bias=False)
+        self.flat: nn.Module | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj.weight.dtype if self.flat is None else self._dtype
+
+    def fuse(self) -> None:
+        """The convolution as a matmul (after the weights load). Its kernel equals its stride and each
+        row of `pixels` is exactly one kernel volume, so conv3d is a linear map of the flattened patch;
+        as a matmul it ran about 8x faster on CPU than the convolution (measured, 2x448² images)."""
+        weight = self.proj.weight
+        self._dtype = weight.dtype
+        self.flat = nn.Linear(weight[0].numel(), self.embed_dim, bias=False).to(weight.device, weight.dtype)
+        with torch.no_grad():
+            self.flat.weight.copy_(weight.reshape(self.embed_dim, -1))
+        self.flat.requires_grad_(False)
+        del self.proj
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.view(-1, self.in_channels, *self.kernel).to(self.proj.weight.dtype)
+        if self.flat is not None:
+            return self.flat(pixels.reshape(-1, self.in_channels * self.kernel.numel()).to(self.dtype))
+        x = pixels.view(-1, self.in_channels, *self.kernel).to(self.dtype)
         return self.proj(x).view(-1, self.embed_dim)
 
 

@@ -1,0 +1,135 @@
+"""CPU kernels in C, built on first use with the system C compiler and loaded with ctypes.
+
+Why C and ctypes rather than a torch C++ extension: a plain C file compiles in about a second with no
+torch headers and no ninja, so a fresh machine pays almost nothing and nothing is downloaded. The
+shared object is cached under `$EPD_CACHE_DIR/kernels`, keyed by the source, the flags and this CPU
+(it is built with `-march=native`, so an image moved to another CPU model builds its own). When no
+compiler is found, the build fails, or `EPD_CPU_KERNELS=0`, callers get `None` and use their portable
+torch path instead: the kernels are a speed-up, never a requirement.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from serving.config import cache_dir, cpu_kernels_enabled
+
+log = logging.getLogger(__name__)
+
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread"]
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_key() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    wanted = ("model name", "flags")
+    lines = [ln for ln in text.splitlines() if ln.split(":")[0].strip() in wanted]
+    return "\n".join(lines[: len(wanted)])
+
+
+def _build(source: Path) -> Path | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler: CPU kernels off, using the torch paths")
+        return None
+    key = hashlib.sha256("\0".join([source.read_text(), *_FLAGS, compiler, _cpu_key()]).encode()).hexdigest()[
+        :16
+    ]
+    out_dir = cache_dir() / "kernels"
+    target = out_dir / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Build under a temporary name and rename: workers starting together may build at once, and a
+    # reader must never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *_FLAGS, "-o", tmp, str(source), "-lm"], check=True, capture_output=True, timeout=120
+        )
+        os.replace(tmp, target)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.warning("building %s failed, using the torch path: %s %s", source.name, e, detail.decode()[-500:])
+        Path(tmp).unlink(missing_ok=True)
+        return None
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None when they are off or could not be built (tried once per process)."""
+    global _library, _tried
+    if _tried:
+        return _library
+    with _lock:
+        if _tried:
+            return _library
+        if cpu_kernels_enabled():
+            path = _build(Path(__file__).with_name("paged_decode.c"))
+            if path is not None:
+                lib = ctypes.CDLL(str(path))
+                fn = lib.epd_paged_decode
+                i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+                fn.argtypes = [ptr, ptr, i32, i64, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, i32]
+                fn.argtypes += [ctypes.c_float, ptr, i32]
+                fn.restype = i32
+                _library = lib
+        _tried = True
+    return _library
+
+
+def paged_decode(
+    q: torch.Tensor,
+    layer: torch.Tensor,
+    blocks: torch.Tensor,
+    block_start: torch.Tensor,
+    ctx: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
+    """Decode attention over blocks in place. q (S, H, D) float32 contiguous; layer one layer of the
+    pool `(num_blocks, 2, block_size, KV, D)` (a strided view is fine) in float32 or bfloat16; blocks,
+    block_start and ctx int64 on the CPU. Returns (S, H, D) float32, or None when the kernel cannot run
+    here (the caller then takes its torch path)."""
+    lib = library()
+    if lib is None or layer.device.type != "cpu" or layer.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if layer.stride(4) != 1 or layer.stride(3) != layer.shape[4]:
+        return None  # the kernel reads each (kv head, dim) row as one contiguous run
+    seqs, heads, dim = q.shape
+    out = torch.empty(seqs, heads, dim, dtype=torch.float32)
+    status = lib.epd_paged_decode(
+        q.data_ptr(),
+        layer.data_ptr(),
+        int(layer.dtype == torch.bfloat16),
+        layer.stride(0),
+        layer.stride(1),
+        layer.stride(2),
+        layer.shape[2],
+        layer.shape[3],
+        dim,
+        heads,
+        blocks.data_ptr(),
+        block_start.data_ptr(),
+        ctx.data_ptr(),
+        seqs,
+        scale,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out if status == 0 else None
