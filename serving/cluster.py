@@ -8,10 +8,11 @@ Layering: this module sits above the pipeline and the control plane; they never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,41 @@ def plan_workers(
     return plans
 
 
+# Ray's own housekeeping periods for a Ray this process starts. Its defaults assume a large cluster
+# with the dashboard in use; on a small idle server they were most of its CPU (issue 13: under 2 % of
+# a core idle). Failure detection keeps Ray's defaults: GCS ↔ raylet health checks
+# (`health_check_period_ms`), the workers' own heartbeat, and the control plane's health monitor.
+RAY_SYSTEM_CONFIG: dict[str, Any] = {
+    # Task state events feed only the dashboard's task views and `ray list tasks`; every actor call
+    # (one stats call per worker per second from the health monitor, one per request) sent one to
+    # the GCS each second from every process. 0 turns recording and reporting off (setting
+    # `enable_task_events` to false instead stops the GCS from starting in Ray 2.60).
+    "task_events_report_interval_ms": 0,
+    # Raylet resource reports (default every 100 ms): this node schedules against its own resources
+    # directly; the period only bounds how stale other nodes' view of this one is.
+    "raylet_report_resources_period_milliseconds": 1000,
+    # Object-store memory pressure → global GC request (default every 100 ms).
+    "raylet_check_gc_period_milliseconds": 1000,
+    # The OOM killer's memory check (default every 250 ms): it still runs, reacting within a second.
+    "memory_monitor_refresh_ms": 1000,
+    # Reaping idle pooled Ray workers (default every 200 ms): we run a few long-lived actors.
+    "kill_idle_workers_interval_ms": 1000,
+    # The GCS pulls every raylet's pending resource demands for the autoscaler (default every 1 s);
+    # a Ray this process starts has no autoscaler acting on them.
+    "gcs_pull_resource_loads_period_milliseconds": 5000,
+}
+# Read from the environment by the processes Ray starts (they inherit this process's environment).
+RAY_ENV: dict[str, str] = {
+    # Serve's replicas and routers export their cached request metrics to Ray's metrics agent every
+    # 100 ms by default; Ray itself exports every 10 s, and our Prometheus metrics are the gateway's
+    # own (`/metrics`), so once a second loses nothing.
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    # The dashboard agent's node stats (psutil over every process; default every 5 s) feed only
+    # Ray's node metrics, which our Prometheus configuration does not scrape.
+    "REPORTER_UPDATE_INTERVAL_MS": "30000",
+}
+
+
 def init_ray(address: str | None, namespace: str | None, host: str = "127.0.0.1") -> bool:
     """Join `address`, or start a local Ray bound to `host`; True if this call started it."""
     import ray
@@ -121,12 +157,39 @@ def init_ray(address: str | None, namespace: str | None, host: str = "127.0.0.1"
     }
     if address:
         kwargs["address"] = address
-    else:
-        kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
-        if host:
-            kwargs["_node_ip_address"] = host
-    ray.init(**kwargs)
+        ray.init(**kwargs)
+        return True
+    kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
+    if host:
+        kwargs["_node_ip_address"] = host
+    kwargs["_system_config"] = RAY_SYSTEM_CONFIG
+    for name, value in RAY_ENV.items():
+        os.environ.setdefault(name, value)  # a value set by the operator wins
+    with _without_log_monitor():
+        ray.init(**kwargs)
     return True
+
+
+@contextlib.contextmanager
+def _without_log_monitor() -> Iterator[None]:
+    """Start Ray without its log monitor. It re-reads every worker's log file ten times a second to
+    forward new lines to drivers, and we start drivers with `log_to_driver=False`: it forwarded
+    nothing and cost ~0.7 % of a core idle. Workers still write their log files (Ray's `logs/` and
+    the dashboard read them directly). `ray.init` has no switch for it (`ray start` has
+    `--include-log-monitor`), so the node's parameters get it as a default while Ray starts."""
+    from ray._private.parameter import RayParams
+
+    original = RayParams.__init__
+
+    def without(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("include_log_monitor", False)
+        original(self, *args, **kwargs)
+
+    RayParams.__init__ = without  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        RayParams.__init__ = original  # type: ignore[method-assign]
 
 
 def start_ray_workers(factory: RayWorkerFactory, plans: list[WorkerPlan]) -> list[Any]:

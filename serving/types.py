@@ -268,6 +268,8 @@ class WorkerStats:
     requests_failed: int  # requests this worker failed alone (a fault inside one request)
     engine_alive: bool  # the engine thread is running and not stuck
     epoch: int
+    prefix_cache_queried_tokens: int = 0  # prompt tokens of admitted requests, with prefix caching on
+    prefix_cache_hit_tokens: int = 0  # of those, tokens whose KV the prefix cache supplied
 
     @property
     def kv_cache_usage(self) -> float:

@@ -59,6 +59,12 @@ class EngineLoop:
         self._calls: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
         self._encodes: queue.Queue[tuple[str, list[ProcessedImage], Future]] = queue.Queue()
         self.images_encoded = 0
+        # CPU seconds of this thread (`time.thread_time`) per part, for `benchmarks.delivery_profile`:
+        # a few clock reads per step, cheap enough to keep on.
+        self.steps = 0
+        self.tokens = 0
+        self.step_cpu_s = 0.0
+        self.deliver_cpu_s = 0.0
         self.broken: str | None = None  # why the loop stopped serving, once it has
         self._pass_started: float | None = None  # when the current pass began; None while idle-waiting
         self._stop = threading.Event()
@@ -66,6 +72,11 @@ class EngineLoop:
         self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
         self._thread.start()
         self._watchdog.start()
+
+    @property
+    def thread_id(self) -> int | None:
+        """The engine thread's id in the OS (its CPU time in /proc)."""
+        return self._thread.native_id
 
     @property
     def alive(self) -> bool:
@@ -184,9 +195,14 @@ class EngineLoop:
             embeds = embeds[len(images) :]
 
     def _step(self) -> None:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         deltas = self.engine.step()
+        stepped = time.thread_time()
         self._deliver(deltas, self.engine.last_stage, time.perf_counter() - start)
+        self.steps += 1
+        self.tokens += sum(len(d.token_ids) for d in deltas)
+        self.step_cpu_s += stepped - cpu
+        self.deliver_cpu_s += time.thread_time() - stepped
 
     def _fail_queued(self) -> None:
         """Whoever still waits on the loop learns that it stopped."""

@@ -7,10 +7,14 @@ per request its deltas go to the consumer's outbox; `subscribe` hands the consum
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from serving.stages.outbox import DeltaTimings, Outbox, StreamItem, StreamSink
+from serving.stages.paths import _EVICTED
 from serving.types import EmbeddingRef, KVRef, PromptSpec, Role, SamplingParams, StageTimings, WorkerPhase
 
 if TYPE_CHECKING:
@@ -19,14 +23,52 @@ if TYPE_CHECKING:
 _TAKE_WAIT_S = 1.0  # a subscription with nothing to send re-checks the worker's phase this often
 
 
+@dataclass
+class StreamCounters:
+    """What the subscriptions sent: messages, deltas in them, and the CPU seconds Ray took to
+    serialize and send them (read by `benchmarks.delivery_profile`)."""
+
+    messages: int = 0
+    items: int = 0
+    send_cpu_s: float = 0.0
+
+    def add(self, items: int, cpu_s: float) -> None:
+        self.messages += 1
+        self.items += items
+        self.send_cpu_s += cpu_s
+
+
 class ConsumerStreams:
+    stream_counters: StreamCounters
+
     def subscribe(self: Any, consumer: str) -> Iterator[list[StreamItem]]:
         """Every engine step's deltas for the consumer's requests, one list per step, until the worker
         stops."""
         outbox = self._outbox(consumer)
         while self.phase is not WorkerPhase.STOPPED:
             if items := outbox.take(_TAKE_WAIT_S):
+                # Between the yield and the next take, Ray serializes the list and sends it on this
+                # thread: its CPU time is the worker's side of the transport.
+                cpu = time.thread_time()
                 yield items
+                self.stream_counters.add(len(items), time.thread_time() - cpu)
+
+    def delivery_counters(self: Any) -> dict[str, Any]:
+        """Cumulative counts and CPU seconds of the engine thread and the subscriptions, and which
+        threads are the engine's and Python's (a control call: `benchmarks.delivery_profile` reads it
+        before and after a load, and the threads' CPU from /proc)."""
+        loop, sent = self.loop, self.stream_counters
+        return {
+            "engine_thread": loop.thread_id,
+            "python_threads": [t.native_id for t in threading.enumerate()],
+            "steps": loop.steps,
+            "tokens": loop.tokens,
+            "step_cpu_s": loop.step_cpu_s,
+            "deliver_cpu_s": loop.deliver_cpu_s,
+            "messages": sent.messages,
+            "items": sent.items,
+            "send_cpu_s": sent.send_cpu_s,
+        }
 
     def start_generate(
         self: Any,
@@ -76,7 +118,5 @@ class ConsumerStreams:
         return self._outboxes.setdefault(consumer, Outbox())  # atomic under the GIL
 
     def _stream_sink(self: Any, consumer: str, request_id: str, timings: StageTimings) -> StreamSink:
-        from serving.stages.worker import _EVICTED
-
         stamp = DeltaTimings(request_id, timings, self._prefill_s)
         return StreamSink(self._outbox(consumer), stamp, _EVICTED)

@@ -291,6 +291,16 @@ class WorkerCollector(Collector):
         hits = CounterMetricFamily(
             "epd:mm_cache_hits", "Embedding cache hits.", labels=["model_name", "worker"]
         )
+        prefix_queries = CounterMetricFamily(
+            "epd:prefix_cache_queries",
+            "Prompt tokens looked up in the KV prefix cache (vLLM's prefix_cache_queries).",
+            labels=["model_name", "worker"],
+        )
+        prefix_hits = CounterMetricFamily(
+            "epd:prefix_cache_hits",
+            "Prompt tokens whose KV came from the prefix cache.",
+            labels=["model_name", "worker"],
+        )
         expired = CounterMetricFamily(
             "epd:lease_expired", "Leases that expired unpulled.", labels=["model_name", "worker"]
         )
@@ -312,11 +322,13 @@ class WorkerCollector(Collector):
             kv.add_metric(labels, s.kv_cache_usage)
             queries.add_metric(labels, s.mm_cache_hits + s.mm_cache_misses)
             hits.add_metric(labels, s.mm_cache_hits)
+            prefix_queries.add_metric(labels, s.prefix_cache_queried_tokens)
+            prefix_hits.add_metric(labels, s.prefix_cache_hit_tokens)
             expired.add_metric(labels, s.leases_expired)
             encoded.add_metric(labels, s.images_encoded)
             running.add_metric(labels, s.num_running)
             waiting.add_metric(labels, s.num_waiting)
-        yield from (kv, queries, hits, expired, encoded, running, waiting)
+        yield from (kv, queries, hits, prefix_queries, prefix_hits, expired, encoded, running, waiting)
 
 
 CATALOG = (
@@ -343,6 +355,8 @@ CATALOG = (
     "epd:kv_cache_usage_perc",
     "epd:mm_cache_queries_total",
     "epd:mm_cache_hits_total",
+    "epd:prefix_cache_queries_total",
+    "epd:prefix_cache_hits_total",
     "epd:lease_expired_total",
     "epd:images_encoded_total",
     "epd:stage_queue_time_seconds",

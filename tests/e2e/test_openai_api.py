@@ -196,3 +196,25 @@ def test_metrics_show_the_whole_catalog_with_stage_histograms(server, client):
         count = re.search(rf'epd:stage_duration_seconds_count\{{[^}}]*stage="{stage}"[^}}]*\}} (\S+)', text)
         assert count and float(count.group(1)) > 0, stage
     assert float(re.search(r"epd:slo_requests_total\{[^}]*\} (\S+)", text).group(1)) > 0
+
+
+def prefix_hit_tokens(server) -> float:
+    text = httpx.get(f"{server}/metrics", timeout=30).text
+    return sum(float(v) for v in re.findall(r"^epd:prefix_cache_hits_total\{[^}]*\} (\S+)", text, re.M))
+
+
+def test_a_repeated_prompt_reuses_its_cached_prefix_and_answers_alike(server, client, engine):
+    """The same image and long text twice through E→P→D: the second prefill starts after the cached
+    prefix (hits counted on /metrics), and both answers equal the in-process engine's."""
+    text = "Describe every part of this picture in detail, " * 12
+    image = make_image(70, 56, seed=11)
+    content = [{"type": "image_url", "image_url": {"url": data_url(png_bytes(70, 56, 11))}},
+               {"type": "text", "text": text}]  # fmt: skip
+    _, want = expected(engine, [image], text)
+    before = prefix_hit_tokens(server)
+    first = chat(client, content).choices[0].message.content
+    after_first = prefix_hit_tokens(server)
+    second = chat(client, content).choices[0].message.content
+    assert first == second == want.text
+    # A prompt of ~150 tokens shares at least its leading full blocks (image included) the second time.
+    assert prefix_hit_tokens(server) - after_first >= 64, (before, after_first)

@@ -179,3 +179,12 @@ def test_kernel_declines_what_it_cannot_run() -> None:
         )
         is None
     )
+
+
+@needs_kernel
+def test_loading_the_kernel_keeps_the_process_floating_point_state() -> None:
+    """Linked with -ffast-math, gcc's crtfastmath would set flush-to-zero for the whole process when the
+    library loads, and every later float op (torch's, numpy's) would lose subnormals."""
+    assert kernels.library() is not None
+    assert (torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() != 0.0
+    assert (torch.tensor([1e-310], dtype=torch.float64) * 1.0).item() != 0.0

@@ -26,7 +26,11 @@ from serving.config import cache_dir, cpu_kernels_enabled
 
 log = logging.getLogger(__name__)
 
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread"]
+# -ffast-math for the compile only (reassociated reductions, glibc's vector expf): linked with it, gcc
+# adds crtfastmath.o, whose constructor sets flush-to-zero for the whole process on load, and every
+# float op in the worker (torch's included) would silently lose subnormals.
+_COMPILE = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-pthread", "-c"]
+_LINK = ["-shared", "-pthread"]
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
@@ -47,9 +51,8 @@ def _build(source: Path) -> Path | None:
     if compiler is None:
         log.info("no C compiler: CPU kernels off, using the torch paths")
         return None
-    key = hashlib.sha256("\0".join([source.read_text(), *_FLAGS, compiler, _cpu_key()]).encode()).hexdigest()[
-        :16
-    ]
+    parts = [source.read_text(), *_COMPILE, *_LINK, compiler, _cpu_key()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     out_dir = cache_dir() / "kernels"
     target = out_dir / f"{source.stem}-{key}.so"
     if target.exists():
@@ -59,16 +62,18 @@ def _build(source: Path) -> Path | None:
     # reader must never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
+    obj = tmp[: -len(".so")] + ".o"
     try:
-        subprocess.run(
-            [compiler, *_FLAGS, "-o", tmp, str(source), "-lm"], check=True, capture_output=True, timeout=120
-        )
+        for cmd in ([compiler, *_COMPILE, "-o", obj, str(source)], [compiler, *_LINK, "-o", tmp, obj, "-lm"]):
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         log.warning("building %s failed, using the torch path: %s %s", source.name, e, detail.decode()[-500:])
         Path(tmp).unlink(missing_ok=True)
         return None
+    finally:
+        Path(obj).unlink(missing_ok=True)
     return target
 
 

@@ -1,0 +1,97 @@
+"""The E path of a stage worker: images looked up in the embedding cache by content hash, misses
+through the next vision batch, packed embeddings held in leased slots for a peer to pull; and the P
+side's pull of them into its own slots. Mixed into `StageWorker`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from serving.stages.embeddings import image_key
+from serving.types import EmbeddingRef, RequestFailed, Role, StageTimings, WorkerUnavailable
+
+
+class EncodePath:
+    def encode(self: Any, request_id: str, images: list[np.ndarray]) -> EmbeddingRef:
+        self.ledger.admit(request_id, Role.ENCODE)
+        try:
+            return self._encode(request_id, images)
+        except BaseException:
+            self._quiet_free(request_id)
+            raise
+
+    def _encode(self: Any, request_id: str, images: list[np.ndarray]) -> EmbeddingRef:
+        start = time.perf_counter()
+        packed, run_s = self._embed_images(request_id, images)
+        rows = packed.shape[0]
+
+        def hold() -> EmbeddingRef:
+            if not self._room(rows):
+                raise WorkerUnavailable("no embedding slots free")
+            slots = self.embeddings.allocate(rows)
+            self.embeddings.write(slots, packed)
+            lease = self._hold(request_id, Role.ENCODE, lambda: self.embeddings.free(slots))
+            source = self.transport.publish("emb", self.embeddings.regions(slots, rows))
+            timings = StageTimings(encode_s=run_s, encode_queue_s=time.perf_counter() - start - run_s)
+            return EmbeddingRef(source, rows, lease, timings)
+
+        return self.loop.call(hold)
+
+    def _embed_images(self: Any, request_id: str, images: list[np.ndarray]) -> tuple[torch.Tensor, float]:
+        """Packed embeddings of the images, from the cache where possible; and the vision time."""
+        keys = [image_key(im) for im in images]
+        found = self.loop.call(lambda: [self.cache.get(k) for k in keys])
+        missing = [i for i, hit in enumerate(found) if hit is None]
+        run_s = 0.0
+        if missing:
+            processor = self.engine.inputs.image_processor
+            processed = [processor(Image.fromarray(images[i])) for i in missing]
+            t0 = time.perf_counter()
+            try:
+                fresh = self.loop.encode(request_id, processed)
+            except WorkerUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this request's images failed, alone
+                raise RequestFailed("the images could not be encoded") from exc
+            run_s = time.perf_counter() - t0
+
+            def remember() -> None:
+                for i, emb in zip(missing, fresh, strict=True):
+                    self.cache.put(keys[i], emb)
+
+            self.loop.call(remember)
+            for i, emb in zip(missing, fresh, strict=True):
+                found[i] = emb
+        return torch.cat(found), run_s
+
+    def _room(self: Any, rows: int) -> bool:
+        return self.embeddings.num_free >= self.embeddings.slots_for(rows)
+
+    def _pull_embeddings(
+        self: Any, request_id: str, ref: EmbeddingRef, timings: StageTimings
+    ) -> torch.Tensor:
+        def take() -> list[int] | None:
+            if not self._room(ref.num_tokens):
+                return None
+            slots = self.embeddings.allocate(ref.num_tokens)
+            self.ledger.update(request_id, lambda e: e.slot_lists.append(slots))
+            return slots
+
+        slots = self._wait_for(take)
+        start = time.perf_counter()
+        regions = self.embeddings.regions(slots, ref.num_tokens)
+        self._transfer(ref.source, "emb", regions, ref.lease_id)
+        timings.e2p_transfer_s = time.perf_counter() - start
+        timings.e2p_bytes = float(ref.source.nbytes)
+
+        def read_and_free() -> torch.Tensor:
+            out = self.embeddings.read(slots, ref.num_tokens)
+            self.embeddings.free(slots)
+            self.ledger.update(request_id, lambda e: e.slot_lists.remove(slots))
+            return out
+
+        return self.loop.call(read_and_free)

@@ -1,0 +1,264 @@
+"""The P, D and colocated request paths of a stage worker: prefill (holding the KV for a decode
+worker), decode (pulling it into reserved blocks), generate (both here), admission into the engine,
+and per-request streams of deltas. Mixed into `StageWorker`."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from serving.engine.inputs import Prompt
+from serving.stages.outbox import DeltaTimings
+from serving.types import (
+    EmbeddingRef,
+    FinishReason,
+    KVRef,
+    PrefillResult,
+    PromptSpec,
+    RequestFailed,
+    Role,
+    SamplingParams,
+    StageTimings,
+    TokenDelta,
+    WorkerUnavailable,
+)
+
+_EVICTED = object()  # put in a stream's sink: the request must continue on another worker
+
+
+class RequestPaths:
+    # -- P ----------------------------------------------------------------------------------------
+
+    def prefill(
+        self: Any,
+        request_id: str,
+        spec: PromptSpec,
+        params: SamplingParams,
+        embeddings: EmbeddingRef | None = None,
+        images: list[np.ndarray] | None = None,
+        resume: list[int] | None = None,
+    ) -> PrefillResult:
+        """Prefill and sample the first token (or, with `resume`, recompute the KV of tokens already
+        streamed); hold the KV for a decode worker unless the request ended here."""
+        self.ledger.admit(request_id, Role.PREFILL)
+        try:
+            return self._prefill(request_id, spec, params, embeddings, images, resume)
+        except BaseException:
+            self._quiet_free(request_id)
+            raise
+
+    def _prefill(
+        self: Any,
+        request_id: str,
+        spec: PromptSpec,
+        params: SamplingParams,
+        embeddings: EmbeddingRef | None,
+        images: list[np.ndarray] | None,
+        resume: list[int] | None,
+    ) -> PrefillResult:
+        timings = StageTimings()
+        prompt, embeds = self._prompt_inputs(request_id, spec, embeddings, images, timings)
+        start = time.perf_counter()
+        sink = self._admit(request_id, prompt, params, embeds, prefill_only=True, resume=resume)
+        delta = self._next(sink)
+        timings.prefill_s = self._prefill_s.pop(request_id, 0.0)
+        timings.prefill_queue_s = time.perf_counter() - start - timings.prefill_s
+        if delta.finish_reason == FinishReason.ERROR:
+            raise RequestFailed(delta.error or "the prefill failed")
+        if delta.finished:
+            self._quiet_free(request_id)
+            return PrefillResult(delta, None, timings)
+
+        def hold() -> KVRef:
+            self.ledger.update(request_id, _drop_sink)
+            table, tokens, first, delta_pos = self.engine.held_kv(request_id)
+            lease = self._hold(request_id, Role.PREFILL, lambda: self.engine.release(request_id))
+            self.ledger.update(request_id, _leave_engine)
+            source = self.transport.publish("kv", self.engine.runner.pool.regions(table))
+            return KVRef(source, tokens, first, delta_pos, lease)
+
+        return PrefillResult(delta, self.loop.call(hold), timings)
+
+    def _admit(
+        self: Any,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        embeds: torch.Tensor | None,
+        prefill_only: bool,
+        resume: list[int] | None = None,
+        sink: Any = None,
+    ) -> Any:
+        """Queue the request in the engine; its deltas arrive in the returned sink (a new queue, unless
+        a consumer's `StreamSink` is given)."""
+        if sink is None:
+            sink = queue.Queue()
+
+        def add() -> None:
+            self.ledger.update(request_id, lambda e: setattr(e, "sink", sink))
+            try:
+                self.engine.add_request(
+                    prompt, params, request_id, prefill_only=prefill_only, image_embeds=embeds, resume=resume
+                )
+            except ValueError as exc:
+                raise RequestFailed(str(exc)) from None
+            self.ledger.update(request_id, lambda e: setattr(e, "in_engine", True))
+
+        self.loop.call(add)
+        return sink
+
+    def _prompt_inputs(
+        self: Any,
+        request_id: str,
+        spec: PromptSpec,
+        embeddings: EmbeddingRef | None,
+        images: list[np.ndarray] | None,
+        timings: StageTimings,
+    ) -> tuple[Prompt, torch.Tensor | None]:
+        """The prompt and its visual embeddings: pulled from an encode worker, encoded here, or none."""
+        prompt = Prompt(spec.token_ids, grids=spec.grids)
+        if embeddings is not None:
+            timings.merge(embeddings.timings)
+            return prompt, self._pull_embeddings(request_id, embeddings, timings)
+        if images:
+            t0 = time.perf_counter()
+            embeds, run_s = self._embed_images(request_id, images)
+            timings.encode_s, timings.encode_queue_s = run_s, time.perf_counter() - t0 - run_s
+            return prompt, embeds
+        return prompt, None
+
+    def _wait_for(self: Any, attempt: Any) -> Any:
+        """Run `attempt` on the engine thread until it gives something, within the admission timeout."""
+        deadline = time.monotonic() + self.cfg.admission_timeout_s
+        while (got := self.loop.call(attempt)) is None:
+            if time.monotonic() > deadline:
+                raise WorkerUnavailable("no room for the request in time")
+            time.sleep(0.005)
+        return got
+
+    # -- D ----------------------------------------------------------------------------------------
+
+    def decode(
+        self: Any,
+        request_id: str,
+        spec: PromptSpec,
+        params: SamplingParams,
+        kv: KVRef,
+        restored: list[int] | None = None,
+    ) -> Iterator[TokenDelta]:
+        """Pull the KV into reserved blocks, join the decode batch, stream deltas until finished.
+        `restored`: every token already streamed (a migrated request), the last one `kv.first_token`."""
+        self.ledger.admit(request_id, Role.DECODE)
+        try:
+            sink, transfer_s = self._join_decode(request_id, spec, params, kv, restored)
+        except BaseException:
+            self._quiet_free(request_id)
+            raise
+        timings = StageTimings(p2d_transfer_s=transfer_s, p2d_bytes=float(kv.source.nbytes))
+        yield from self._stream(request_id, sink, timings)
+
+    def _join_decode(
+        self: Any,
+        request_id: str,
+        spec: PromptSpec,
+        params: SamplingParams,
+        kv: KVRef,
+        restored: list[int] | None,
+        make_sink: Any = None,
+    ) -> tuple[Any, float]:
+        """Reserve blocks, pull the KV into them, join the decode batch. The sink is a new queue, or
+        what `make_sink(transfer seconds)` gives."""
+        prompt = Prompt(spec.token_ids, grids=spec.grids)
+
+        def reserve() -> list[int] | None:
+            try:
+                table = self.engine.reserve(request_id, prompt, params, kv.num_tokens)
+            except ValueError as exc:
+                raise RequestFailed(str(exc)) from None
+            if table is not None:
+                self.ledger.update(request_id, lambda e: setattr(e, "in_engine", True))
+            return table
+
+        table = self._wait_for(reserve)
+        start = time.perf_counter()
+        self._transfer(kv.source, "kv", self.engine.runner.pool.regions(table), kv.lease_id)
+        transfer_s = time.perf_counter() - start
+        sink = queue.Queue() if make_sink is None else make_sink(transfer_s)
+
+        def join() -> None:
+            self.ledger.update(request_id, lambda e: setattr(e, "sink", sink))
+            self.engine.join_reserved(request_id, kv.first_token, kv.rope_delta, kv.num_tokens, restored)
+
+        self.loop.call(join)
+        return sink, transfer_s
+
+    # -- colocated P + D (and E) --------------------------------------------------------------------
+
+    def generate(
+        self: Any,
+        request_id: str,
+        spec: PromptSpec,
+        params: SamplingParams,
+        embeddings: EmbeddingRef | None = None,
+        images: list[np.ndarray] | None = None,
+        resume: list[int] | None = None,
+    ) -> Iterator[TokenDelta]:
+        self.ledger.admit(request_id, Role.PREFILL)
+        try:
+            self.ledger.admit(request_id, Role.DECODE)
+            timings = StageTimings()
+            prompt, embeds = self._prompt_inputs(request_id, spec, embeddings, images, timings)
+            sink = self._admit(request_id, prompt, params, embeds, prefill_only=False, resume=resume)
+        except BaseException:
+            self._quiet_free(request_id)
+            raise
+        yield from self._stream(request_id, sink, timings)
+
+    def _stream(
+        self: Any, request_id: str, sink: queue.Queue[TokenDelta], timings: StageTimings
+    ) -> Iterator[TokenDelta]:
+        """Deltas of a request until it finishes; timings ride on the first and the last delta."""
+        stamp = DeltaTimings(request_id, timings, self._prefill_s)
+        try:
+            while True:
+                delta = stamp.stamp(self._next(sink))
+                yield delta
+                if delta.finished:
+                    return
+        finally:
+            # Finished, evicted, or the consumer went away: free the request here.
+            self._quiet_free(request_id)
+
+    def _next(self: Any, sink: queue.Queue[TokenDelta]) -> TokenDelta:
+        """The next delta of a request; raises WorkerUnavailable if the worker gave the request up."""
+        while True:
+            try:
+                item = sink.get(timeout=1.0)
+            except queue.Empty:
+                if not self.loop.alive:
+                    raise WorkerUnavailable("the worker's engine stopped") from None
+                continue
+            if item is _EVICTED:
+                raise WorkerUnavailable("the worker gave the request up; it continues elsewhere")
+            return item
+
+    def _quiet_free(self: Any, request_id: str) -> None:
+        if self.loop.alive:
+            with contextlib.suppress(WorkerUnavailable):
+                self.loop.call(lambda: self._free(request_id))
+        else:
+            self.ledger.pop(request_id)
+
+
+def _leave_engine(entry: Any) -> None:
+    entry.in_engine = False
+
+
+def _drop_sink(entry: Any) -> None:
+    entry.sink = None
