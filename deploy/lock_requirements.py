@@ -12,7 +12,9 @@ from packaging.requirements import Requirement
 SKIP = {"epd-serve", "torch", "setuptools"}  # torch: the Dockerfile installs its CPU or CUDA build first
 
 
-def closure(name: str, extras: tuple[str, ...] = (), seen: dict[str, set[str]] | None = None) -> dict[str, set[str]]:
+def closure(
+    name: str, extras: tuple[str, ...] = (), seen: dict[str, set[str]] | None = None
+) -> dict[str, set[str]]:
     seen = {} if seen is None else seen
     key = re.sub(r"[-_.]+", "-", name).lower()
     try:
@@ -32,7 +34,8 @@ def closure(name: str, extras: tuple[str, ...] = (), seen: dict[str, set[str]] |
 
 def main() -> None:
     lines = [
-        "# The runtime dependencies of epd-serve (no test extras), pinned to the versions the test suite runs.",
+        "# The runtime dependencies of epd-serve (no test extras), "
+        "pinned to the versions the test suite runs.",
         "# torch is installed before these by the Dockerfile (CPU or CUDA build, same version).",
         "# Regenerate: make lock",
     ]
