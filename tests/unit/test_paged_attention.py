@@ -188,3 +188,14 @@ def test_loading_the_kernel_keeps_the_process_floating_point_state() -> None:
     assert kernels.library() is not None
     assert (torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() != 0.0
     assert (torch.tensor([1e-310], dtype=torch.float64) * 1.0).item() != 0.0
+
+
+def test_a_missing_or_broken_kernel_source_falls_back(tmp_path, monkeypatch) -> None:
+    """An install without the C source, or a source that does not compile, gives no library (the
+    torch path runs) rather than an error."""
+    monkeypatch.setenv("EPD_CACHE_DIR", str(tmp_path / "cache"))
+    assert kernels._build(tmp_path / "missing.c") is None
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    assert kernels._build(broken) is None
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # nothing half-built was left

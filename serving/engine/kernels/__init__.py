@@ -51,7 +51,12 @@ def _build(source: Path) -> Path | None:
     if compiler is None:
         log.info("no C compiler: CPU kernels off, using the torch paths")
         return None
-    parts = [source.read_text(), *_COMPILE, *_LINK, compiler, _cpu_key()]
+    try:
+        text = source.read_text()
+    except OSError as e:  # an install that left the source out
+        log.warning("kernel source %s unreadable, using the torch path: %s", source, e)
+        return None
+    parts = [text, *_COMPILE, *_LINK, compiler, _cpu_key()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     out_dir = cache_dir() / "kernels"
     target = out_dir / f"{source.stem}-{key}.so"
