@@ -114,21 +114,17 @@ def test_decode_kernel_equals_reference(
     float32 and bfloat16 pools, grouped and plain heads, head sizes it vectorises and ones it does not,
     and when it splits sequences across threads."""
     layer, ctx_lens, tables, q = _decode_case(threads * 100 + dim, dtype, heads, kv_heads, dim, block)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        batch = AttentionBatch.build([1] * len(ctx_lens), ctx_lens, tables, block, torch.device("cpu"))
-        group = batch.decode
-        out = kernels.paged_decode(
-            q.float().contiguous(),
-            layer,
-            group.block_index,
-            group.block_starts,
-            group.ctx,
-            1 / math.sqrt(dim),
-        )
-    finally:
-        torch.set_num_threads(before)
+    batch = AttentionBatch.build([1] * len(ctx_lens), ctx_lens, tables, block, torch.device("cpu"))
+    group = batch.decode
+    out = kernels.paged_decode(
+        q.float().contiguous(),
+        layer,
+        group.block_index,
+        group.block_starts,
+        group.ctx,
+        1 / math.sqrt(dim),
+        threads=threads,
+    )
     assert out is not None
     for i, (ctx, table) in enumerate(zip(ctx_lens, tables, strict=True)):
         rows = (
@@ -199,3 +195,16 @@ def test_a_missing_or_broken_kernel_source_falls_back(tmp_path, monkeypatch) -> 
     broken.write_text("this is not C\n")
     assert kernels._build(broken) is None
     assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # nothing half-built was left
+
+
+def test_kernel_threads_follow_the_work() -> None:
+    """A small context runs on one thread (starting threads would cost more than it saves); a large
+    one uses torch's intra-op threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert kernels._threads(torch.tensor([100, 200])) == 1
+        assert kernels._threads(torch.tensor([9000, 9000])) == 4
+        assert kernels._threads(torch.tensor([5000, 4000])) == 2
+    finally:
+        torch.set_num_threads(before)

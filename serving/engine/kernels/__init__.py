@@ -104,6 +104,15 @@ def library() -> ctypes.CDLL | None:
     return _library
 
 
+# Context tokens per thread below which a thread costs more than it saves: the kernel starts its POSIX
+# threads per call (tens of microseconds each), and 4,096 tokens are a few hundred microseconds of work.
+_TOKENS_PER_THREAD = 4096
+
+
+def _threads(ctx: torch.Tensor) -> int:
+    return max(1, min(torch.get_num_threads(), int(ctx.sum()) // _TOKENS_PER_THREAD))
+
+
 def paged_decode(
     q: torch.Tensor,
     layer: torch.Tensor,
@@ -111,11 +120,13 @@ def paged_decode(
     block_start: torch.Tensor,
     ctx: torch.Tensor,
     scale: float,
+    threads: int | None = None,
 ) -> torch.Tensor | None:
     """Decode attention over blocks in place. q (S, H, D) float32 contiguous; layer one layer of the
     pool `(num_blocks, 2, block_size, KV, D)` (a strided view is fine) in float32 or bfloat16; blocks,
-    block_start and ctx int64 on the CPU. Returns (S, H, D) float32, or None when the kernel cannot run
-    here (the caller then takes its torch path)."""
+    block_start and ctx int64 on the CPU. `threads`: how many to split the sequences across (default:
+    torch's intra-op count, fewer for a small context). Returns (S, H, D) float32, or None when the
+    kernel cannot run here (the caller then takes its torch path)."""
     lib = library()
     if lib is None or layer.device.type != "cpu" or layer.dtype not in (torch.float32, torch.bfloat16):
         return None
@@ -140,6 +151,6 @@ def paged_decode(
         seqs,
         scale,
         out.data_ptr(),
-        torch.get_num_threads(),
+        _threads(ctx) if threads is None else threads,
     )
     return out if status == 0 else None
