@@ -4,6 +4,7 @@ batch size, NIXL pull time vs bytes, and how the engine counts tokens (words and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
@@ -159,10 +160,14 @@ def _transfers(repeats: int) -> list[list[float]]:
     """NIXL pulls between two agents of this process (the first of each size is a warm-up)."""
     import torch
 
+    agents: list = []  # the transports made so far, closed whatever happens
     try:
         from serving.transport import make_transport
 
-        owner, reader = make_transport("nixl", "profile-owner"), make_transport("nixl", "profile-reader")
+        owner = make_transport("nixl", "profile-owner")
+        agents.append(owner)
+        reader = make_transport("nixl", "profile-reader")
+        agents.append(reader)
         src = torch.ones(max(TRANSFER_BYTES), dtype=torch.uint8)
         dst = torch.zeros_like(src)
         owner.register("buf", src)
@@ -179,8 +184,12 @@ def _transfers(repeats: int) -> list[list[float]]:
                     pass
 
             out.append([n, _median_time(pull, repeats + 2)])
-        reader.close()
-        owner.close()
         return out
     except Exception:  # noqa: BLE001 - NIXL missing or refused: the profile uses FACTS.md's rates
         return []
+    finally:
+        # Closed on every path: a transfer that raised used to leave both agents (and their progress
+        # threads) running for the rest of the process.
+        for agent in reversed(agents):
+            with contextlib.suppress(Exception):
+                agent.close()
