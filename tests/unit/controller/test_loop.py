@@ -108,3 +108,28 @@ def test_on_acts_through_the_actuator_and_records_the_outcome() -> None:
     actuator, controller = asyncio.run(run(fail=True))
     assert controller.decisions[0].outcome.startswith("failed") and not controller.decisions[0].applied
     assert controller.counts == {("switch", "on", False): 1}  # counted once, never taken back
+
+
+def test_a_tick_that_raises_is_logged_and_the_loop_goes_on(caplog) -> None:  # noqa: ANN001
+    controller, _ = loop("on", RecordingActuator())
+    controller.cfg = LoopConfig("on", tick_s=0.01, window_s=10.0)
+    calls: list[int] = []
+
+    def tick(now: float | None = None) -> list:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a broken observation")
+        return []
+
+    controller.tick = tick  # type: ignore[method-assign]
+
+    async def run() -> None:
+        task = asyncio.create_task(controller.run())
+        while len(calls) < 3 and not task.done():
+            await asyncio.sleep(0.01)
+        assert not task.done()  # the loop outlived the failing tick
+        task.cancel()
+
+    asyncio.run(asyncio.wait_for(run(), timeout=10))
+    assert len(calls) >= 3
+    assert "controller tick failed" in caplog.text
