@@ -5,9 +5,10 @@
  *   cache[b * block_stride + k * kv_stride + s * slot_stride + g * head_dim + d].
  * Queries q (seqs, heads, head_dim) and out (seqs, heads, head_dim) are contiguous float32; the pool is
  * float32 or bfloat16. Per sequence: its context is first streamed into cache with plain loads
- * (`touch_context`), then per kv head two passes: the scores of the heads that share the kv head (each
- * key row loaded once for all of them), then the softmax-weighted sum of the values with the
- * accumulators in registers. A one-pass online softmax, a block at a time, was tried and measured
+ * (`touch_context`; for every sequence after a thread's first, its lines were already requested by
+ * prefetches spread over the previous sequence's first score pass), then per kv head two passes: the
+ * scores of the heads that share the kv head (each key row loaded once for all of them), then the
+ * softmax-weighted sum of the values with the accumulators in registers. A one-pass online softmax, a block at a time, was tried and measured
  * slower here. Sequences are split across `threads` POSIX threads; one thread runs inline.
  */
 #include <float.h>
@@ -77,10 +78,31 @@ static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
     return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
 }
 
+
+/* Prefetches of the next sequence's context, spread over this sequence's first score pass, so its
+ * streaming overlaps this one's arithmetic. */
+typedef struct {
+    const char *base;
+    const int64_t *blocks;
+    int64_t nblocks, b;
+    size_t stride, region, off;
+    int per_step;
+} Cursor;
+
+static inline void cursor_step(Cursor *c) {
+    if (!c) return;
+    for (int i = 0; i < c->per_step && c->b < c->nblocks; i++) {
+        __builtin_prefetch(c->base + (size_t)c->blocks[c->b] * c->stride + c->off, 0, 2);
+        c->off += 64;
+        if (c->off >= c->region) { c->off = 0; c->b++; }
+    }
+}
+
 #define SCORES_FIXED(ND)                                                                                     \
     for (int64_t p = 0; p < ctx; p++) {                                                                      \
         const int64_t row = blocks[p / t->block_size] * t->block_stride + (p % t->block_size) * t->slot_stride + \
                             head;                                                                            \
+        cursor_step(cur);                                                                                    \
         __m512 k[ND];                                                                                        \
         for (int c = 0; c < ND; c++) k[c] = load16(t, t->cache, row + 16 * c);                             \
         int j = 0;                                                                                           \
@@ -112,7 +134,7 @@ static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
 /* w[j][p] = scale * q_j . k_p for the `group` heads sharing kv head g, and each head's maximum. A key
  * row is loaded once for all the heads that read it. */
 static void query_scores(const Task *t, const int64_t *blocks, int64_t ctx, const float *restrict q, int g,
-                         int group, float *restrict w, float *restrict maxs) {
+                         int group, float *restrict w, float *restrict maxs, Cursor *cur) {
     const int D = t->head_dim;
     const int64_t head = (int64_t)g * D;
     for (int j = 0; j < group; j++) maxs[j] = -FLT_MAX;
@@ -213,6 +235,18 @@ static void *run_task(void *arg) {
         const int64_t ctx = t->ctx[s];
         const int64_t *blocks = t->blocks + t->block_start[s];
         t->sink += touch_context(t, blocks, ctx);
+        Cursor next = {0};
+        const int have_next = s + 1 < t->last;
+        if (have_next) {
+            const size_t elem = t->bf16 ? 2 : 4;
+            next.base = (const char *)t->cache;
+            next.blocks = t->blocks + t->block_start[s + 1];
+            next.nblocks = (t->ctx[s + 1] + t->block_size - 1) / t->block_size;
+            next.stride = (size_t)t->block_stride * elem;
+            next.region = (size_t)(t->kv_stride * 2) * elem;
+            const int64_t lines = next.nblocks * (int64_t)(next.region / 64);
+            next.per_step = (int)((lines + ctx - 1) / (ctx > 0 ? ctx : 1));
+        }
         if (ctx * H > capacity) {
             free(scores);
             capacity = ctx * H;
@@ -223,7 +257,7 @@ static void *run_task(void *arg) {
         float maxs[MAX_HEADS];
         for (int g = 0; g < t->kv_heads; g++)
             query_scores(t, blocks, ctx, q + (int64_t)g * group * D, g, group, scores + (int64_t)g * group * ctx,
-                         maxs + g * group);
+                         maxs + g * group, g == 0 && have_next ? &next : NULL);
         float inv[MAX_HEADS];
         for (int h = 0; h < H; h++) {
             float *sh = scores + (int64_t)h * ctx, m = maxs[h], sum = 0.f;
