@@ -19,15 +19,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
 from loadgen.cli import bench
-from loadgen.server import free_port, start_server, stop_server
+from loadgen.server import free_port, launch, start_server, stop_server
 from loadgen.workloads import _WORDS
 
 MODEL_ID = "epd-small"
@@ -98,19 +96,7 @@ def start_vllm(
         str(tokenizer), "--served-model-name", MODEL_ID, "--dtype", dtype, "--max-model-len", "8192",
         "--no-enable-prefix-caching", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(2)
-    stop_server(proc)
-    raise RuntimeError(f"vLLM did not start:\n{log.read_text()[-3000:]}")
+    return launch(cmd, port, "/v1/models", log, 600, env=env)
 
 
 def sweep(url: str, traces: dict[int, Path], out: Path, name: str) -> dict[int, dict]:

@@ -30,21 +30,36 @@ def start_server(
     env = None
     if source is not None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])}
+    return launch(cmd, port, "/ready", log, timeout_s, env=env, cwd=source)
+
+
+def launch(
+    cmd: list[str],
+    port: int,
+    ready_path: str,
+    log: Path,
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """Start an HTTP server process in its own process group, output to `log`; return it and its
+    loopback URL once `ready_path` answers 200. Stopped, with the log's tail in the error, if it exits
+    or is not ready within `timeout_s`."""
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=source
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=cwd
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=5) as response:
+            with urllib.request.urlopen(f"{url}{ready_path}", timeout=5) as response:
                 if response.status == 200:
                     return proc, url
         except OSError:
             time.sleep(1)
     stop_server(proc)
-    raise RuntimeError(f"epd serve did not become ready:\n{Path(log).read_text()[-3000:]}")
+    raise RuntimeError(f"{' '.join(cmd[1:4])} did not become ready:\n{Path(log).read_text()[-3000:]}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -39,6 +39,7 @@ class _Group:
     q_lens: list[int]
     ctx_lens: list[int]
     q_starts: list[int]  # each sequence's first query row in the batch
+    starts: list[int]  # each sequence's first entry in block_index (block_starts, for Python)
     rows: torch.Tensor | None  # (tokens,) the group's query rows in the batch; None = all rows, in order
     block_index: torch.Tensor  # (P,) the sequences' used blocks, packed
     block_starts: torch.Tensor  # (S,) int64, each sequence's first entry in block_index
@@ -74,6 +75,7 @@ class _Group:
             q_lens=[q_lens[i] for i in members],
             ctx_lens=[ctx_lens[i] for i in members],
             q_starts=[q_starts[i] for i in members],
+            starts=starts,
             rows=None if everything else torch.tensor(rows, dtype=torch.long, device=device),
             block_index=torch.tensor(blocks, dtype=torch.long, device=device),
             block_starts=torch.tensor(starts, dtype=torch.long),
@@ -88,8 +90,6 @@ class AttentionBatch:
     slot_offsets: torch.Tensor  # (T,) offset inside that block
     decode: _Group | None  # sequences feeding one token after their whole prompt is cached
     prompt: _Group | None  # the rest: whole prompts and prompt chunks
-    block_size: int
-    device: torch.device
 
     @classmethod
     def build(
@@ -119,8 +119,6 @@ class AttentionBatch:
             slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
             decode=_Group.build(decode, *args),
             prompt=_Group.build(prompt, *args),
-            block_size=block_size,
-            device=device,
         )
 
 
@@ -186,7 +184,7 @@ def _attend_gathered(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out
     values = kv_cache[:, 1].index_select(0, group.block_index).flatten(0, 1)
     block_size = kv_cache.shape[2]
     for q_len, ctx, t, first_block, mask in zip(
-        group.q_lens, group.ctx_lens, group.q_starts, group.block_starts.tolist(), group.masks, strict=True
+        group.q_lens, group.ctx_lens, group.q_starts, group.starts, group.masks, strict=True
     ):
         row = first_block * block_size
         ks = keys[row : row + ctx].transpose(0, 1)[None]  # (1, KV, ctx, D), a view

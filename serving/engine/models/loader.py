@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from serving.engine.models.config import ModelConfig, load_model_config
-from serving.engine.models.cpu_linear import PackedLinear, pack_linears, packing_available
+from serving.engine.models.cpu_linear import pack_linears
 from serving.engine.models.decoder import fuse_projections
 from serving.engine.models.qwen2_vl import Qwen2VL
 
@@ -57,8 +57,5 @@ def load_model(
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     fuse_projections(model)
-    pack_linears(model.model)
-    pack_linears(model.visual)
-    if packing_available(model.lm_head.weight):
-        model.lm_head = PackedLinear(model.lm_head)
+    pack_linears(model)  # the decoder, the vision tower and the LM head
     return model.requires_grad_(False).eval()
