@@ -94,15 +94,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from ray import serve
 
-    from serving.cluster import init_ray, start_ray_workers
+    from serving.cluster import init_ray, parse_cpus, spare_cpus, start_ray_workers
     from serving.gateway.serve import NAMESPACE, gateway_application
     from serving.stages.factory import RayWorkerFactory
+    from serving.stages.placement import pin_threads
 
     # Serve's controller reconciles ten times a second by default: the largest share of an idle
     # server's CPU (at 0.5 s still ~0.5 % of a core). Once a second still starts and replaces
     # deployments promptly (replica health checks run every 10 s anyway); our workers' failure
     # detection is the control plane's own (`health_interval_s`).
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "1.0")
+    # Workers pinned to cores of their own: the rest of a local server keeps off those cores. Ray's
+    # daemons, Serve's proxy and the gateway replicas are started from here and inherit its CPUs.
+    if not args.address and args.pin_cpus and (spare := spare_cpus(parse_cpus(args.pin_cpus))):
+        pin_threads(spare)
     init_ray(args.address, NAMESPACE, host=_ray_host(args.host))
     import torch
 
@@ -149,7 +154,7 @@ def serve_settings(
     workers. The Ray Serve config entrypoint (`serving.gateway.app_builder`) parses the same flags
     and calls this too, so a Serve config and the command line cannot mean different things.
     `local`: every worker runs on this machine (a Ray started here), sharing its cores."""
-    from serving.cluster import parse_cpus, plan_workers
+    from serving.cluster import parse_cpus, plan_workers, spare_cpus
     from serving.config import ControlConfig, WorkerConfig, gateway_config_from_env
     from serving.gateway.serve import GatewaySettings
 
@@ -193,7 +198,11 @@ def serve_settings(
     # Unpinned workers on this machine share its cores: each gets its share of intra-op threads, so
     # OpenMP teams do not oversubscribe the cores (and spin against each other and the gateway).
     threads = max(1, (os.cpu_count() or 1) // len(plans)) if local and not (args.pin_cpus or gpus) else 0
-    template = WorkerConfig(name="template", engine=engine, transport="nixl", threads=threads)
+    # A pinned worker's runtime threads (Ray, transport, streams) use the cores no worker is pinned to.
+    runtime = spare_cpus(parse_cpus(args.pin_cpus)) if local and args.pin_cpus else ()
+    template = WorkerConfig(
+        name="template", engine=engine, transport="nixl", threads=threads, runtime_cpus=runtime
+    )
     controller = ControllerConfig(
         mode=args.controller,
         profile=args.controller_profile,

@@ -90,6 +90,11 @@ class WorkerConfig(BaseModel):
     cpus: tuple[int, ...] = Field(
         (), description="Pin the worker's process to these CPUs; empty: no pinning."
     )
+    runtime_cpus: tuple[int, ...] = Field(
+        (),
+        description="With cpus: once the engine runs, every thread but the engine's (Ray, transport, "
+        "streams) moves to these CPUs; empty: they stay on cpus.",
+    )
     threads: int = Field(
         0,
         ge=0,

@@ -48,8 +48,10 @@ class EngineLoop:
         on_broken: Callable[[str], None],
         stuck_after_s: float = 120.0,
         housekeeping_due: Callable[[], bool] = lambda: False,
+        on_start: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
+        self._on_start = on_start  # run first on the engine thread (CPU placement)
         self._housekeeping = housekeeping
         self._housekeeping_due = housekeeping_due
         self._wake = threading.Event()  # set whenever a call or an encode is queued
@@ -123,6 +125,8 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            if self._on_start is not None:
+                self._on_start()
             while not self._stop.is_set() and self.broken is None:
                 busy = self.engine.has_unfinished()
                 self._run_calls(block=not busy)

@@ -45,7 +45,7 @@ from serving.stages.ledger import Ledger
 from serving.stages.loop import EngineLoop
 from serving.stages.outbox import Outbox, StreamSink
 from serving.stages.paths import _EVICTED, RequestPaths, _drop_sink, _leave_engine
-from serving.stages.placement import buffer_sizes, pin_process
+from serving.stages.placement import buffer_sizes, keep_cpus_for_engine, pin_process
 from serving.stages.roles import RoleControl
 from serving.stages.streams import ConsumerStreams, StreamCounters
 from serving.stages.transfers import TransferEndpoint
@@ -94,6 +94,11 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
             self._on_broken,
             cfg.engine_stuck_after_s,
             housekeeping_due=lambda: len(self.leases) > 0,
+            on_start=(
+                (lambda: keep_cpus_for_engine(cfg.cpus, cfg.runtime_cpus))
+                if cfg.cpus and cfg.runtime_cpus
+                else None
+            ),
         )
         self.ledger.accept(self.roles)
         self.phase = WorkerPhase.ACTIVE

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 _COMPILE = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-pthread", "-c"]
 _LINK = ["-shared", "-pthread"]
 _lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_tried = False
 
 
 def _cpu_key() -> str:
@@ -82,26 +81,51 @@ def _build(source: Path) -> Path | None:
     return target
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None when they are off or could not be built (tried once per process)."""
-    global _library, _tried
-    if _tried:
-        return _library
+def _bind_paged_decode(lib: ctypes.CDLL) -> None:
+    fn = lib.epd_paged_decode
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    fn.argtypes = [ptr, ptr, i32, i64, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, i32]
+    fn.argtypes += [ctypes.c_float, ptr, i32]
+    fn.restype = i32
+
+
+def _bind_fused_ops(lib: ctypes.CDLL) -> None:
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    lib.epd_add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32]
+    lib.epd_rotary.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
+    lib.epd_silu_mul.argtypes = [ptr, ptr, i64, i64]
+    for fn in (lib.epd_add_rms_norm, lib.epd_rotary, lib.epd_silu_mul):
+        fn.restype = None
+
+
+# Each C source next to this file, and what declares its functions' signatures once it is loaded.
+_SOURCES: dict[str, Callable[[ctypes.CDLL], None]] = {
+    "paged_decode": _bind_paged_decode,
+    "fused_ops": _bind_fused_ops,
+}
+_libraries: dict[str, ctypes.CDLL | None] = {}
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The library built from `name`.c, or None when kernels are off or it could not be built (tried
+    once per process)."""
+    if name in _libraries:
+        return _libraries[name]
     with _lock:
-        if _tried:
-            return _library
-        if cpu_kernels_enabled():
-            path = _build(Path(__file__).with_name("paged_decode.c"))
-            if path is not None:
-                lib = ctypes.CDLL(str(path))
-                fn = lib.epd_paged_decode
-                i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-                fn.argtypes = [ptr, ptr, i32, i64, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, i32]
-                fn.argtypes += [ctypes.c_float, ptr, i32]
-                fn.restype = i32
-                _library = lib
-        _tried = True
-    return _library
+        if name not in _libraries:
+            lib = None
+            if cpu_kernels_enabled():
+                path = _build(Path(__file__).with_name(f"{name}.c"))
+                if path is not None:
+                    lib = ctypes.CDLL(str(path))
+                    _SOURCES[name](lib)
+            _libraries[name] = lib
+    return _libraries[name]
+
+
+def library() -> ctypes.CDLL | None:
+    """The decode-attention kernel's library, or None (see `load`)."""
+    return load("paged_decode")
 
 
 # Context tokens per thread below which a thread costs more than it saves: the kernel starts its POSIX

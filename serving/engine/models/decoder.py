@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from serving.engine.attention import AttentionBatch, paged_attention
+from serving.engine.kernels import fused
 from serving.engine.kv_cache import KVPool
 from serving.engine.models.config import TextConfig
 from serving.engine.models.layers import GatedMLP, RMSNorm, apply_rotary, concat_linear
@@ -54,14 +55,22 @@ class Attention(nn.Module):
         kv: torch.Tensor,
         batch: AttentionBatch,
     ) -> torch.Tensor:
-        tokens = x.shape[0]
+        tokens, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv is not None:
-            q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+            qkv = self.qkv(x)
+            # Q's and K's heads lie side by side at the start of each fused row: one in-place pass
+            # turns both.
+            qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)
+            if fused.rotary_(qk, cos, sin):
+                q, k, v = qkv.split(self.sizes, dim=-1)
+                q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+                return self.o_proj(paged_attention(q, k, v.view(tokens, kv_heads, dim), kv, batch))
+            q, k, v = qkv.split(self.sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(q.view(tokens, heads, dim), cos, sin)
+        k = apply_rotary(k.view(tokens, kv_heads, dim), cos, sin)
+        v = v.view(tokens, kv_heads, dim)
         return self.o_proj(paged_attention(q, k, v, kv, batch))
 
 
@@ -73,9 +82,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv, batch):  # noqa: ANN001 - hot path, types as in Decoder.forward
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, h, cos, sin, kv, batch):  # noqa: ANN001 - hot path, types as in Decoder.forward
+        """x: the residual stream; h: the previous layer's MLP output, not yet added to it (None in
+        the first layer). Returns the stream and this layer's MLP output, added by the next norm."""
+        x, y = self.input_layernorm.add_norm(x, h)
+        x, y = self.post_attention_layernorm.add_norm(x, self.self_attn(y, cos, sin, kv, batch))
+        return x, self.mlp(y)
 
 
 def fuse_projections(model: nn.Module) -> None:
@@ -104,7 +116,7 @@ class Decoder(nn.Module):
         if self.rotary is None:
             self.rotary = MRotary(self.cfg, embeds.device)
         cos, sin = self.rotary(positions, embeds.dtype)
-        x = embeds
+        x, h = embeds, None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, pool.layer(i), batch)
-        return self.norm(x)
+            x, h = layer(x, h, cos, sin, pool.layer(i), batch)
+        return self.norm.add_norm(x, h)[1]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.engine.kernels import fused
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -20,6 +22,15 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_norm(self, x: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + h, norm(x + h)), h None meaning nothing to add: the residual add and the norm after it
+        as one pass where the fused kernel runs."""
+        done = fused.add_rms_norm(x, h, self.weight, self.eps)
+        if done is not None:
+            return done
+        x = x if h is None else x + h
+        return x, self(x)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +67,10 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            gate_up = self.gate_up(x)
+            if self.act is F.silu and (product := fused.silu_mul(gate_up)) is not None:
+                return self.down_proj(product)
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 

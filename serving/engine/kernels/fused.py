@@ -1,0 +1,82 @@
+"""The decoder layer's fused element-wise steps (`fused_ops.c`) as torch calls: residual add + RMSNorm,
+rotary embedding in place, SiLU-gated product.
+
+Each returns None (or False) when it cannot run here -- kernels off or unbuilt, not float32 on the CPU,
+a layout it does not take, several intra-op threads on a large input (the C loops are single-threaded,
+torch's ops are not) -- and the caller then runs its torch ops, which compute the same thing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from serving.engine.kernels import load
+
+# Above this many rows with more than one intra-op thread, torch's parallel ops beat one C loop.
+_SERIAL_ROWS = 64
+
+
+def _usable(*tensors: torch.Tensor) -> bool:
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return False
+    rows = tensors[0].shape[0] if tensors[0].dim() > 1 else 1
+    return rows <= _SERIAL_ROWS or torch.get_num_threads() == 1
+
+
+def add_rms_norm(
+    x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x + h, RMSNorm(x + h)) for (rows, dim) x and h; with h None, (x, RMSNorm(x)). None when the
+    kernel cannot run: the caller adds and normalises with torch."""
+    operands = (x, weight) if h is None else (x, h, weight)
+    if x.dim() != 2 or not _usable(*operands) or not all(t.is_contiguous() for t in operands):
+        return None
+    lib = load("fused_ops")
+    if lib is None:
+        return None
+    rows, dim = x.shape
+    total = x if h is None else torch.empty_like(x)
+    out = torch.empty_like(x)
+    lib.epd_add_rms_norm(
+        x.data_ptr(),
+        None if h is None else h.data_ptr(),
+        total.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        rows,
+        dim,
+        eps,
+    )
+    return total, out
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """x (rows, heads, dim) -- rows may be strided, each row's heads contiguous -- turned in place by
+    cos, sin (rows, dim); False (x untouched) when the kernel cannot run."""
+    if x.dim() != 3 or not _usable(x, cos, sin) or x.shape[2] % 2:
+        return False
+    rows, heads, dim = x.shape
+    if x.stride(2) != 1 or x.stride(1) != dim or not (cos.is_contiguous() and sin.is_contiguous()):
+        return False
+    if cos.numel() != rows * dim or sin.numel() != rows * dim:
+        return False
+    lib = load("fused_ops")
+    if lib is None:
+        return False
+    lib.epd_rotary(x.data_ptr(), x.stride(0), rows, heads, dim, cos.data_ptr(), sin.data_ptr())
+    return True
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up where gate_up (rows, 2 * hidden) holds them side by side; None when the kernel
+    cannot run."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or not gate_up.is_contiguous() or not _usable(gate_up):
+        return None
+    lib = load("fused_ops")
+    if lib is None:
+        return None
+    rows, hidden = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(rows, hidden)
+    lib.epd_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, hidden)
+    return out

@@ -1,0 +1,58 @@
+/* Fused element-wise steps of a decoder layer on the CPU, float32: each is one pass over its rows
+ * where torch runs it as 3 to 8 separate ops (and, at a decode step's few rows, pays each op's
+ * dispatch more than its arithmetic).
+ *
+ *   epd_add_rms_norm  sum = x + h (h optional), out = weight * sum / rms(sum)
+ *   epd_rotary        rotary embedding applied in place to the first `heads` heads of every row
+ *   epd_silu_mul      out = silu(gate) * up, gate and up the two halves of each row
+ *
+ * Rows may be strided (a row of the fused QKV projection holds q, k and v side by side); a row's
+ * elements are contiguous. The caller passes only what these loops take (float32, CPU) and otherwise
+ * uses its torch path.
+ */
+#include <math.h>
+#include <stdint.h>
+
+void epd_add_rms_norm(const float *x, const float *h, float *sum, const float *weight, float *out, int64_t rows,
+                      int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *sr = sum ? sum + r * dim : (float *)xr;
+        if (h) {
+            const float *hr = h + r * dim;
+            for (int64_t i = 0; i < dim; i++) sr[i] = xr[i] + hr[i];
+        }
+        float ss = 0.f;
+        for (int64_t i = 0; i < dim; i++) ss += sr[i] * sr[i];
+        /* As the reference: x * rsqrt(mean(x^2) + eps), then the weight. */
+        const float inv = 1.f / sqrtf(ss / (float)dim + eps);
+        float *orow = out + r * dim;
+        for (int64_t i = 0; i < dim; i++) orow[i] = weight[i] * (sr[i] * inv);
+    }
+}
+
+/* x * cos + rotate_half(x) * sin for each of the `heads` heads of each row, in place; cos and sin are
+ * (rows, dim). rotate_half(x) = (-x[half:], x[:half]). */
+void epd_rotary(float *x, int64_t row_stride, int64_t rows, int64_t heads, int64_t dim, const float *cos_,
+                const float *sin_) {
+    const int64_t half = dim / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos_ + r * dim, *s = sin_ + r * dim;
+        for (int64_t g = 0; g < heads; g++) {
+            float *v = x + r * row_stride + g * dim;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
+}
+
+void epd_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t hidden) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * 2 * hidden, *u = g + hidden;
+        float *o = out + r * hidden;
+        for (int64_t i = 0; i < hidden; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}

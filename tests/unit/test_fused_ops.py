@@ -1,0 +1,110 @@
+"""The decoder's fused element-wise kernels (`fused_ops.c`) compute what the torch ops they replace do,
+decline what they cannot run, and leave the model's output unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serving.engine import kernels
+from serving.engine.kernels import fused
+from serving.engine.models.layers import RMSNorm, apply_rotary
+
+needs_kernels = pytest.mark.skipif(kernels.load("fused_ops") is None, reason="no C compiler: kernels off")
+
+
+@pytest.fixture
+def one_thread():
+    """As a pinned one-core worker runs: the kernels take inputs of any size."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [0, 1, 5, 300])
+@pytest.mark.parametrize("dim", [64, 100])
+def test_add_rms_norm_is_the_residual_add_and_the_reference_norm(rows: int, dim: int, one_thread) -> None:
+    torch.manual_seed(rows + dim)
+    norm = RMSNorm(dim, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim))
+    x, h = torch.randn(rows, dim) * 3, torch.randn(rows, dim)
+    x_before = x.clone()
+    total, out = fused.add_rms_norm(x, h, norm.weight, norm.eps)
+    torch.testing.assert_close(total, x_before + h, rtol=0, atol=0)
+    torch.testing.assert_close(out, norm(x_before + h), rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, x_before)  # inputs untouched
+    same, alone = fused.add_rms_norm(x, None, norm.weight, norm.eps)
+    assert same is x
+    torch.testing.assert_close(alone, norm(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_rotary_turns_strided_rows_in_place_like_the_reference(one_thread) -> None:
+    """Q's and K's heads at the start of each fused QKV row: the V columns after them stay as they were."""
+    torch.manual_seed(0)
+    tokens, heads, dim, v_cols = 7, 5, 64, 128
+    qkv = torch.randn(tokens, heads * dim + v_cols)
+    before = qkv.clone()
+    angles = torch.randn(tokens, 1, dim // 2)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    view = qkv[:, : heads * dim].view(tokens, heads, dim)
+    assert fused.rotary_(view, cos, sin)
+    want = apply_rotary(before[:, : heads * dim].view(tokens, heads, dim), cos, sin)
+    torch.testing.assert_close(view, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(qkv[:, heads * dim :], before[:, heads * dim :])
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [0, 3, 200])
+def test_silu_mul_is_the_gated_product(rows: int, one_thread) -> None:
+    torch.manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * 96) * 6
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(fused.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_ops_decline_what_they_cannot_run() -> None:
+    """Other dtypes, layouts the loops do not take, and large inputs while torch has several threads:
+    the caller's torch path runs instead."""
+    w = torch.ones(8)
+    assert fused.add_rms_norm(torch.randn(2, 8, dtype=torch.float64), None, w.double(), 1e-6) is None
+    assert fused.add_rms_norm(torch.randn(8, 2).t(), None, w, 1e-6) is None  # not contiguous
+    assert fused.silu_mul(torch.randn(2, 7)) is None  # no even split into gate and up
+    assert fused.silu_mul(torch.randn(2, 8, dtype=torch.bfloat16)) is None
+    x = torch.randn(3, 2, 8)
+    assert not fused.rotary_(x.transpose(0, 1), torch.ones(2, 8), torch.ones(2, 8))  # heads not contiguous
+    assert not fused.rotary_(x, torch.ones(3, 4), torch.ones(3, 4))  # cos/sin of another size
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert fused.silu_mul(torch.randn(500, 16)) is None
+        small = fused.add_rms_norm(torch.randn(2, 8), None, w, 1e-6)  # a few rows: still the kernel
+        assert (small is not None) == (kernels.load("fused_ops") is not None)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+def test_greedy_tokens_are_the_same_with_and_without_the_fused_kernels(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt's greedy continuation through the decoder with the fused kernels and with the torch
+    ops alone."""
+    from serving.config import EngineConfig
+    from serving.engine.llm import LLMEngine
+    from serving.types import SamplingParams
+
+    def tokens() -> list[int]:
+        engine = LLMEngine(EngineConfig(model=str(tiny_model), device="cpu", dtype="float32"))
+        prompt = engine.inputs.from_user_prompt("a small picture of a river at night", [])
+        return engine.generate([(prompt, SamplingParams(max_tokens=12, ignore_eos=True))])[0].token_ids
+
+    with_kernels = tokens()
+    monkeypatch.setitem(kernels._libraries, "fused_ops", None)
+    assert tokens() == with_kernels
