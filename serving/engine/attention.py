@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from serving.engine import kernels
+from serving.engine.kernels import fused
 
 
 @dataclass
@@ -148,6 +149,8 @@ def paged_attention(
 
 
 def _write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch) -> None:
+    if fused.write_kv(k, v, kv_cache, batch.slot_blocks, batch.slot_offsets):
+        return
     kv_cache[batch.slot_blocks, 0, batch.slot_offsets] = k
     kv_cache[batch.slot_blocks, 1, batch.slot_offsets] = v
 
@@ -157,6 +160,8 @@ def _decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out: 
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
         return False
     queries = q if group.rows is None else q.index_select(0, group.rows)
+    # A batch of decode tokens only, in float32: the kernel writes the output rows where they go.
+    direct = group.rows is None and out.dtype == torch.float32
     result = kernels.paged_decode(
         queries.to(torch.float32).contiguous(),
         kv_cache,
@@ -164,14 +169,16 @@ def _decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out: 
         group.block_starts,
         group.ctx,
         1.0 / math.sqrt(q.shape[2]),
+        out=out.view(q.shape) if direct else None,
     )
     if result is None:
         return False
-    flat = result.view(result.shape[0], -1).to(out.dtype)
-    if group.rows is None:
-        out.copy_(flat)
-    else:
-        out.index_copy_(0, group.rows, flat)
+    if not direct:
+        flat = result.view(result.shape[0], -1).to(out.dtype)
+        if group.rows is None:
+            out.copy_(flat)
+        else:
+            out.index_copy_(0, group.rows, flat)
     return True
 
 

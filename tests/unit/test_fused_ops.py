@@ -108,3 +108,26 @@ def test_greedy_tokens_are_the_same_with_and_without_the_fused_kernels(
     with_kernels = tokens()
     monkeypatch.setitem(kernels._libraries, "fused_ops", None)
     assert tokens() == with_kernels
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_puts_each_row_in_its_slot_like_indexed_assignment(dtype: torch.dtype) -> None:
+    """Keys and values as they come out of the fused QKV projection (strided rows) into one layer of a
+    block-major pool (a strided view), as `_write_kv`'s indexed assignment does."""
+    torch.manual_seed(1)
+    blocks, layers, block_size, kv_heads, dim, rows = 6, 3, 4, 2, 16, 9
+    pool = torch.randn(blocks, layers, 2, block_size, kv_heads, dim).to(dtype)
+    want = pool.clone()
+    qkv = torch.randn(rows, (4 + 2 * kv_heads) * dim).to(dtype)
+    k = qkv[:, 4 * dim : (4 + kv_heads) * dim].view(rows, kv_heads, dim)
+    v = qkv[:, (4 + kv_heads) * dim :].view(rows, kv_heads, dim)
+    slots = torch.randperm(blocks * block_size)[:rows]
+    where_blocks, where_offsets = slots // block_size, slots % block_size
+    assert fused.write_kv(k, v, pool[:, 1], where_blocks, where_offsets)
+    want[:, 1][where_blocks, 0, where_offsets] = k
+    want[:, 1][where_blocks, 1, where_offsets] = v
+    assert torch.equal(pool, want)  # and nothing else in the pool moved
+    if dtype != torch.float32:  # keys of another dtype than the pool's: declined, nothing written
+        assert not fused.write_kv(k.float(), v, pool[:, 1], where_blocks, where_offsets)
+        assert torch.equal(pool, want)

@@ -94,7 +94,8 @@ def _bind_fused_ops(lib: ctypes.CDLL) -> None:
     lib.epd_add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32]
     lib.epd_rotary.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
     lib.epd_silu_mul.argtypes = [ptr, ptr, i64, i64]
-    for fn in (lib.epd_add_rms_norm, lib.epd_rotary, lib.epd_silu_mul):
+    lib.epd_write_kv.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr]
+    for fn in (lib.epd_add_rms_norm, lib.epd_rotary, lib.epd_silu_mul, lib.epd_write_kv):
         fn.restype = None
 
 
@@ -134,7 +135,8 @@ _TOKENS_PER_THREAD = 4096
 
 
 def _threads(ctx: torch.Tensor) -> int:
-    return max(1, min(torch.get_num_threads(), int(ctx.sum()) // _TOKENS_PER_THREAD))
+    available = torch.get_num_threads()
+    return 1 if available == 1 else max(1, min(available, int(ctx.sum()) // _TOKENS_PER_THREAD))
 
 
 def paged_decode(
@@ -145,19 +147,22 @@ def paged_decode(
     ctx: torch.Tensor,
     scale: float,
     threads: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Decode attention over blocks in place. q (S, H, D) float32 contiguous; layer one layer of the
     pool `(num_blocks, 2, block_size, KV, D)` (a strided view is fine) in float32 or bfloat16; blocks,
     block_start and ctx int64 on the CPU. `threads`: how many to split the sequences across (default:
-    torch's intra-op count, fewer for a small context). Returns (S, H, D) float32, or None when the
-    kernel cannot run here (the caller then takes its torch path)."""
+    torch's intra-op count, fewer for a small context). Returns (S, H, D) float32 -- `out` when given
+    (contiguous, float32) -- or None when the kernel cannot run here (the caller then takes its torch
+    path)."""
     lib = library()
     if lib is None or layer.device.type != "cpu" or layer.dtype not in (torch.float32, torch.bfloat16):
         return None
     if layer.stride(4) != 1 or layer.stride(3) != layer.shape[4]:
         return None  # the kernel reads each (kv head, dim) row as one contiguous run
     seqs, heads, dim = q.shape
-    out = torch.empty(seqs, heads, dim, dtype=torch.float32)
+    if out is None or out.dtype != torch.float32 or not out.is_contiguous() or out.shape != q.shape:
+        out = torch.empty(seqs, heads, dim, dtype=torch.float32)
     status = lib.epd_paged_decode(
         q.data_ptr(),
         layer.data_ptr(),

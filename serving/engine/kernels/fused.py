@@ -1,5 +1,5 @@
 """The decoder layer's fused element-wise steps (`fused_ops.c`) as torch calls: residual add + RMSNorm,
-rotary embedding in place, SiLU-gated product.
+rotary embedding in place, SiLU-gated product, the write of new keys and values into the pool.
 
 Each returns None (or False) when it cannot run here -- kernels off or unbuilt, not float32 on the CPU,
 a layout it does not take, several intra-op threads on a large input (the C loops are single-threaded,
@@ -80,3 +80,40 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     out = gate_up.new_empty(rows, hidden)
     lib.epd_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, hidden)
     return out
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, layer: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor
+) -> bool:
+    """k, v (rows, kv heads, dim) -- rows may be strided -- into slot offsets[r] of block blocks[r] of
+    `layer` (num_blocks, 2, block_size, kv heads, dim); False (nothing written) when the kernel cannot
+    run. One copy per row instead of two indexed assignments' bookkeeping."""
+    if k.device.type != "cpu" or layer.device.type != "cpu" or not (k.dtype == v.dtype == layer.dtype):
+        return False
+    row = k.shape[1] * k.shape[2]
+    for t in (k, v):
+        if t.dim() != 3 or t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+            return False
+    if layer.stride(4) != 1 or layer.stride(3) != layer.shape[4] or layer.shape[3] * layer.shape[4] != row:
+        return False
+    if blocks.dtype != torch.long or offsets.dtype != torch.long or blocks.numel() != k.shape[0]:
+        return False
+    lib = load("fused_ops")
+    if lib is None:
+        return False
+    size = layer.element_size()
+    lib.epd_write_kv(
+        k.data_ptr(),
+        v.data_ptr(),
+        k.stride(0) * size,
+        v.stride(0) * size,
+        k.shape[0],
+        row * size,
+        layer.data_ptr(),
+        layer.stride(0) * size,
+        layer.stride(1) * size,
+        layer.stride(2) * size,
+        blocks.data_ptr(),
+        offsets.data_ptr(),
+    )
+    return True

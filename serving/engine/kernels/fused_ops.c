@@ -5,6 +5,7 @@
  *   epd_add_rms_norm  sum = x + h (h optional), out = weight * sum / rms(sum)
  *   epd_rotary        rotary embedding applied in place to the first `heads` heads of every row
  *   epd_silu_mul      out = silu(gate) * up, gate and up the two halves of each row
+ *   epd_write_kv      a step's new keys and values copied into their pool slots
  *
  * Rows may be strided (a row of the fused QKV projection holds q, k and v side by side); a row's
  * elements are contiguous. The caller passes only what these loops take (float32, CPU) and otherwise
@@ -12,6 +13,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 void epd_add_rms_norm(const float *x, const float *h, float *sum, const float *weight, float *out, int64_t rows,
                       int64_t dim, float eps) {
@@ -54,5 +56,18 @@ void epd_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t hidden
         const float *g = gate_up + r * 2 * hidden, *u = g + hidden;
         float *o = out + r * hidden;
         for (int64_t i = 0; i < hidden; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}
+
+/* The new keys and values of a step into their slots of one layer of the pool: row r of k and of v
+ * (each `row_bytes` contiguous bytes: every kv head of the token) to slot offsets[r] of block
+ * blocks[r]. Strides are in bytes; any element type. */
+void epd_write_kv(const char *k, const char *v, int64_t k_row_stride, int64_t v_row_stride, int64_t rows,
+                  int64_t row_bytes, char *layer, int64_t block_stride, int64_t kind_stride, int64_t slot_stride,
+                  const int64_t *blocks, const int64_t *offsets) {
+    for (int64_t r = 0; r < rows; r++) {
+        char *dst = layer + blocks[r] * block_stride + offsets[r] * slot_stride;
+        memcpy(dst, k + r * k_row_stride, (size_t)row_bytes);
+        memcpy(dst + kind_stride, v + r * v_row_stride, (size_t)row_bytes);
     }
 }
