@@ -4,12 +4,19 @@
  * Layout (one layer of the pool): block b, kind k (0 keys, 1 values), slot s, kv head g, dim d at
  *   cache[b * block_stride + k * kv_stride + s * slot_stride + g * head_dim + d].
  * Queries q (seqs, heads, head_dim) and out (seqs, heads, head_dim) are contiguous float32; the pool is
- * float32 or bfloat16. Per sequence: its context is first streamed into cache with plain loads
- * (`touch_context`; for every sequence after a thread's first, its lines were already requested by
- * prefetches spread over the previous sequence's first score pass), then per kv head two passes: the
- * scores of the heads that share the kv head (each key row loaded once for all of them), then the
- * softmax-weighted sum of the values with the accumulators in registers. A one-pass online softmax, a block at a time, was tried and measured
- * slower here. Sequences are split across `threads` POSIX threads; one thread runs inline.
+ * float32 or bfloat16.
+ *
+ * Work goes in units of a few hundred tokens of one sequence (`chunk_of`): small enough that a unit's
+ * keys and values and the next unit's fit in L2 together. Per unit: its lines are loaded (`touch_context`;
+ * after the first unit they were already requested by prefetches spread over the previous unit's
+ * passes, so memory streams while the arithmetic runs), then per kv head two passes: the scores of the
+ * heads that share the kv head (each key row loaded once for all of them), then the weighted sum of the
+ * values with the accumulators in registers. A sequence of several units merges their partial outputs by
+ * their maxima and sums (flash-decoding's split-K merge); one unit normalises directly. Whole sequences
+ * as units were measured 17-39 % slower: prefetching the next one evicted the current one's values
+ * before their pass, so memory and arithmetic took turns. A one-pass online softmax, a block at a time,
+ * was also tried and measured slower. Sequences are split across `threads` POSIX threads; one thread
+ * runs inline.
  */
 #include <float.h>
 #include <math.h>
@@ -79,8 +86,10 @@ static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 
 
-/* Prefetches of the next sequence's context, spread over this sequence's first score pass, so its
- * streaming overlaps this one's arithmetic. */
+#endif
+
+/* Prefetches of the next work unit's lines (its blocks' keys and values, a line at a time), spread
+ * over the current unit's passes, so its streaming overlaps this unit's arithmetic. */
 typedef struct {
     const char *base;
     const int64_t *blocks;
@@ -98,6 +107,14 @@ static inline void cursor_step(Cursor *c) {
     }
 }
 
+/* What is left of the unit's prefetches, issued at once (the passes' rows ran out before the lines). */
+static inline void cursor_step_all(Cursor *c) {
+    for (; c->b < c->nblocks; c->b++, c->off = 0)
+        for (; c->off < c->region; c->off += 64)
+            __builtin_prefetch(c->base + (size_t)c->blocks[c->b] * c->stride + c->off, 0, 2);
+}
+
+#if defined(__AVX512F__)
 #define SCORES_FIXED(ND)                                                                                     \
     for (int64_t p = 0; p < ctx; p++) {                                                                      \
         const int64_t row = blocks[p / t->block_size] * t->block_stride + (p % t->block_size) * t->slot_stride + \
@@ -162,7 +179,7 @@ static void query_scores(const Task *t, const int64_t *blocks, int64_t ctx, cons
  * accumulators of up to 4 heads x 64 dims stay in registers over the whole context (a store and reload
  * of the output per value row cost more than the rest of the kernel together). */
 static void weighted_values(const Task *t, const int64_t *blocks, int64_t ctx, const float *restrict w, int g,
-                            int group, const float *restrict inv, float *restrict o) {
+                            int group, const float *restrict inv, float *restrict o, Cursor *cur) {
     const int D = t->head_dim;
     const int64_t head = (int64_t)g * D + t->kv_stride;
 #if defined(__AVX512F__)
@@ -177,6 +194,7 @@ static void weighted_values(const Task *t, const int64_t *blocks, int64_t ctx, c
                 for (int64_t p = 0; p < ctx; p++) {
                     const int64_t row = blocks[p / t->block_size] * t->block_stride +
                                         (p % t->block_size) * t->slot_stride + head + d0;
+                    cursor_step(cur);
                     __m512 v[4];
                     for (int c = 0; c < 4; c++) v[c] = c < nd ? load16(t, t->cache, row + 16 * c) : _mm512_setzero_ps();
                     for (int j = 0; j < 4; j++) {
@@ -207,12 +225,10 @@ static void weighted_values(const Task *t, const int64_t *blocks, int64_t ctx, c
         for (int d = 0; d < D; d++) o[(int64_t)j * D + d] *= inv[j];
 }
 
-/* One work item is one sequence, all heads: a slot's keys (or values) for every kv head are one
- * contiguous run, so each block is read front to back once per pass. */
-/* Read every block of a sequence's context for this layer (keys and values, one contiguous region per
+/* Read every block of a unit's context for this layer (keys and values, one contiguous region per
  * block) with plain independent loads, front to back, before the passes that use it. The passes walk
  * rows in an order the hardware cannot run far ahead of (a reduction per row), so from DRAM they ran
- * 3x slower than from cache; this loop streams at memory speed and leaves the context in L2 for them.
+ * 3x slower than from cache; this loop streams at memory speed and leaves the unit in L2 for them.
  * The returned sum is only there so the loads are not optimised away. */
 static float touch_context(const Task *t, const int64_t *blocks, int64_t ctx) {
     const size_t elem = t->bf16 ? 2 : 4;
@@ -226,56 +242,117 @@ static float touch_context(const Task *t, const int64_t *blocks, int64_t ctx) {
     return (float)(acc & 1);
 }
 
+/* Tokens per work unit: a unit's keys and values (a quarter megabyte at float32 with two kv heads of
+ * 64) fit in L2 next to the following unit's, whose lines are prefetched while this one computes. A
+ * whole sequence of several hundred tokens did not: prefetching the next one evicted the current one's
+ * values before their pass, and memory and arithmetic took turns. */
+#define CHUNK_TOKENS 256
+
+static void set_cursor(const Task *t, Cursor *c, const int64_t *blocks, int64_t tokens, int64_t visits) {
+    const size_t elem = t->bf16 ? 2 : 4;
+    *c = (Cursor){0};
+    c->base = (const char *)t->cache;
+    c->blocks = blocks;
+    c->nblocks = (tokens + t->block_size - 1) / t->block_size;
+    c->stride = (size_t)t->block_stride * elem;
+    c->region = (size_t)(t->kv_stride * 2) * elem;
+    const int64_t lines = c->nblocks * (int64_t)(c->region / 64);
+    c->per_step = (int)((lines + visits - 1) / (visits > 0 ? visits : 1));
+}
+
+/* A context's chunk length: equal block-aligned chunks of at most about CHUNK_TOKENS (a short last
+ * chunk would pay a pass's fixed costs for little work). */
+static int64_t chunk_of(const Task *t, int64_t ctx) {
+    const int64_t bs = t->block_size;
+    const int64_t nb = (ctx + bs - 1) / bs;
+    const int64_t parts = (ctx + CHUNK_TOKENS - 1) / CHUNK_TOKENS;
+    const int64_t per = parts > 0 ? (nb + parts - 1) / parts : 1;
+    return (per > 0 ? per : 1) * bs;
+}
+
 static void *run_task(void *arg) {
     Task *t = (Task *)arg;
     const int D = t->head_dim, H = t->heads, group = t->heads / t->kv_heads;
-    float *scores = NULL;
-    int64_t capacity = 0;
+    const int64_t most = CHUNK_TOKENS + t->block_size; /* chunk_of never exceeds this */
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(most * H));
+    float *part = (float *)malloc(sizeof(float) * (size_t)(H * D)); /* one chunk's unnormalised output */
+    if (!scores || !part) { free(scores); free(part); t->status = 1; return NULL; }
+    int touched = 0; /* the current unit's lines were prefetched by the previous unit */
     for (int s = t->first; s < t->last; s++) {
         const int64_t ctx = t->ctx[s];
         const int64_t *blocks = t->blocks + t->block_start[s];
-        t->sink += touch_context(t, blocks, ctx);
-        Cursor next = {0};
-        const int have_next = s + 1 < t->last;
-        if (have_next) {
-            const size_t elem = t->bf16 ? 2 : 4;
-            next.base = (const char *)t->cache;
-            next.blocks = t->blocks + t->block_start[s + 1];
-            next.nblocks = (t->ctx[s + 1] + t->block_size - 1) / t->block_size;
-            next.stride = (size_t)t->block_stride * elem;
-            next.region = (size_t)(t->kv_stride * 2) * elem;
-            const int64_t lines = next.nblocks * (int64_t)(next.region / 64);
-            next.per_step = (int)((lines + ctx - 1) / (ctx > 0 ? ctx : 1));
-        }
-        if (ctx * H > capacity) {
-            free(scores);
-            capacity = ctx * H;
-            scores = (float *)malloc(sizeof(float) * (size_t)capacity);
-            if (!scores) { t->status = 1; return NULL; }
-        }
         const float *q = t->q + (int64_t)s * H * D;
-        float maxs[MAX_HEADS];
-        for (int g = 0; g < t->kv_heads; g++)
-            query_scores(t, blocks, ctx, q + (int64_t)g * group * D, g, group, scores + (int64_t)g * group * ctx,
-                         maxs + g * group, g == 0 && have_next ? &next : NULL);
-        float inv[MAX_HEADS];
-        for (int h = 0; h < H; h++) {
-            float *sh = scores + (int64_t)h * ctx, m = maxs[h], sum = 0.f;
-            for (int64_t p = 0; p < ctx; p++) {
-                /* Exponents are clamped at -80: such weights are far under float precision next to the
-                 * largest (1), and e^-80 is still a normal float, where an underflow to a denormal would
-                 * make every later multiply by it slow. The clamp keeps the loop vectorisable. */
-                sh[p] = expf(fmaxf(sh[p] - m, -80.f));
-                sum += sh[p];
-            }
-            inv[h] = 1.f / sum;
-        }
         float *o = t->out + (int64_t)s * H * D;
-        for (int g = 0; g < t->kv_heads; g++)
-            weighted_values(t, blocks, ctx, scores + (int64_t)g * group * ctx, g, group, inv + g * group,
-                            o + (int64_t)g * group * D);
+        float m_run[MAX_HEADS], l_run[MAX_HEADS];
+        const int64_t chunk = chunk_of(t, ctx), chunk_blocks = chunk / t->block_size;
+        const int64_t nchunks = ctx > 0 ? (ctx + chunk - 1) / chunk : 0;
+        for (int64_t c = 0; c < nchunks; c++) {
+            const int64_t *cb = blocks + c * chunk_blocks;
+            const int64_t n = ctx - c * chunk < chunk ? ctx - c * chunk : chunk;
+            if (!touched) t->sink += touch_context(t, cb, n);
+            Cursor next;
+            int have_next = 1;
+            if (c + 1 < nchunks) {
+                const int64_t rest = ctx - (c + 1) * chunk;
+                set_cursor(t, &next, cb + chunk_blocks, rest < chunk ? rest : chunk, n * 2 * t->kv_heads);
+            } else if (s + 1 < t->last && t->ctx[s + 1] > 0) {
+                const int64_t next_chunk = chunk_of(t, t->ctx[s + 1]);
+                const int64_t first = t->ctx[s + 1] < next_chunk ? t->ctx[s + 1] : next_chunk;
+                set_cursor(t, &next, t->blocks + t->block_start[s + 1], first, n * 2 * t->kv_heads);
+            } else {
+                have_next = 0;
+            }
+            float maxs[MAX_HEADS], inv[MAX_HEADS];
+            for (int g = 0; g < t->kv_heads; g++)
+                query_scores(t, cb, n, q + (int64_t)g * group * D, g, group, scores + (int64_t)g * group * n,
+                             maxs + g * group, have_next ? &next : NULL);
+            float sums[MAX_HEADS];
+            for (int h = 0; h < H; h++) {
+                float *sh = scores + (int64_t)h * n, m = maxs[h], sum = 0.f;
+                for (int64_t p = 0; p < n; p++) {
+                    /* Exponents are clamped at -80: such weights are far under float precision next to
+                     * the largest (1), and e^-80 is still a normal float, where an underflow to a
+                     * denormal would make every later multiply by it slow. The clamp keeps the loop
+                     * vectorisable. */
+                    sh[p] = expf(fmaxf(sh[p] - m, -80.f));
+                    sum += sh[p];
+                }
+                sums[h] = sum;
+                inv[h] = nchunks == 1 ? 1.f / sum : 1.f;
+            }
+            float *dst = nchunks == 1 ? o : part;
+            for (int g = 0; g < t->kv_heads; g++)
+                weighted_values(t, cb, n, scores + (int64_t)g * group * n, g, group, inv + g * group,
+                                dst + (int64_t)g * group * D, have_next ? &next : NULL);
+            if (have_next) cursor_step_all(&next);
+            touched = have_next;
+            if (nchunks == 1) continue;
+            /* Merge this chunk into the running output (flash-decoding's split-K merge). */
+            for (int h = 0; h < H; h++) {
+                float *oh = o + (int64_t)h * D;
+                const float *ph = part + (int64_t)h * D;
+                if (c == 0) {
+                    m_run[h] = maxs[h];
+                    l_run[h] = sums[h];
+                    for (int d = 0; d < D; d++) oh[d] = ph[d];
+                    continue;
+                }
+                const float m = maxs[h] > m_run[h] ? maxs[h] : m_run[h];
+                const float a = expf(m_run[h] - m), b = expf(maxs[h] - m);
+                for (int d = 0; d < D; d++) oh[d] = oh[d] * a + ph[d] * b;
+                l_run[h] = l_run[h] * a + sums[h] * b;
+                m_run[h] = m;
+            }
+            if (c + 1 == nchunks)
+                for (int h = 0; h < H; h++) {
+                    const float r = 1.f / l_run[h];
+                    for (int d = 0; d < D; d++) o[(int64_t)h * D + d] *= r;
+                }
+        }
+        if (ctx == 0) for (int64_t i = 0; i < (int64_t)H * D; i++) o[i] = 0.f;
     }
     free(scores);
+    free(part);
     return NULL;
 }
 
