@@ -76,3 +76,21 @@ def test_patch_embedding_as_a_matmul_equals_the_convolution(
     torch.testing.assert_close(
         fused.encode(pixels, [grid]), plain.encode(pixels, [grid]), rtol=1e-3, atol=1e-4
     )
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_gives_the_linear_at_any_row_count(rows: int, dtype: torch.dtype) -> None:
+    """Packed weights (and float32's few rows padded up to oneDNN's faster path) give `F.linear`'s
+    result, with only as many rows as came in."""
+    from serving.engine.models.cpu_linear import PackedLinear, packing_available
+
+    torch.manual_seed(rows)
+    linear = nn.Linear(64, 48).to(dtype).requires_grad_(False)
+    if not packing_available(linear.weight):
+        pytest.skip("oneDNN packing is not available here")
+    x = torch.randn(rows, 64).to(dtype)
+    out = PackedLinear(linear)(x)
+    assert out.shape == (rows, 48)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, linear(x), rtol=tol, atol=tol)
