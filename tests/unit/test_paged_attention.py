@@ -87,14 +87,16 @@ def test_wrong_context_differs_from_reference() -> None:
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernel is off here")
 
 
-def _decode_case(seed: int, dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block: int):
+def _decode_case(
+    seed: int, dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block: int, longest: int = 150
+):
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    num_blocks = 200
+    num_blocks = 200 if longest <= 150 else 9 * -(-longest // block)
     layer = torch.randn(num_blocks, 2, block, kv_heads, dim).to(dtype)
     free = list(range(num_blocks))
     rng.shuffle(free)
-    ctx_lens = [rng.randint(1, 150) for _ in range(rng.randint(1, 9))]
+    ctx_lens = [rng.randint(1, longest) for _ in range(rng.randint(1, 9))]
     tables = [[free.pop() for _ in range(-(-c // block))] for c in ctx_lens]
     q = torch.randn(len(ctx_lens), heads, dim).to(dtype)
     return layer, ctx_lens, tables, q
@@ -114,9 +116,49 @@ def test_decode_kernel_equals_reference(
     float32 and bfloat16 pools, grouped and plain heads, head sizes it vectorises and ones it does not,
     and when it splits sequences across threads."""
     layer, ctx_lens, tables, q = _decode_case(threads * 100 + dim, dtype, heads, kv_heads, dim, block)
+    _check_decode(kernels.paged_decode, layer, ctx_lens, tables, q, block, threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block"), [(8, 2, 64, 16), (6, 3, 24, 8)])
+def test_decode_kernel_equals_reference_over_contexts_of_several_units(
+    dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block: int
+) -> None:
+    """Contexts longer than one work unit (about 256 tokens): the units' partial outputs are merged by
+    their maxima and sums; a context of one token, one unit and several units in one call."""
+    layer, ctx_lens, tables, q = _decode_case(7 + dim, dtype, heads, kv_heads, dim, block, longest=1100)
+    _check_decode(kernels.paged_decode, layer, ctx_lens, tables, q, block, 1)
+
+
+def test_decode_kernel_without_avx512_equals_reference(tmp_path, monkeypatch) -> None:
+    """The portable build (here: x86-64-v3, no AVX-512) compiles and gives the same attention: a CPU
+    without AVX-512 must not silently lose the kernel."""
+    import ctypes
+    import platform
+    from pathlib import Path
+
+    if platform.machine() != "x86_64" or kernels.library() is None:
+        pytest.skip("needs an x86-64 C compiler")
+    monkeypatch.setenv("EPD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(
+        kernels, "_COMPILE", [f if f != "-march=native" else "-march=x86-64-v3" for f in kernels._COMPILE]
+    )
+    path = kernels._build(Path(kernels.__file__).with_name("paged_decode.c"))
+    assert path is not None
+    lib = ctypes.CDLL(str(path))
+    kernels._bind_paged_decode(lib)
+    monkeypatch.setitem(kernels._libraries, "paged_decode", lib)
+    for dtype in (torch.float32, torch.bfloat16):
+        layer, ctx_lens, tables, q = _decode_case(11, dtype, 8, 2, 64, 16, longest=700)
+        _check_decode(kernels.paged_decode, layer, ctx_lens, tables, q, 16, 1)
+
+
+def _check_decode(paged_decode, layer, ctx_lens, tables, q, block: int, threads: int) -> None:  # noqa: ANN001
+    heads, dim, kv_heads = q.shape[1], q.shape[2], layer.shape[3]
     batch = AttentionBatch.build([1] * len(ctx_lens), ctx_lens, tables, block, torch.device("cpu"))
     group = batch.decode
-    out = kernels.paged_decode(
+    out = paged_decode(
         q.float().contiguous(),
         layer,
         group.block_index,
