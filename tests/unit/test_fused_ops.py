@@ -76,7 +76,7 @@ def test_fused_ops_decline_what_they_cannot_run() -> None:
     assert fused.add_rms_norm(torch.randn(2, 8, dtype=torch.float64), None, w.double(), 1e-6) is None
     assert fused.add_rms_norm(torch.randn(8, 2).t(), None, w, 1e-6) is None  # not contiguous
     assert fused.silu_mul(torch.randn(2, 7)) is None  # no even split into gate and up
-    assert fused.silu_mul(torch.randn(2, 8, dtype=torch.bfloat16)) is None
+    assert fused.silu_mul(torch.randn(2, 8, dtype=torch.float16)) is None
     x = torch.randn(3, 2, 8)
     assert not fused.rotary_(x.transpose(0, 1), torch.ones(2, 8), torch.ones(2, 8))  # heads not contiguous
     assert not fused.rotary_(x, torch.ones(3, 4), torch.ones(3, 4))  # cos/sin of another size
@@ -88,6 +88,34 @@ def test_fused_ops_decline_what_they_cannot_run() -> None:
         assert (small is not None) == (kernels.load("fused_ops") is not None)
     finally:
         torch.set_num_threads(before)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_bfloat16_kernels_round_where_the_torch_ops_do(rows: int, one_thread) -> None:
+    """In bfloat16 each kernel rounds after every step the torch ops round after: the residual sum,
+    the norm and the rotary embedding come out bit for bit; SiLU may differ in the last bit where
+    the two exps do."""
+    torch.manual_seed(rows)
+    norm = RMSNorm(512, 1e-6).bfloat16().requires_grad_(False)
+    norm.weight.copy_(torch.randn(512))
+    x, h = (torch.randn(rows, 512) * 3).bfloat16(), torch.randn(rows, 512).bfloat16()
+    total, out = fused.add_rms_norm(x, h, norm.weight, norm.eps)
+    assert torch.equal(total, x + h) and torch.equal(out, norm(x + h))
+
+    qkv = torch.randn(rows, 768).bfloat16()
+    before = qkv.clone()
+    angles = torch.randn(rows, 1, 32)
+    cos = torch.cat([angles, angles], -1).cos().bfloat16()
+    sin = torch.cat([angles, angles], -1).sin().bfloat16()
+    view = qkv[:, :640].view(rows, 10, 64)
+    assert fused.rotary_(view, cos, sin)
+    assert torch.equal(view, apply_rotary(before[:, :640].view(rows, 10, 64), cos, sin))
+    assert torch.equal(qkv[:, 640:], before[:, 640:])
+
+    gate_up = (torch.randn(rows, 2 * 1408) * 4).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(fused.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-2, atol=1e-2)
 
 
 @needs_kernels

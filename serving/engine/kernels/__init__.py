@@ -95,7 +95,12 @@ def _bind_fused_ops(lib: ctypes.CDLL) -> None:
     lib.epd_rotary.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
     lib.epd_silu_mul.argtypes = [ptr, ptr, i64, i64]
     lib.epd_write_kv.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr]
+    lib.epd_add_rms_norm_bf16.argtypes = lib.epd_add_rms_norm.argtypes
+    lib.epd_rotary_bf16.argtypes = lib.epd_rotary.argtypes
+    lib.epd_silu_mul_bf16.argtypes = lib.epd_silu_mul.argtypes
     for fn in (lib.epd_add_rms_norm, lib.epd_rotary, lib.epd_silu_mul, lib.epd_write_kv):
+        fn.restype = None
+    for fn in (lib.epd_add_rms_norm_bf16, lib.epd_rotary_bf16, lib.epd_silu_mul_bf16):
         fn.restype = None
 
 

@@ -1,7 +1,8 @@
 """The decoder layer's fused element-wise steps (`fused_ops.c`) as torch calls: residual add + RMSNorm,
 rotary embedding in place, SiLU-gated product, the write of new keys and values into the pool.
 
-Each returns None (or False) when it cannot run here -- kernels off or unbuilt, not float32 on the CPU,
+Float32 and bfloat16 (rounded to bfloat16 after each step, where the torch ops round). Each returns
+None (or False) when it cannot run here -- kernels off or unbuilt, another dtype or not on the CPU,
 a layout it does not take, several intra-op threads on a large input (the C loops are single-threaded,
 torch's ops are not) -- and the caller then runs its torch ops, which compute the same thing.
 """
@@ -17,8 +18,11 @@ _SERIAL_ROWS = 64
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        return False
     for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu":
+        if t.dtype != dtype or t.device.type != "cpu":
             return False
     rows = tensors[0].shape[0] if tensors[0].dim() > 1 else 1
     return rows <= _SERIAL_ROWS or torch.get_num_threads() == 1
@@ -38,7 +42,8 @@ def add_rms_norm(
     rows, dim = x.shape
     total = x if h is None else torch.empty_like(x)
     out = torch.empty_like(x)
-    lib.epd_add_rms_norm(
+    fn = lib.epd_add_rms_norm if x.dtype == torch.float32 else lib.epd_add_rms_norm_bf16
+    fn(
         x.data_ptr(),
         None if h is None else h.data_ptr(),
         total.data_ptr(),
@@ -64,7 +69,8 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     lib = load("fused_ops")
     if lib is None:
         return False
-    lib.epd_rotary(x.data_ptr(), x.stride(0), rows, heads, dim, cos.data_ptr(), sin.data_ptr())
+    fn = lib.epd_rotary if x.dtype == torch.float32 else lib.epd_rotary_bf16
+    fn(x.data_ptr(), x.stride(0), rows, heads, dim, cos.data_ptr(), sin.data_ptr())
     return True
 
 
@@ -78,7 +84,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
         return None
     rows, hidden = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(rows, hidden)
-    lib.epd_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, hidden)
+    fn = lib.epd_silu_mul if gate_up.dtype == torch.float32 else lib.epd_silu_mul_bf16
+    fn(gate_up.data_ptr(), out.data_ptr(), rows, hidden)
     return out
 
 

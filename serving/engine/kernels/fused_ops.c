@@ -71,3 +71,68 @@ void epd_write_kv(const char *k, const char *v, int64_t k_row_stride, int64_t v_
         memcpy(dst + kind_stride, v + r * v_row_stride, (size_t)row_bytes);
     }
 }
+
+/* bfloat16 versions: each rounds to bfloat16 where the torch ops they replace do (after every op), so
+ * they give the same numbers up to the last bit of an exp. */
+static inline float bf(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf(float f) { /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float rbf(float f) { return bf(to_bf(f)); }
+
+void epd_add_rms_norm_bf16(const uint16_t *x, const uint16_t *h, uint16_t *sum, const uint16_t *weight,
+                           uint16_t *out, int64_t rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * dim;
+        const uint16_t *sr = xr;
+        if (h) {
+            uint16_t *dst = sum + r * dim;
+            const uint16_t *hr = h + r * dim;
+            for (int64_t i = 0; i < dim; i++) dst[i] = to_bf(bf(xr[i]) + bf(hr[i]));
+            sr = dst;
+        }
+        float ss = 0.f;
+        for (int64_t i = 0; i < dim; i++) ss += bf(sr[i]) * bf(sr[i]);
+        const float inv = 1.f / sqrtf(ss / (float)dim + eps);
+        uint16_t *orow = out + r * dim;
+        for (int64_t i = 0; i < dim; i++) orow[i] = to_bf(bf(weight[i]) * rbf(bf(sr[i]) * inv));
+    }
+}
+
+void epd_rotary_bf16(uint16_t *x, int64_t row_stride, int64_t rows, int64_t heads, int64_t dim,
+                     const uint16_t *cos_, const uint16_t *sin_) {
+    const int64_t half = dim / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *c = cos_ + r * dim, *s = sin_ + r * dim;
+        for (int64_t g = 0; g < heads; g++) {
+            uint16_t *v = x + r * row_stride + g * dim;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = bf(v[i]), b = bf(v[i + half]);
+                v[i] = to_bf(rbf(a * bf(c[i])) + rbf(-b * bf(s[i])));
+                v[i + half] = to_bf(rbf(b * bf(c[i + half])) + rbf(a * bf(s[i + half])));
+            }
+        }
+    }
+}
+
+void epd_silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t hidden) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gate_up + r * 2 * hidden, *u = g + hidden;
+        uint16_t *o = out + r * hidden;
+        for (int64_t i = 0; i < hidden; i++) {
+            const float x = bf(g[i]);
+            o[i] = to_bf(rbf(x / (1.f + expf(-x))) * bf(u[i]));
+        }
+    }
+}
