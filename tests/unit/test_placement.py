@@ -69,3 +69,30 @@ def test_serve_pins_workers_runtime_to_the_spare_cores(tiny_model) -> None:
     assert template("--pin-cpus", f"epd={CPUS[0]}").runtime_cpus == tuple(CPUS[1:])
     assert template().runtime_cpus == ()  # unpinned: nothing moves
     assert template("--pin-cpus", "epd=" + ",".join(map(str, CPUS))).runtime_cpus == ()
+
+
+def test_a_placement_hook_that_raises_marks_the_engine_loop_broken() -> None:
+    """The engine thread's start hook (CPU placement) failing must not leave a worker that looks alive
+    and never steps: the loop is broken, the worker is told, and every call fails fast."""
+    import threading
+
+    from serving.stages.loop import EngineLoop
+    from serving.types import WorkerUnavailable
+
+    class IdleEngine:  # a unit test of the loop alone: nothing to step
+        def has_unfinished(self) -> bool:
+            return False
+
+    told = threading.Event()
+
+    def fail() -> None:
+        raise OSError("sched_setaffinity refused")
+
+    loop = EngineLoop(IdleEngine(), lambda: None, lambda *_: None, lambda _: told.set(), on_start=fail)
+    try:
+        assert told.wait(5)
+        assert loop.broken is not None and not loop.alive
+        with pytest.raises(WorkerUnavailable):
+            loop.call(lambda: 1)
+    finally:
+        loop.stop()

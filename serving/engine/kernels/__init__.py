@@ -91,17 +91,16 @@ def _bind_paged_decode(lib: ctypes.CDLL) -> None:
 
 def _bind_fused_ops(lib: ctypes.CDLL) -> None:
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    lib.epd_add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32]
-    lib.epd_rotary.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
-    lib.epd_silu_mul.argtypes = [ptr, ptr, i64, i64]
     lib.epd_write_kv.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr]
-    lib.epd_add_rms_norm_bf16.argtypes = lib.epd_add_rms_norm.argtypes
-    lib.epd_rotary_bf16.argtypes = lib.epd_rotary.argtypes
-    lib.epd_silu_mul_bf16.argtypes = lib.epd_silu_mul.argtypes
-    for fn in (lib.epd_add_rms_norm, lib.epd_rotary, lib.epd_silu_mul, lib.epd_write_kv):
-        fn.restype = None
-    for fn in (lib.epd_add_rms_norm_bf16, lib.epd_rotary_bf16, lib.epd_silu_mul_bf16):
-        fn.restype = None
+    lib.epd_write_kv.restype = None
+    for suffix in ("", "_bf16"):  # float32 and bfloat16 take the same arguments
+        for name, args in (
+            ("epd_add_rms_norm", [ptr, ptr, ptr, ptr, ptr, i64, i64, f32]),
+            ("epd_rotary", [ptr, i64, i64, i64, i64, ptr, ptr]),
+            ("epd_silu_mul", [ptr, ptr, i64, i64]),
+        ):
+            fn = getattr(lib, name + suffix)
+            fn.argtypes, fn.restype = args, None
 
 
 # Each C source next to this file, and what declares its functions' signatures once it is loaded.
@@ -157,17 +156,19 @@ def paged_decode(
     """Decode attention over blocks in place. q (S, H, D) float32 contiguous; layer one layer of the
     pool `(num_blocks, 2, block_size, KV, D)` (a strided view is fine) in float32 or bfloat16; blocks,
     block_start and ctx int64 on the CPU. `threads`: how many to split the sequences across (default:
-    torch's intra-op count, fewer for a small context). Returns (S, H, D) float32 -- `out` when given
-    (contiguous, float32) -- or None when the kernel cannot run here (the caller then takes its torch
-    path)."""
+    torch's intra-op count, fewer for a small context). Returns (S, H, D) float32 -- written into `out`
+    when given (contiguous, float32, q's shape) -- or None when the kernel cannot run here (the caller
+    then takes its torch path)."""
     lib = library()
     if lib is None or layer.device.type != "cpu" or layer.dtype not in (torch.float32, torch.bfloat16):
         return None
     if layer.stride(4) != 1 or layer.stride(3) != layer.shape[4]:
         return None  # the kernel reads each (kv head, dim) row as one contiguous run
     seqs, heads, dim = q.shape
-    if out is None or out.dtype != torch.float32 or not out.is_contiguous() or out.shape != q.shape:
+    if out is None:
         out = torch.empty(seqs, heads, dim, dtype=torch.float32)
+    elif out.dtype != torch.float32 or not out.is_contiguous() or out.shape != q.shape:
+        raise ValueError("out must be a contiguous float32 tensor of q's shape")
     status = lib.epd_paged_decode(
         q.data_ptr(),
         layer.data_ptr(),

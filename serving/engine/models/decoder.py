@@ -56,21 +56,20 @@ class Attention(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         tokens, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        turned = False
         if self.qkv is not None:
             qkv = self.qkv(x)
             # Q's and K's heads lie side by side at the start of each fused row: one in-place pass
             # turns both.
-            qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)
-            if fused.rotary_(qk, cos, sin):
-                q, k, v = qkv.split(self.sizes, dim=-1)
-                q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
-                return self.o_proj(paged_attention(q, k, v.view(tokens, kv_heads, dim), kv, batch))
+            turned = fused.rotary_(
+                qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim), cos, sin
+            )
             q, k, v = qkv.split(self.sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = apply_rotary(q.view(tokens, heads, dim), cos, sin)
-        k = apply_rotary(k.view(tokens, kv_heads, dim), cos, sin)
-        v = v.view(tokens, kv_heads, dim)
+        q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+        if not turned:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(paged_attention(q, k, v, kv, batch))
 
 
