@@ -7,14 +7,15 @@ served in two groups:
 - **Decode tokens** (one query, the whole context visible) go to a C kernel (`serving.engine.kernels`)
   that reads each sequence's blocks where they lie in the pool: no copy of the context, the heads that
   share a KV head read each key once, and nothing is padded.
-- **Prompt tokens** (a whole prompt or a chunk of one) read the blocks they use with one `index_select`
-  per layer into packed contiguous keys and values, and each sequence attends over its own rows with
-  `scaled_dot_product_attention`: plainly causal for a prompt prefilled at once, with a small causal
-  mask offset by what is cached for a chunk that continues a partly cached prompt. Prefill is
-  compute-bound, so the copy costs little next to the attention itself.
+- **Prompt tokens** (a whole prompt or a chunk of one) go to a second C kernel: causal flash attention
+  over the same blocks in place, the mask aligned to each sequence's end (a chunk after cached tokens
+  sees them and itself causally), key tiles past a query tile skipped rather than masked.
 
-When the kernel is unavailable (no C compiler, a non-CPU device, a dtype it does not take) decode
-tokens take the second path too: the kernel is a speed-up, never a requirement.
+When a kernel is unavailable (no C compiler, a non-CPU device, a dtype it does not take) its tokens
+read the blocks they use with one `index_select` per layer into packed contiguous keys and values, and
+each sequence attends over its own rows with `scaled_dot_product_attention`: plainly causal for a
+prompt prefilled at once, with a causal mask offset by what is cached for a chunk. The kernels are a
+speed-up, never a requirement.
 
 Why not attend in place with plain tensor ops: the pool is block-major (`(blocks, layers, 2,
 block_size, ...)`, kept so one request's KV is one transportable region), so a layer's keys are strided
@@ -45,7 +46,8 @@ class _Group:
     block_index: torch.Tensor  # (P,) the sequences' used blocks, packed
     block_starts: torch.Tensor  # (S,) int64, each sequence's first entry in block_index
     ctx: torch.Tensor  # (S,) int64 context lengths
-    masks: list[torch.Tensor | None]  # per sequence: causal mask of a chunk after cached tokens, else None
+    first_rows: torch.Tensor  # (S,) int64, q_starts on the CPU (for the prefill kernel)
+    row_counts: torch.Tensor  # (S,) int64, q_lens on the CPU
 
     @classmethod
     def build(
@@ -64,13 +66,11 @@ class _Group:
         blocks: list[int] = []
         starts: list[int] = []
         rows: list[int] = []
-        masks: list[torch.Tensor | None] = []
         for i in members:
             q_len, ctx = q_lens[i], ctx_lens[i]
             starts.append(len(blocks))
             blocks.extend(tables[i][: -(-ctx // block_size)])
             rows.extend(range(q_starts[i], q_starts[i] + q_len))
-            masks.append(_chunk_mask(q_len, ctx, device) if 1 < q_len < ctx else None)
         everything = len(rows) == total_rows  # members are in batch order, so all rows means arange
         return cls(
             q_lens=[q_lens[i] for i in members],
@@ -81,7 +81,8 @@ class _Group:
             block_index=torch.tensor(blocks, dtype=torch.long, device=device),
             block_starts=torch.tensor(starts, dtype=torch.long),
             ctx=torch.tensor([ctx_lens[i] for i in members], dtype=torch.long),
-            masks=masks,
+            first_rows=torch.tensor([q_starts[i] for i in members], dtype=torch.long),
+            row_counts=torch.tensor([q_lens[i] for i in members], dtype=torch.long),
         )
 
 
@@ -143,7 +144,7 @@ def paged_attention(
     out = q.new_empty(q.shape[0], heads * dim)
     if batch.decode is not None and not _decode_kernel(q, kv_cache, batch.decode, out):
         _attend_gathered(q, kv_cache, batch.decode, out)
-    if batch.prompt is not None:
+    if batch.prompt is not None and not _prefill_kernel(q, kv_cache, batch.prompt, out):
         _attend_gathered(q, kv_cache, batch.prompt, out)
     return out
 
@@ -182,6 +183,35 @@ def _decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out: 
     return True
 
 
+def _prefill_kernel(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out: torch.Tensor) -> bool:
+    """The prompt group through the C kernel; False when it cannot run here."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    # The kernel reads and writes only the group's rows, so the whole batch goes in as it is; in
+    # float32 the output rows land where they go.
+    direct = q.dtype == torch.float32
+    target = out.view(q.shape) if direct else torch.empty(q.shape, dtype=torch.float32)
+    if not kernels.paged_prefill(
+        q.to(torch.float32).contiguous(),
+        kv_cache,
+        group.block_index,
+        group.block_starts,
+        group.ctx,
+        group.first_rows,
+        group.row_counts,
+        1.0 / math.sqrt(q.shape[2]),
+        target,
+    ):
+        return False
+    if not direct:
+        flat = target.view(q.shape[0], -1)
+        if group.rows is None:
+            out.copy_(flat)
+        else:
+            out.index_copy_(0, group.rows, flat.index_select(0, group.rows).to(out.dtype))
+    return True
+
+
 def _attend_gathered(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out: torch.Tensor) -> None:
     """Read the group's used blocks into packed contiguous keys and values, then attend per sequence."""
     heads, dim = q.shape[1], q.shape[2]
@@ -190,8 +220,8 @@ def _attend_gathered(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out
     keys = kv_cache[:, 0].index_select(0, group.block_index).flatten(0, 1)  # (P * block_size, KV, D)
     values = kv_cache[:, 1].index_select(0, group.block_index).flatten(0, 1)
     block_size = kv_cache.shape[2]
-    for q_len, ctx, t, first_block, mask in zip(
-        group.q_lens, group.ctx_lens, group.q_starts, group.starts, group.masks, strict=True
+    for q_len, ctx, t, first_block in zip(
+        group.q_lens, group.ctx_lens, group.q_starts, group.starts, strict=True
     ):
         row = first_block * block_size
         ks = keys[row : row + ctx].transpose(0, 1)[None]  # (1, KV, ctx, D), a view
@@ -202,6 +232,7 @@ def _attend_gathered(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out
             o = F.scaled_dot_product_attention(q[t].view(1, kv_heads, heads // kv_heads, dim), ks, vs)
             out[t] = o.view(heads * dim)
         else:
+            mask = _chunk_mask(q_len, ctx, q.device) if q_len < ctx else None
             o = F.scaled_dot_product_attention(
                 q[t : t + q_len].transpose(0, 1)[None],
                 ks,

@@ -131,7 +131,8 @@ def test_decode_kernel_equals_reference_over_contexts_of_several_units(
     _check_decode(kernels.paged_decode, layer, ctx_lens, tables, q, block, 1)
 
 
-def test_decode_kernel_without_avx512_equals_reference(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("source", ["paged_decode", "paged_prefill"])
+def test_kernels_without_avx512_equal_reference(source: str, tmp_path, monkeypatch) -> None:
     """The portable build (here: x86-64-v3, no AVX-512) compiles and gives the same attention: a CPU
     without AVX-512 must not silently lose the kernel."""
     import ctypes
@@ -144,14 +145,17 @@ def test_decode_kernel_without_avx512_equals_reference(tmp_path, monkeypatch) ->
     monkeypatch.setattr(
         kernels, "_COMPILE", [f if f != "-march=native" else "-march=x86-64-v3" for f in kernels._COMPILE]
     )
-    path = kernels._build(Path(kernels.__file__).with_name("paged_decode.c"))
+    path = kernels._build(Path(kernels.__file__).with_name(f"{source}.c"))
     assert path is not None
     lib = ctypes.CDLL(str(path))
-    kernels._bind_paged_decode(lib)
-    monkeypatch.setitem(kernels._libraries, "paged_decode", lib)
+    kernels._SOURCES[source](lib)
+    monkeypatch.setitem(kernels._libraries, source, lib)
     for dtype in (torch.float32, torch.bfloat16):
-        layer, ctx_lens, tables, q = _decode_case(11, dtype, 8, 2, 64, 16, longest=700)
-        _check_decode(kernels.paged_decode, layer, ctx_lens, tables, q, 16, 1)
+        if source == "paged_decode":
+            layer, ctx_lens, tables, q = _decode_case(11, dtype, 8, 2, 64, 16, longest=700)
+            _check_decode(kernels.paged_decode, layer, ctx_lens, tables, q, 16, 1)
+        else:
+            _check_prefill(_prefill_case(11, dtype, 8, 2, 64, 16), 16, 1)
 
 
 def _check_decode(paged_decode, layer, ctx_lens, tables, q, block: int, threads: int) -> None:  # noqa: ANN001
@@ -182,10 +186,107 @@ def _check_decode(paged_decode, layer, ctx_lens, tables, q, block: int, threads:
         torch.testing.assert_close(out[i].double(), expected, rtol=1e-4, atol=1e-5)
 
 
+def _prefill_case(seed: int, dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block: int):
+    """A batch of whole prompts, chunks after cached tokens and decode tokens, contexts up to a few key
+    tiles long; the pool and the queries in `dtype`."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    q_lens, ctx_lens = [], []
+    for i in range(rng.randint(3, 7)):
+        kind = "chunk" if i == 0 else rng.choice(["prompt", "chunk", "decode", "short"])
+        ctx = rng.randint(1, 12) if kind == "short" else rng.randint(40, 300)
+        q_len = 1 if kind == "decode" else rng.randint(2, ctx) if kind == "chunk" else ctx
+        q_lens.append(q_len)
+        ctx_lens.append(ctx)
+    num_blocks = sum(-(-c // block) for c in ctx_lens) + 8
+    layer = torch.randn(num_blocks, 2, block, kv_heads, dim).to(dtype)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(-(-c // block))] for c in ctx_lens]
+    q = torch.randn(sum(q_lens), heads, dim).to(dtype)
+    return layer, q_lens, ctx_lens, tables, q
+
+
+def _check_prefill(case, block: int, threads: int) -> None:  # noqa: ANN001
+    """The kernel over the batch's prompt group equals float64 attention for the group's rows and
+    leaves every other row (the decode tokens') as it was."""
+    layer, q_lens, ctx_lens, tables, q = case
+    heads, dim = q.shape[1], q.shape[2]
+    batch = AttentionBatch.build(q_lens, ctx_lens, tables, block, torch.device("cpu"))
+    group = batch.prompt
+    assert group is not None
+    out = torch.full(q.shape, float("nan"))
+    ran = kernels.paged_prefill(
+        q.float().contiguous(),
+        layer,
+        group.block_index,
+        group.block_starts,
+        group.ctx,
+        group.first_rows,
+        group.row_counts,
+        1 / math.sqrt(dim),
+        out,
+        threads=threads,
+    )
+    assert ran
+    t = 0
+    for q_len, ctx, table in zip(q_lens, ctx_lens, tables, strict=True):
+        rows = out[t : t + q_len]
+        if q_len == 1:
+            assert rows.isnan().all()  # a decode token's row: not the prompt group's, left alone
+        else:
+            slots = (
+                torch.tensor([table[p // block] for p in range(ctx)]),
+                torch.tensor([p % block for p in range(ctx)]),
+            )
+            keys, values = layer[:, 0][slots].double(), layer[:, 1][slots].double()
+            g = heads // layer.shape[3]
+            k = keys.repeat_interleave(g, dim=1).transpose(0, 1)
+            v = values.repeat_interleave(g, dim=1).transpose(0, 1)
+            scores = q[t : t + q_len].double().transpose(0, 1) @ k.transpose(1, 2) / math.sqrt(dim)
+            later = torch.arange(ctx)[None, :] > torch.arange(ctx - q_len, ctx)[:, None]
+            expected = (scores.masked_fill(later, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+            torch.testing.assert_close(rows.double(), expected, rtol=1e-4, atol=1e-5)
+        t += q_len
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block"),
+    # vectorised head sizes (64, 128; 7 heads per kv head pad a tile's rows to a multiple of 16) and a
+    # scalar one (24)
+    [(8, 2, 64, 16), (4, 4, 128, 16), (14, 2, 32, 8), (6, 3, 24, 8)],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_kernel_equals_reference(
+    dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block: int, threads: int
+) -> None:
+    """Causal attention of whole prompts and of chunks after cached tokens, read from blocks in place:
+    several query and key tiles per sequence, tiles that cross the diagonal, contexts of a few tokens,
+    float32 and bfloat16 pools, tiles split across threads."""
+    for seed in range(3):
+        case = _prefill_case(seed * 10 + threads + dim, dtype, heads, kv_heads, dim, block)
+        _check_prefill(case, block, threads)
+
+
+def test_prefill_kernel_declines_what_it_cannot_run() -> None:
+    """A float64 pool gets False (the caller attends with SDPA); an unusable output buffer is refused
+    rather than written elsewhere."""
+    layer = torch.randn(4, 2, BLOCK, KV_HEADS, DIM, dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.long)
+    zero = torch.zeros(1, dtype=torch.long)
+    q = torch.randn(3, HEADS, DIM)
+    assert not kernels.paged_prefill(q, layer, zero, zero, one * 3, zero, one * 3, 1.0, torch.empty_like(q))
+    if kernels.load("paged_prefill") is not None:
+        with pytest.raises(ValueError):
+            kernels.paged_prefill(q, layer.float(), zero, zero, one * 3, zero, one * 3, 1.0, q.double())
+
+
 @needs_kernel
 def test_kernel_and_torch_paths_agree_in_a_mixed_batch() -> None:
-    """paged_attention sends decode tokens to the kernel and prompt tokens to SDPA; forcing the decode
-    tokens down the gather path instead gives the same step output."""
+    """paged_attention sends decode tokens and prompt tokens to their kernels; forcing both down the
+    gather path (SDPA) instead gives the same step output."""
     torch.manual_seed(3)
     layer = torch.randn(64, 2, BLOCK, KV_HEADS, DIM)
     q_lens, ctx_lens = [1, 7, 1, 12, 1], [30, 7, 9, 20, 41]

@@ -89,6 +89,14 @@ def _bind_paged_decode(lib: ctypes.CDLL) -> None:
     fn.restype = i32
 
 
+def _bind_paged_prefill(lib: ctypes.CDLL) -> None:
+    fn = lib.epd_paged_prefill
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    fn.argtypes = [ptr, ptr, i32, i64, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, i32]
+    fn.argtypes += [ctypes.c_float, ptr, i32]
+    fn.restype = i32
+
+
 def _bind_fused_ops(lib: ctypes.CDLL) -> None:
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.epd_write_kv.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr]
@@ -106,6 +114,7 @@ def _bind_fused_ops(lib: ctypes.CDLL) -> None:
 # Each C source next to this file, and what declares its functions' signatures once it is loaded.
 _SOURCES: dict[str, Callable[[ctypes.CDLL], None]] = {
     "paged_decode": _bind_paged_decode,
+    "paged_prefill": _bind_paged_prefill,
     "fused_ops": _bind_fused_ops,
 }
 _libraries: dict[str, ctypes.CDLL | None] = {}
@@ -189,3 +198,61 @@ def paged_decode(
         _threads(ctx) if threads is None else threads,
     )
     return out if status == 0 else None
+
+
+# Query tokens per thread below which a thread costs more than it saves (a tile of 16 queries over a few
+# hundred keys is tens of microseconds; a thread start is about as much).
+_QUERIES_PER_THREAD = 64
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    layer: torch.Tensor,
+    blocks: torch.Tensor,
+    block_start: torch.Tensor,
+    ctx: torch.Tensor,
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    threads: int | None = None,
+) -> bool:
+    """Causal attention of prompt tokens over their blocks in place. q and out (rows, H, D) contiguous
+    float32; sequence i's queries are rows [q_start[i], q_start[i] + q_len[i]), its last q_len[i]
+    positions of ctx[i]; layer, blocks, block_start and ctx as for `paged_decode`; the int64 tensors on
+    the CPU. Writes those rows of `out` only. False when the kernel cannot run here (nothing written
+    that the caller's torch path would not overwrite)."""
+    lib = load("paged_prefill")
+    if lib is None or layer.device.type != "cpu" or layer.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if layer.stride(4) != 1 or layer.stride(3) != layer.shape[4]:
+        return False
+    if q.dtype != torch.float32 or not q.is_contiguous():
+        raise ValueError("q must be a contiguous float32 tensor")
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != q.shape:
+        raise ValueError("out must be a contiguous float32 tensor of q's shape")
+    if threads is None:
+        available = torch.get_num_threads()
+        threads = 1 if available == 1 else max(1, min(available, int(q_len.sum()) // _QUERIES_PER_THREAD))
+    status = lib.epd_paged_prefill(
+        q.data_ptr(),
+        layer.data_ptr(),
+        int(layer.dtype == torch.bfloat16),
+        layer.stride(0),
+        layer.stride(1),
+        layer.stride(2),
+        layer.shape[2],
+        layer.shape[3],
+        q.shape[2],
+        q.shape[1],
+        blocks.data_ptr(),
+        block_start.data_ptr(),
+        ctx.data_ptr(),
+        q_start.data_ptr(),
+        q_len.data_ptr(),
+        q_len.shape[0],
+        scale,
+        out.data_ptr(),
+        threads,
+    )
+    return status == 0
