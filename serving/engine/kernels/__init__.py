@@ -142,6 +142,27 @@ def library() -> ctypes.CDLL | None:
     return load("paged_decode")
 
 
+def _pool_args(layer: torch.Tensor, q: torch.Tensor) -> tuple[int, ...] | None:
+    """The pool layer's layout as both attention kernels take it (pointer, bfloat16 flag, block / kind /
+    slot strides, block size, kv heads, head size, heads), or None when they cannot read it: not on the
+    CPU, another dtype, or a (kv head, dim) row that is not one contiguous run."""
+    if layer.device.type != "cpu" or layer.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if layer.stride(4) != 1 or layer.stride(3) != layer.shape[4]:
+        return None
+    return (
+        layer.data_ptr(),
+        int(layer.dtype == torch.bfloat16),
+        layer.stride(0),
+        layer.stride(1),
+        layer.stride(2),
+        layer.shape[2],
+        layer.shape[3],
+        q.shape[2],
+        q.shape[1],
+    )
+
+
 # Context tokens per thread below which a thread costs more than it saves: the kernel starts its POSIX
 # threads per call (tens of microseconds each), and 4,096 tokens are a few hundred microseconds of work.
 _TOKENS_PER_THREAD = 4096
@@ -169,10 +190,9 @@ def paged_decode(
     when given (contiguous, float32, q's shape) -- or None when the kernel cannot run here (the caller
     then takes its torch path)."""
     lib = library()
-    if lib is None or layer.device.type != "cpu" or layer.dtype not in (torch.float32, torch.bfloat16):
+    layout = None if lib is None else _pool_args(layer, q)
+    if layout is None:
         return None
-    if layer.stride(4) != 1 or layer.stride(3) != layer.shape[4]:
-        return None  # the kernel reads each (kv head, dim) row as one contiguous run
     seqs, heads, dim = q.shape
     if out is None:
         out = torch.empty(seqs, heads, dim, dtype=torch.float32)
@@ -180,15 +200,7 @@ def paged_decode(
         raise ValueError("out must be a contiguous float32 tensor of q's shape")
     status = lib.epd_paged_decode(
         q.data_ptr(),
-        layer.data_ptr(),
-        int(layer.dtype == torch.bfloat16),
-        layer.stride(0),
-        layer.stride(1),
-        layer.stride(2),
-        layer.shape[2],
-        layer.shape[3],
-        dim,
-        heads,
+        *layout,
         blocks.data_ptr(),
         block_start.data_ptr(),
         ctx.data_ptr(),
@@ -223,9 +235,8 @@ def paged_prefill(
     the CPU. Writes those rows of `out` only. False when the kernel cannot run here (nothing written
     that the caller's torch path would not overwrite)."""
     lib = load("paged_prefill")
-    if lib is None or layer.device.type != "cpu" or layer.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if layer.stride(4) != 1 or layer.stride(3) != layer.shape[4]:
+    layout = None if lib is None else _pool_args(layer, q)
+    if layout is None:
         return False
     if q.dtype != torch.float32 or not q.is_contiguous():
         raise ValueError("q must be a contiguous float32 tensor")
@@ -236,15 +247,7 @@ def paged_prefill(
         threads = 1 if available == 1 else max(1, min(available, int(q_len.sum()) // _QUERIES_PER_THREAD))
     status = lib.epd_paged_prefill(
         q.data_ptr(),
-        layer.data_ptr(),
-        int(layer.dtype == torch.bfloat16),
-        layer.stride(0),
-        layer.stride(1),
-        layer.stride(2),
-        layer.shape[2],
-        layer.shape[3],
-        q.shape[2],
-        q.shape[1],
+        *layout,
         blocks.data_ptr(),
         block_start.data_ptr(),
         ctx.data_ptr(),
