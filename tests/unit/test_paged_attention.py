@@ -246,7 +246,21 @@ def _check_prefill(case, block: int, threads: int) -> None:  # noqa: ANN001
             scores = q[t : t + q_len].double().transpose(0, 1) @ k.transpose(1, 2) / math.sqrt(dim)
             later = torch.arange(ctx)[None, :] > torch.arange(ctx - q_len, ctx)[:, None]
             expected = (scores.masked_fill(later, float("-inf")).softmax(-1) @ v).transpose(0, 1)
-            torch.testing.assert_close(rows.double(), expected, rtol=1e-4, atol=1e-5)
+            if layer.dtype == torch.float32:
+                torch.testing.assert_close(rows.double(), expected, rtol=1e-4, atol=1e-5)
+            else:
+                # With AVX512-BF16 the kernel multiplies in bfloat16 (the softmax weights rounded), as
+                # torch's bfloat16 attention does: no further from float64 than that path's output.
+                sdpa = torch.nn.functional.scaled_dot_product_attention(
+                    q[t : t + q_len].transpose(0, 1)[None],
+                    keys.to(layer.dtype).transpose(0, 1)[None],
+                    values.to(layer.dtype).transpose(0, 1)[None],
+                    attn_mask=~later,
+                    enable_gqa=True,
+                )[0].transpose(0, 1)
+                torch_error = (sdpa.double() - expected).abs().max().item()
+                assert (rows.double() - expected).abs().max().item() <= max(torch_error, 1e-3)
+                torch.testing.assert_close(rows.double(), expected, rtol=1e-2, atol=1e-2)
         t += q_len
 
 

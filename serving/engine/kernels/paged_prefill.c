@@ -19,7 +19,9 @@
  * attention, given a mask, computes the whole rectangle. A first version with row-major scores
  * (keys transposed per tile, softmax along each row with libm's expf) took 5.4-5.7 ms for a
  * 600-token prompt's layer against 4.6-4.8 ms for this one.
- * Items go to `threads` POSIX threads through a shared counter (later tiles have more keys).
+ * With a bfloat16 pool and AVX512-BF16, both matmuls run on bfloat16 dot products (see BF16_MATH): a
+ * 600-token prompt's layer took 2.8 ms. Items go to `threads` POSIX threads through a shared counter
+ * (later tiles have more keys).
  */
 #include <float.h>
 #include <math.h>
@@ -59,6 +61,14 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+/* Round to nearest even (the values a bfloat16 model passes are exact already). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    bits += 0x7FFFu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
 /* Row `p` of sequence `blocks` for kind `kind` (0 keys, 1 values), kv head g: element offset. */
 static inline int64_t row_of(const Job *j, const int64_t *blocks, int64_t p, int kind, int g) {
     return blocks[p / j->block_size] * j->block_stride + kind * j->kv_stride + (p % j->block_size) * j->slot_stride +
@@ -82,6 +92,7 @@ typedef struct {
     float *vb;    /* KT x D: the same for values */
     float *m, *l, *alpha; /* rp each: running maximum, running sum, this tile's rescale */
     int32_t *pos; /* rp: each row's position */
+    uint32_t *p2; /* KT/2 x rp: the weights as bfloat16 pairs of consecutive keys (bfloat16 arithmetic) */
 } Scratch;
 
 /* e^x for x <= 0 (clamped at -80, as in paged_decode.c: no denormals): x = n ln2 + r with |r| <= ln2/2
@@ -161,6 +172,76 @@ static inline void values_4x64(float *o, const float *p, const float *const *vro
         for (int c = 0; c < nd; c++) _mm512_storeu_ps(o + (int64_t)(r0 + r) * D + d0 + 16 * c, a[r][c]);
 }
 
+#if defined(__AVX512BF16__)
+/* With a bfloat16 pool the two matmuls run on AVX512-BF16 dot products (two multiply-adds per float
+ * lane), as torch's bfloat16 attention runs its matmuls in bfloat16: the queries (bfloat16 values
+ * already, in a bfloat16 model) and the keys multiply exactly, and the softmax weights are rounded to
+ * bfloat16 for the sum over values, with float32 accumulation throughout. Operands are pairs of
+ * bfloat16 along the reduced dimension in each 32-bit lane. */
+#define BF16_MATH 1
+
+/* S[k][r0:r0+16*NV) for keys k0..k0+nk (nk <= 8): queries as (dim pair, row) lanes, each key's dim pair
+ * broadcast from its row in the pool. */
+#define SCORES_BF16(NV)                                                                                   \
+    __m512 a[8][NV];                                                                                      \
+    for (int k = 0; k < 8; k++)                                                                           \
+        for (int c = 0; c < NV; c++) a[k][c] = _mm512_setzero_ps();                                       \
+    for (int d2 = 0; d2 < D / 2; d2++) {                                                                  \
+        __m512bh qv[NV];                                                                                  \
+        for (int c = 0; c < NV; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qt2 + (int64_t)d2 * rp + r0 + 16 * c); \
+        for (int k = 0; k < 8; k++) {                                                                     \
+            if (k >= nk) break;                                                                           \
+            const __m512bh kb = (__m512bh)_mm512_set1_epi32((int32_t)krow[k0 + k][d2]);                  \
+            for (int c = 0; c < NV; c++) a[k][c] = _mm512_dpbf16_ps(a[k][c], qv[c], kb);                 \
+        }                                                                                                 \
+    }                                                                                                     \
+    for (int k = 0; k < nk; k++)                                                                          \
+        for (int c = 0; c < NV; c++) _mm512_storeu_ps(s + (int64_t)(k0 + k) * rp + r0 + 16 * c, a[k][c]);
+
+static inline void scores_bf16_8x32(const uint32_t *qt2, const uint32_t *const *krow, float *s, int D, int rp,
+                                    int r0, int k0, int nk) {
+    SCORES_BF16(2)
+}
+
+static inline void scores_bf16_8x16(const uint32_t *qt2, const uint32_t *const *krow, float *s, int D, int rp,
+                                    int r0, int k0, int nk) {
+    SCORES_BF16(1)
+}
+
+/* Two float32 vectors as one vector of bfloat16 pairs: a in each lane's low half, b in its high half. */
+static inline __m512i pair_bf16(__m512 a, __m512 b) {
+    const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(a));
+    const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(b));
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+/* O[r][d0:d0+16*nd) = O * alpha[r] + sum over key pairs of P V, rows r0..r0+nr (nr <= 4), nd <= 4; v2
+ * holds the value tile as pairs of consecutive keys per dim (KT/2 x D lanes). */
+static inline void values_bf16_4x64(float *o, const uint32_t *p2, const uint32_t *v2, const float *alpha, int D,
+                                    int rp, int pairs, int r0, int nr, int d0, int nd) {
+    __m512 a[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++)
+            a[r][c] = (r < nr && c < nd) ? _mm512_mul_ps(_mm512_loadu_ps(o + (int64_t)(r0 + r) * D + d0 + 16 * c),
+                                                          _mm512_set1_ps(alpha[r0 + r]))
+                                         : _mm512_setzero_ps();
+    for (int k2 = 0; k2 < pairs; k2++) {
+        __m512bh vv[4];
+        for (int c = 0; c < 4; c++)
+            vv[c] = (__m512bh)(c < nd ? _mm512_loadu_si512(v2 + (int64_t)k2 * D + d0 + 16 * c) : _mm512_setzero_si512());
+        for (int r = 0; r < 4; r++) {
+            if (r >= nr) break;
+            const __m512bh pb = (__m512bh)_mm512_set1_epi32((int32_t)p2[(int64_t)k2 * rp + r0 + r]);
+            for (int c = 0; c < 4; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], vv[c], pb);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nd; c++) _mm512_storeu_ps(o + (int64_t)(r0 + r) * D + d0 + 16 * c, a[r][c]);
+}
+#else
+#define BF16_MATH 0
+#endif
+
 /* Rows of a key tile as float32 pointers: in place for a float32 pool, converted into `buf` for
  * bfloat16 (a contiguous copy, cheap next to the arithmetic that reads each row rp times). */
 static void tile_rows(const Job *j, const int64_t *blocks, int64_t k0, int nk, int kind, int g, float *buf,
@@ -187,13 +268,24 @@ static void tile(const Job *j, Scratch *w, int i, int g, int64_t t0, int nq) {
     const int64_t *blocks = j->blocks + j->block_start[i];
     /* Row r = position-major, r = t * G + h for query head g * G + h: those G heads are adjacent in q.
      * Padding rows (r >= R) have zero queries and the last position; their output is never written. */
+    /* float32: the scale is folded into the queries. bfloat16 arithmetic: the queries stay as they are
+     * (exact in bfloat16) and the scores are scaled in the softmax. */
+    const int bf = BF16_MATH && j->bf16;
+    const float score_scale = bf ? j->scale : 1.f;
+    uint32_t *qt2 = (uint32_t *)w->qt; /* D/2 x rp lanes of dim pairs, in the same memory */
     for (int t = 0; t < nq; t++) {
         const float *src = j->q + ((j->q_start[i] + t0 + t) * j->heads + (int64_t)g * G) * D;
-        for (int h = 0; h < G; h++)
-            for (int d = 0; d < D; d++) w->qt[(int64_t)d * rp + t * G + h] = src[(int64_t)h * D + d] * j->scale;
+        for (int h = 0; h < G; h++) {
+            const float *qh = src + (int64_t)h * D;
+            if (bf)
+                for (int d = 0; d < D; d += 2)
+                    qt2[(int64_t)(d / 2) * rp + t * G + h] = f32_to_bf16(qh[d]) | (uint32_t)f32_to_bf16(qh[d + 1]) << 16;
+            else
+                for (int d = 0; d < D; d++) w->qt[(int64_t)d * rp + t * G + h] = qh[d] * j->scale;
+        }
     }
     for (int r = R; r < rp; r++)
-        for (int d = 0; d < D; d++) w->qt[(int64_t)d * rp + r] = 0.f;
+        for (int d = 0; d < D; d++) w->qt[(int64_t)d * rp + r] = 0.f; /* covers the pair layout too */
     for (int r = 0; r < rp; r++) {
         w->pos[r] = (int32_t)(r < R ? first_pos + r / G : last_pos);
         w->m[r] = -FLT_MAX;
@@ -201,15 +293,44 @@ static void tile(const Job *j, Scratch *w, int i, int g, int64_t t0, int nq) {
     }
     memset(w->o, 0, sizeof(float) * (size_t)rp * (size_t)D);
     const float *krow[KT], *vrow[KT];
+    const __m512 vscale = _mm512_set1_ps(score_scale);
     for (int64_t k0 = 0; k0 <= last_pos; k0 += KT) {
-        const int nk = (int)(last_pos + 1 - k0 < KT ? last_pos + 1 - k0 : KT);
-        tile_rows(j, blocks, k0, nk, 0, g, w->kb, krow);
-        tile_rows(j, blocks, k0, nk, 1, g, w->vb, vrow);
-        for (int kk = 0; kk < nk; kk += 8) {
-            const int n8 = nk - kk < 8 ? nk - kk : 8;
-            int r0 = 0;
-            for (; r0 + 32 <= rp; r0 += 32) scores_8x32(w->qt, krow, w->s, D, rp, r0, kk, n8);
-            if (r0 < rp) scores_8x16(w->qt, krow, w->s, D, rp, r0, kk, n8);
+        const int nk = (int)(last_pos + 1 - k0 < KT ? last_pos + 1 - k0 : KT), pairs = (nk + 1) / 2;
+        (void)pairs; /* used by the bfloat16 arithmetic only */
+        if (bf) {
+#if BF16_MATH
+            const uint32_t *krow2[KT];
+            for (int k = 0; k < nk; k++)
+                krow2[k] = (const uint32_t *)((const uint16_t *)j->cache + row_of(j, blocks, k0 + k, 0, g));
+            for (int kk = 0; kk < nk; kk += 8) {
+                const int n8 = nk - kk < 8 ? nk - kk : 8;
+                int r0 = 0;
+                for (; r0 + 32 <= rp; r0 += 32) scores_bf16_8x32(qt2, krow2, w->s, D, rp, r0, kk, n8);
+                if (r0 < rp) scores_bf16_8x16(qt2, krow2, w->s, D, rp, r0, kk, n8);
+            }
+            /* The value tile as pairs of consecutive keys per dim (an odd last key pairs with zero). */
+            uint32_t *v2 = (uint32_t *)w->kb;
+            for (int k2 = 0; k2 < pairs; k2++) {
+                const uint16_t *a = (const uint16_t *)j->cache + row_of(j, blocks, k0 + 2 * k2, 1, g);
+                const uint16_t *b =
+                    2 * k2 + 1 < nk ? (const uint16_t *)j->cache + row_of(j, blocks, k0 + 2 * k2 + 1, 1, g) : NULL;
+                for (int d = 0; d < D; d += 16) {
+                    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + d)));
+                    const __m512i hi =
+                        b ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + d))) : _mm512_setzero_si512();
+                    _mm512_storeu_si512(v2 + (int64_t)k2 * D + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+                }
+            }
+#endif
+        } else {
+            tile_rows(j, blocks, k0, nk, 0, g, w->kb, krow);
+            tile_rows(j, blocks, k0, nk, 1, g, w->vb, vrow);
+            for (int kk = 0; kk < nk; kk += 8) {
+                const int n8 = nk - kk < 8 ? nk - kk : 8;
+                int r0 = 0;
+                for (; r0 + 32 <= rp; r0 += 32) scores_8x32(w->qt, krow, w->s, D, rp, r0, kk, n8);
+                if (r0 < rp) scores_8x16(w->qt, krow, w->s, D, rp, r0, kk, n8);
+            }
         }
         /* Online softmax, 16 rows at a time; in a tile that crosses the diagonal, a key after a row's
          * position gets weight 0 (the first tile holds key 0, so every row's maximum is finite after it). */
@@ -219,7 +340,7 @@ static void tile(const Job *j, Scratch *w, int i, int g, int64_t t0, int nq) {
             const __m512 m_old = _mm512_loadu_ps(w->m + r0);
             __m512 m = m_old;
             for (int k = 0; k < nk; k++) {
-                const __m512 x = _mm512_loadu_ps(w->s + (int64_t)k * rp + r0);
+                const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(w->s + (int64_t)k * rp + r0), vscale);
                 const __mmask16 vis =
                     masked ? _mm512_cmp_epi32_mask(_mm512_set1_epi32((int32_t)(k0 + k)), pos, _MM_CMPINT_LE) : 0xFFFF;
                 m = _mm512_mask_max_ps(m, vis, m, x);
@@ -229,7 +350,7 @@ static void tile(const Job *j, Scratch *w, int i, int g, int64_t t0, int nq) {
                 float *sk = w->s + (int64_t)k * rp + r0;
                 const __mmask16 vis =
                     masked ? _mm512_cmp_epi32_mask(_mm512_set1_epi32((int32_t)(k0 + k)), pos, _MM_CMPINT_LE) : 0xFFFF;
-                const __m512 p = _mm512_maskz_mov_ps(vis, exp16(_mm512_sub_ps(_mm512_loadu_ps(sk), m)));
+                const __m512 p = _mm512_maskz_mov_ps(vis, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(sk), vscale, m)));
                 _mm512_storeu_ps(sk, p);
                 sum = _mm512_add_ps(sum, p);
             }
@@ -238,10 +359,25 @@ static void tile(const Job *j, Scratch *w, int i, int g, int64_t t0, int nq) {
             _mm512_storeu_ps(w->l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(w->l + r0), alpha, sum));
             _mm512_storeu_ps(w->m + r0, m);
         }
-        for (int r0 = 0; r0 < R; r0 += 4)
-            for (int d0 = 0; d0 < D; d0 += 64)
-                values_4x64(w->o, w->s, vrow, w->alpha, D, rp, nk, r0, R - r0 < 4 ? R - r0 : 4, d0,
-                            (D - d0 < 64 ? D - d0 : 64) / 16);
+        if (bf) {
+#if BF16_MATH
+            for (int k2 = 0; k2 < pairs; k2++) {
+                const float *a = w->s + (int64_t)(2 * k2) * rp, *b = 2 * k2 + 1 < nk ? a + rp : NULL;
+                for (int r0 = 0; r0 < rp; r0 += 16)
+                    _mm512_storeu_si512(w->p2 + (int64_t)k2 * rp + r0,
+                                        pair_bf16(_mm512_loadu_ps(a + r0), b ? _mm512_loadu_ps(b + r0) : _mm512_setzero_ps()));
+            }
+            for (int r0 = 0; r0 < R; r0 += 4)
+                for (int d0 = 0; d0 < D; d0 += 64)
+                    values_bf16_4x64(w->o, w->p2, (const uint32_t *)w->kb, w->alpha, D, rp, pairs, r0,
+                                     R - r0 < 4 ? R - r0 : 4, d0, (D - d0 < 64 ? D - d0 : 64) / 16);
+#endif
+        } else {
+            for (int r0 = 0; r0 < R; r0 += 4)
+                for (int d0 = 0; d0 < D; d0 += 64)
+                    values_4x64(w->o, w->s, vrow, w->alpha, D, rp, nk, r0, R - r0 < 4 ? R - r0 : 4, d0,
+                                (D - d0 < 64 ? D - d0 : 64) / 16);
+        }
     }
     for (int t = 0; t < nq; t++) {
         float *dst = j->out + ((j->q_start[i] + t0 + t) * j->heads + (int64_t)g * G) * D;
@@ -290,7 +426,7 @@ static void rows_scalar(const Job *j, int i, int g, int64_t t0, int nq, float *p
 
 static void *run(void *arg) {
     Job *j = (Job *)arg;
-    const int D = j->head_dim, G = j->heads / j->kv_heads;
+    const int D = j->head_dim;
     int64_t longest = 0;
     for (int i = 0; i < j->seqs; i++) longest = j->ctx[i] > longest ? j->ctx[i] : longest;
     const int vector = VECTOR && D % 16 == 0;
@@ -298,9 +434,9 @@ static void *run(void *arg) {
 #if VECTOR
     Scratch *w = NULL;
     if (vector) {
-        const size_t rp = ((size_t)QT * G + 15) / 16 * 16, d = (size_t)D;
+        const size_t rp = ((size_t)QT * (size_t)(j->heads / j->kv_heads) + 15) / 16 * 16, d = (size_t)D;
         w = (Scratch *)malloc(sizeof(Scratch));
-        buf = (float *)malloc(sizeof(float) * (d * rp * 2 + KT * rp + KT * d * 2 + rp * 4));
+        buf = (float *)malloc(sizeof(float) * (d * rp * 2 + KT * rp + KT * d * 2 + rp * 4 + KT / 2 * rp));
         if (w && buf) {
             w->qt = buf;
             w->o = w->qt + d * rp;
@@ -311,6 +447,7 @@ static void *run(void *arg) {
             w->l = w->m + rp;
             w->alpha = w->l + rp;
             w->pos = (int32_t *)(w->alpha + rp);
+            w->p2 = (uint32_t *)(w->pos + rp);
         }
     }
     if (vector && (!w || !buf)) { free(w); free(buf); __atomic_store_n(&j->status, 1, __ATOMIC_RELAXED); return NULL; }
