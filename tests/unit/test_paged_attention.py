@@ -183,7 +183,20 @@ def _check_decode(paged_decode, layer, ctx_lens, tables, q, block: int, threads:
         v = values.repeat_interleave(g, dim=1).transpose(0, 1)
         scores = (q[i].double()[:, None, :] @ k.transpose(1, 2)) / math.sqrt(dim)
         expected = (scores.softmax(-1) @ v)[:, 0]
-        torch.testing.assert_close(out[i].double(), expected, rtol=1e-4, atol=1e-5)
+        if layer.dtype == torch.float32:
+            torch.testing.assert_close(out[i].double(), expected, rtol=1e-4, atol=1e-5)
+            continue
+        # A bfloat16 pool on AVX512-BF16 multiplies in bfloat16 (the weights rounded), as torch's
+        # bfloat16 attention does: no further from float64 than that path's output.
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q[i][None, :, None].to(layer.dtype),
+            keys.to(layer.dtype).transpose(0, 1)[None],
+            values.to(layer.dtype).transpose(0, 1)[None],
+            enable_gqa=True,
+        )[0, :, 0]
+        torch_error = (sdpa.double() - expected).abs().max().item()
+        assert (out[i].double() - expected).abs().max().item() <= max(torch_error, 1e-3)
+        torch.testing.assert_close(out[i].double(), expected, rtol=1e-2, atol=1e-2)
 
 
 def _prefill_case(seed: int, dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block: int):
