@@ -62,11 +62,24 @@ def launch(
     raise RuntimeError(f"{' '.join(cmd[1:4])} did not become ready:\n{Path(log).read_text()[-3000:]}")
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM to the whole group (Ray's processes included), SIGKILL if it lingers."""
+def stop_server(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM to the whole group (Ray's processes included), SIGKILL if it lingers. Returns once no
+    process of the group is left: a benchmark that starts the next server sooner would run it beside
+    the last one's exiting workers (vLLM's engine core, Ray's worker processes)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+    for sig in (None, signal.SIGKILL):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + grace_s / 4
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # signal 0: does any process of the group still exist?
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
