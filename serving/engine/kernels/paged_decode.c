@@ -93,6 +93,26 @@ static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 #endif
 
+#if defined(__AVX512F__)
+/* Four heads' scores of key p from their accumulators (each a vector of partial sums): reduced, scaled,
+ * stored as w[j + i][p] and kept in each head's running maximum. */
+static inline void keep_scores4(const __m512 acc[4], float scale, float *w, float *maxs, int j, int64_t ctx,
+                                int64_t p) {
+    float x[4];
+    _mm_storeu_ps(x, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+    for (int i = 0; i < 4; i++) {
+        w[(int64_t)(j + i) * ctx + p] = x[i];
+        if (x[i] > maxs[j + i]) maxs[j + i] = x[i];
+    }
+}
+
+static inline void keep_score1(__m512 acc, float scale, float *w, float *maxs, int j, int64_t ctx, int64_t p) {
+    const float x = _mm512_reduce_add_ps(acc) * scale;
+    w[(int64_t)j * ctx + p] = x;
+    if (x > maxs[j]) maxs[j] = x;
+}
+#endif
+
 /* Prefetches of the next work unit's lines (its blocks' keys and values, a line at a time), spread
  * over the current unit's passes, so its streaming overlaps this unit's arithmetic. */
 typedef struct {
@@ -135,20 +155,13 @@ static inline void cursor_step_all(Cursor *c) {
                 acc[i] = _mm512_mul_ps(_mm512_loadu_ps(qj), k[0]);                                          \
                 for (int c = 1; c < ND; c++) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qj + 16 * c), k[c], acc[i]); \
             }                                                                                                \
-            float x[4];                                                                                      \
-            _mm_storeu_ps(x, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(t->scale)));  \
-            for (int i = 0; i < 4; i++) {                                                                    \
-                w[(int64_t)(j + i) * ctx + p] = x[i];                                                        \
-                if (x[i] > maxs[j + i]) maxs[j + i] = x[i];                                                  \
-            }                                                                                                \
+            keep_scores4(acc, t->scale, w, maxs, j, ctx, p);                                                \
         }                                                                                                    \
         for (; j < group; j++) {                                                                             \
             const float *qj = q + (int64_t)j * D;                                                            \
             __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qj), k[0]);                                          \
             for (int c = 1; c < ND; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qj + 16 * c), k[c], acc);    \
-            const float x = _mm512_reduce_add_ps(acc) * t->scale;                                           \
-            w[(int64_t)j * ctx + p] = x;                                                                     \
-            if (x > maxs[j]) maxs[j] = x;                                                                    \
+            keep_score1(acc, t->scale, w, maxs, j, ctx, p);                                                 \
         }                                                                                                    \
     }
 #endif
@@ -178,19 +191,12 @@ static inline void cursor_step_all(Cursor *c) {
                 acc[i] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[j + i][0], k[0]);                           \
                 for (int c = 1; c < NC; c++) acc[i] = _mm512_dpbf16_ps(acc[i], qb[j + i][c], k[c]);          \
             }                                                                                                 \
-            float x[4];                                                                                       \
-            _mm_storeu_ps(x, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(t->scale)));   \
-            for (int i = 0; i < 4; i++) {                                                                     \
-                w[(int64_t)(j + i) * ctx + p] = x[i];                                                         \
-                if (x[i] > maxs[j + i]) maxs[j + i] = x[i];                                                   \
-            }                                                                                                 \
+            keep_scores4(acc, t->scale, w, maxs, j, ctx, p);                                                 \
         }                                                                                                     \
         for (; j < group; j++) {                                                                              \
             __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[j][0], k[0]);                               \
             for (int c = 1; c < NC; c++) acc = _mm512_dpbf16_ps(acc, qb[j][c], k[c]);                        \
-            const float x = _mm512_reduce_add_ps(acc) * t->scale;                                            \
-            w[(int64_t)j * ctx + p] = x;                                                                      \
-            if (x > maxs[j]) maxs[j] = x;                                                                     \
+            keep_score1(acc, t->scale, w, maxs, j, ctx, p);                                                 \
         }                                                                                                     \
     }
 #endif

@@ -150,15 +150,27 @@ static inline void scores_8x16(const float *qt, const float *const *krow, float 
     for (int k = 0; k < nk; k++) _mm512_storeu_ps(s + (int64_t)(k0 + k) * rp + r0, a[k]);
 }
 
-/* O[r][d0:d0+16*nd) = O * alpha[r] + sum_k P[k][r] V[k] for rows r0..r0+nr (nr <= 4), nd <= 4. */
-static inline void values_4x64(float *o, const float *p, const float *const *vrow, const float *alpha, int D, int rp,
-                               int nk, int r0, int nr, int d0, int nd) {
-    __m512 a[4][4];
+/* The accumulators of a 4-row x 64-dim block of O, loaded and rescaled by each row's alpha (zero past
+ * nr rows and nd vectors), and their store: shared by the float32 and bfloat16 value passes. */
+static inline void load_rescaled(__m512 a[4][4], const float *o, const float *alpha, int D, int r0, int nr, int d0,
+                                 int nd) {
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < 4; c++)
             a[r][c] = (r < nr && c < nd) ? _mm512_mul_ps(_mm512_loadu_ps(o + (int64_t)(r0 + r) * D + d0 + 16 * c),
                                                           _mm512_set1_ps(alpha[r0 + r]))
                                          : _mm512_setzero_ps();
+}
+
+static inline void store_block(__m512 a[4][4], float *o, int D, int r0, int nr, int d0, int nd) {
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nd; c++) _mm512_storeu_ps(o + (int64_t)(r0 + r) * D + d0 + 16 * c, a[r][c]);
+}
+
+/* O[r][d0:d0+16*nd) = O * alpha[r] + sum_k P[k][r] V[k] for rows r0..r0+nr (nr <= 4), nd <= 4. */
+static inline void values_4x64(float *o, const float *p, const float *const *vrow, const float *alpha, int D, int rp,
+                               int nk, int r0, int nr, int d0, int nd) {
+    __m512 a[4][4];
+    load_rescaled(a, o, alpha, D, r0, nr, d0, nd);
     for (int k = 0; k < nk; k++) {
         __m512 vv[4];
         for (int c = 0; c < 4; c++) vv[c] = c < nd ? _mm512_loadu_ps(vrow[k] + d0 + 16 * c) : _mm512_setzero_ps();
@@ -168,8 +180,7 @@ static inline void values_4x64(float *o, const float *p, const float *const *vro
             for (int c = 0; c < 4; c++) a[r][c] = _mm512_fmadd_ps(pb, vv[c], a[r][c]);
         }
     }
-    for (int r = 0; r < nr; r++)
-        for (int c = 0; c < nd; c++) _mm512_storeu_ps(o + (int64_t)(r0 + r) * D + d0 + 16 * c, a[r][c]);
+    store_block(a, o, D, r0, nr, d0, nd);
 }
 
 #if defined(__AVX512BF16__)
@@ -220,11 +231,7 @@ static inline __m512i pair_bf16(__m512 a, __m512 b) {
 static inline void values_bf16_4x64(float *o, const uint32_t *p2, const uint32_t *v2, const float *alpha, int D,
                                     int rp, int pairs, int r0, int nr, int d0, int nd) {
     __m512 a[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int c = 0; c < 4; c++)
-            a[r][c] = (r < nr && c < nd) ? _mm512_mul_ps(_mm512_loadu_ps(o + (int64_t)(r0 + r) * D + d0 + 16 * c),
-                                                          _mm512_set1_ps(alpha[r0 + r]))
-                                         : _mm512_setzero_ps();
+    load_rescaled(a, o, alpha, D, r0, nr, d0, nd);
     for (int k2 = 0; k2 < pairs; k2++) {
         __m512bh vv[4];
         for (int c = 0; c < 4; c++)
@@ -235,8 +242,7 @@ static inline void values_bf16_4x64(float *o, const uint32_t *p2, const uint32_t
             for (int c = 0; c < 4; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], vv[c], pb);
         }
     }
-    for (int r = 0; r < nr; r++)
-        for (int c = 0; c < nd; c++) _mm512_storeu_ps(o + (int64_t)(r0 + r) * D + d0 + 16 * c, a[r][c]);
+    store_block(a, o, D, r0, nr, d0, nd);
 }
 #else
 #define BF16_MATH 0
