@@ -175,12 +175,16 @@ def _decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out: 
     if result is None:
         return False
     if not direct:
-        flat = result.view(result.shape[0], -1).to(out.dtype)
-        if group.rows is None:
-            out.copy_(flat)
-        else:
-            out.index_copy_(0, group.rows, flat)
+        _store_rows(out, group.rows, result.view(result.shape[0], -1))
     return True
+
+
+def _store_rows(out: torch.Tensor, rows: torch.Tensor | None, flat: torch.Tensor) -> None:
+    """A kernel's float32 output for a group's rows (all of them when rows is None) into `out`."""
+    if rows is None:
+        out.copy_(flat)
+    else:
+        out.index_copy_(0, rows, flat.to(out.dtype))
 
 
 def _prefill_kernel(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out: torch.Tensor) -> bool:
@@ -205,10 +209,7 @@ def _prefill_kernel(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out:
         return False
     if not direct:
         flat = target.view(q.shape[0], -1)
-        if group.rows is None:
-            out.copy_(flat)
-        else:
-            out.index_copy_(0, group.rows, flat.index_select(0, group.rows).to(out.dtype))
+        _store_rows(out, group.rows, flat if group.rows is None else flat.index_select(0, group.rows))
     return True
 
 

@@ -311,6 +311,37 @@ def test_prefill_kernel_declines_what_it_cannot_run() -> None:
 
 
 @needs_kernel
+def test_a_prefill_kernel_that_cannot_run_falls_back_to_sdpa(monkeypatch) -> None:
+    """Arguments the C side rejects (more queries than context) give False with nothing written; and
+    with the kernel unavailable, paged_attention serves the prompt rows through SDPA, to the same
+    output."""
+    layer = torch.randn(8, 2, BLOCK, KV_HEADS, DIM)
+    q = torch.randn(5, HEADS, DIM)
+    out = torch.full(q.shape, float("nan"))
+    one = torch.ones(1, dtype=torch.long)
+    zero = torch.zeros(1, dtype=torch.long)
+    blocks = torch.arange(2, dtype=torch.long)
+    assert not kernels.paged_prefill(q, layer, blocks, zero, one * 4, zero, one * 5, 1.0, out)
+    assert out.isnan().all()
+
+    torch.manual_seed(5)
+    q_lens, ctx_lens = [1, 9, 6], [13, 9, 20]
+    tables = [list(range(i * 6, i * 6 + 6)) for i in range(3)]
+    total = sum(q_lens)
+    q, k, v = (
+        torch.randn(total, HEADS, DIM),
+        torch.randn(total, KV_HEADS, DIM),
+        torch.randn(total, KV_HEADS, DIM),
+    )
+    pool = torch.randn(24, 2, BLOCK, KV_HEADS, DIM)
+    batch = AttentionBatch.build(q_lens, ctx_lens, tables, BLOCK, torch.device("cpu"))
+    with_kernel = paged_attention(q, k, v, pool.clone(), batch)
+    monkeypatch.setitem(kernels._libraries, "paged_prefill", None)
+    without = paged_attention(q, k, v, pool.clone(), batch)
+    torch.testing.assert_close(without, with_kernel, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 def test_kernel_and_torch_paths_agree_in_a_mixed_batch() -> None:
     """paged_attention sends decode tokens and prompt tokens to their kernels; forcing both down the
     gather path (SDPA) instead gives the same step output."""

@@ -212,7 +212,7 @@ def paged_decode(
     return out if status == 0 else None
 
 
-# Query tokens per thread below which a thread costs more than it saves (a tile of 16 queries over a few
+# Query tokens per thread below which a thread costs more than it saves (a tile of 32 queries over a few
 # hundred keys is tens of microseconds; a thread start is about as much).
 _QUERIES_PER_THREAD = 64
 
