@@ -310,6 +310,20 @@ def test_prefill_kernel_declines_what_it_cannot_run() -> None:
             kernels.paged_prefill(q, layer.float(), zero, zero, one * 3, zero, one * 3, 1.0, q.double())
 
 
+def _mixed_batch(seed: int, q_lens: list[int], ctx_lens: list[int], blocks_each: int):
+    """A float32 pool, new q/k/v rows and the batch for sequences with consecutive block tables."""
+    torch.manual_seed(seed)
+    tables = [list(range(i * blocks_each, (i + 1) * blocks_each)) for i in range(len(q_lens))]
+    layer = torch.randn(len(q_lens) * blocks_each + 4, 2, BLOCK, KV_HEADS, DIM)
+    total = sum(q_lens)
+    q, k, v = (
+        torch.randn(total, HEADS, DIM),
+        torch.randn(total, KV_HEADS, DIM),
+        torch.randn(total, KV_HEADS, DIM),
+    )
+    return layer, q, k, v, AttentionBatch.build(q_lens, ctx_lens, tables, BLOCK, torch.device("cpu"))
+
+
 @needs_kernel
 def test_a_prefill_kernel_that_cannot_run_falls_back_to_sdpa(monkeypatch) -> None:
     """Arguments the C side rejects (more queries than context) give False with nothing written; and
@@ -324,17 +338,7 @@ def test_a_prefill_kernel_that_cannot_run_falls_back_to_sdpa(monkeypatch) -> Non
     assert not kernels.paged_prefill(q, layer, blocks, zero, one * 4, zero, one * 5, 1.0, out)
     assert out.isnan().all()
 
-    torch.manual_seed(5)
-    q_lens, ctx_lens = [1, 9, 6], [13, 9, 20]
-    tables = [list(range(i * 6, i * 6 + 6)) for i in range(3)]
-    total = sum(q_lens)
-    q, k, v = (
-        torch.randn(total, HEADS, DIM),
-        torch.randn(total, KV_HEADS, DIM),
-        torch.randn(total, KV_HEADS, DIM),
-    )
-    pool = torch.randn(24, 2, BLOCK, KV_HEADS, DIM)
-    batch = AttentionBatch.build(q_lens, ctx_lens, tables, BLOCK, torch.device("cpu"))
+    pool, q, k, v, batch = _mixed_batch(5, [1, 9, 6], [13, 9, 20], 6)
     with_kernel = paged_attention(q, k, v, pool.clone(), batch)
     monkeypatch.setitem(kernels._libraries, "paged_prefill", None)
     without = paged_attention(q, k, v, pool.clone(), batch)
@@ -345,17 +349,7 @@ def test_a_prefill_kernel_that_cannot_run_falls_back_to_sdpa(monkeypatch) -> Non
 def test_kernel_and_torch_paths_agree_in_a_mixed_batch() -> None:
     """paged_attention sends decode tokens and prompt tokens to their kernels; forcing both down the
     gather path (SDPA) instead gives the same step output."""
-    torch.manual_seed(3)
-    layer = torch.randn(64, 2, BLOCK, KV_HEADS, DIM)
-    q_lens, ctx_lens = [1, 7, 1, 12, 1], [30, 7, 9, 20, 41]
-    tables = [list(range(i * 12, i * 12 + 12)) for i in range(5)]
-    total = sum(q_lens)
-    q, k, v = (
-        torch.randn(total, HEADS, DIM),
-        torch.randn(total, KV_HEADS, DIM),
-        torch.randn(total, KV_HEADS, DIM),
-    )
-    batch = AttentionBatch.build(q_lens, ctx_lens, tables, BLOCK, torch.device("cpu"))
+    layer, q, k, v, batch = _mixed_batch(3, [1, 7, 1, 12, 1], [30, 7, 9, 20, 41], 12)
     with_kernel = paged_attention(q, k, v, layer.clone(), batch)
     torch_only = layer.clone()
     attention._write_kv(k, v, torch_only, batch)
