@@ -106,7 +106,17 @@ def _decode_case(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim", "block"),
-    [(8, 2, 64, 16), (4, 4, 128, 16), (12, 2, 16, 4), (6, 3, 24, 8)],  # vector and scalar head sizes
+    [
+        (8, 2, 64, 16),
+        (4, 4, 128, 16),  # one head per kv head: 16 keys a tile
+        (12, 2, 16, 4),  # 6 heads per kv head: a tile's lanes are not all used
+        (6, 3, 24, 8),  # a head size the vector paths do not take
+        (16, 2, 64, 16),  # 8 heads per kv head, the largest tile group
+        (14, 2, 128, 16),  # 7 per kv head at 128 dims
+        (10, 2, 64, 8),  # 5 per kv head: tiles of 3 keys
+        (24, 2, 32, 16),  # 12 per kv head: split into two groups of 6
+        (9, 3, 256, 16),  # a head size past the bfloat16 tiles' queries
+    ],
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_kernel_equals_reference(

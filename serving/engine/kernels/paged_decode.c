@@ -10,15 +10,17 @@
  * keys and values and the next unit's fit in L2 together. Per unit: its lines are loaded (`touch_context`;
  * after the first unit they were already requested by prefetches spread over the previous unit's
  * passes, so memory streams while the arithmetic runs), then per kv head two passes: the scores of the
- * heads that share the kv head (each key row loaded once for all of them), then the weighted sum of the
- * values with the accumulators in registers. A sequence of several units merges their partial outputs by
+ * heads that share the kv head (a few keys at a time for all of them, in tiles of 16 dot products
+ * reduced together), then the weighted sum of the values with the accumulators in registers. A sequence of several units merges their partial outputs by
  * their maxima and sums (flash-decoding's split-K merge); one unit normalises directly. With whole
  * sequences as units a layer took 1.37-1.65x as long (measured: 4 to 32 sequences of 700-2,000 tokens):
  * prefetching the next one evicted the current one's values before their pass, so memory and
  * arithmetic took turns. A one-pass online softmax, a block at a time,
  * was also tried and measured slower. With a bfloat16 pool on AVX512-BF16 both passes run on bfloat16
- * dot products (SCORES_BF16, weighted_values_bf16): a layer at 16 sequences of 720 tokens went from
- * 0.64 to 0.55 ms, where converting every element to float32 had made the kernel compute-bound.
+ * dot products (scores_tiles_bf16, weighted_values_bf16): a layer at 16 sequences of 720 tokens went from
+ * 0.64 to 0.55 ms, where converting every element to float32 had made the kernel compute-bound. Score
+ * tiles and a prefetch cursor with no test per line then took that layer from 0.77 to 0.64 ms in
+ * float32 and from 0.55 to 0.42 ms in bfloat16.
  * Sequences are split across `threads` POSIX threads; one thread runs inline.
  */
 #include <float.h>
@@ -76,156 +78,210 @@ static inline float load1(const Task *t, int64_t off) {
     return ((const float *)t->cache)[off];
 }
 
-#if defined(__AVX512F__)
-/* The four horizontal sums [sum a, sum b, sum c, sum d] with 13 shuffles and adds, where four separate
- * reductions take about 32: the score pass is reduction-bound at a head size of 64. */
-static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
-    const __m512 x = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
-                                   _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
-    const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(x),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-    return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
-}
-
-
-#endif
-
-#if defined(__AVX512F__)
-/* Four heads' scores of key p from their accumulators (each a vector of partial sums): reduced, scaled,
- * stored as w[j + i][p] and kept in each head's running maximum. */
-static inline void keep_scores4(const __m512 acc[4], float scale, float *w, float *maxs, int j, int64_t ctx,
-                                int64_t p) {
-    float x[4];
-    _mm_storeu_ps(x, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
-    for (int i = 0; i < 4; i++) {
-        w[(int64_t)(j + i) * ctx + p] = x[i];
-        if (x[i] > maxs[j + i]) maxs[j + i] = x[i];
-    }
-}
-
-static inline void keep_score1(__m512 acc, float scale, float *w, float *maxs, int j, int64_t ctx, int64_t p) {
-    const float x = _mm512_reduce_add_ps(acc) * scale;
-    w[(int64_t)j * ctx + p] = x;
-    if (x > maxs[j]) maxs[j] = x;
-}
-#endif
-
 /* Prefetches of the next work unit's lines (its blocks' keys and values, a line at a time), spread
  * over the current unit's passes, so its streaming overlaps this unit's arithmetic. */
 typedef struct {
     const char *base;
     const int64_t *blocks;
     int64_t nblocks, b;
-    size_t stride, region, off;
-    int per_step;
+    size_t stride, region;   /* region: bytes of a block's lines, a whole number of lines */
+    const char *line, *end;  /* the next line to request, and the end of its block's region */
+    int per_step;            /* lines per step; divides a region's lines, so a step never crosses one */
 } Cursor;
 
+/* A step requests a few consecutive lines with no test per line: with a test and an address computed
+ * per line, the cursor took a third of the score pass's time. */
 static inline void cursor_step(Cursor *c) {
-    if (!c) return;
-    for (int i = 0; i < c->per_step && c->b < c->nblocks; i++) {
-        __builtin_prefetch(c->base + (size_t)c->blocks[c->b] * c->stride + c->off, 0, 2);
-        c->off += 64;
-        if (c->off >= c->region) { c->off = 0; c->b++; }
+    if (!c || c->b >= c->nblocks) return;
+    for (int i = 0; i < c->per_step; i++) __builtin_prefetch(c->line + 64 * i, 0, 2);
+    c->line += (size_t)64 * c->per_step;
+    if (c->line >= c->end && ++c->b < c->nblocks) {
+        c->line = c->base + (size_t)c->blocks[c->b] * c->stride;
+        c->end = c->line + c->region;
     }
 }
 
 /* What is left of the unit's prefetches, issued at once (the passes' rows ran out before the lines). */
 static inline void cursor_step_all(Cursor *c) {
-    for (; c->b < c->nblocks; c->b++, c->off = 0)
-        for (; c->off < c->region; c->off += 64)
-            __builtin_prefetch(c->base + (size_t)c->blocks[c->b] * c->stride + c->off, 0, 2);
+    while (c->b < c->nblocks) {
+        for (const char *p = c->line; p < c->end; p += 64) __builtin_prefetch(p, 0, 2);
+        if (++c->b < c->nblocks) {
+            c->line = c->base + (size_t)c->blocks[c->b] * c->stride;
+            c->end = c->line + c->region;
+        }
+    }
 }
 
 #if defined(__AVX512F__)
-#define SCORES_FIXED(ND)                                                                                     \
-    for (int64_t p = 0; p < ctx; p++) {                                                                      \
-        const int64_t row = blocks[p / t->block_size] * t->block_stride + (p % t->block_size) * t->slot_stride + \
-                            head;                                                                            \
-        cursor_step(cur);                                                                                    \
-        __m512 k[ND];                                                                                        \
-        for (int c = 0; c < ND; c++) k[c] = load16(t, t->cache, row + 16 * c);                             \
-        int j = 0;                                                                                           \
-        for (; j + 4 <= group; j += 4) {                                                                     \
-            __m512 acc[4];                                                                                   \
-            for (int i = 0; i < 4; i++) {                                                                    \
-                const float *qj = q + (int64_t)(j + i) * D;                                                  \
-                acc[i] = _mm512_mul_ps(_mm512_loadu_ps(qj), k[0]);                                          \
-                for (int c = 1; c < ND; c++) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qj + 16 * c), k[c], acc[i]); \
-            }                                                                                                \
-            keep_scores4(acc, t->scale, w, maxs, j, ctx, p);                                                \
-        }                                                                                                    \
-        for (; j < group; j++) {                                                                             \
-            const float *qj = q + (int64_t)j * D;                                                            \
-            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qj), k[0]);                                          \
-            for (int c = 1; c < ND; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qj + 16 * c), k[c], acc);    \
-            keep_score1(acc, t->scale, w, maxs, j, ctx, p);                                                 \
-        }                                                                                                    \
+/* Lane m of the result is the sum of a[m]'s lanes: unpack-and-add within 128-bit lanes twice, then
+ * two rounds of 128-bit shuffles and adds; 45 operations for 16 sums. */
+static inline __m512 reduce16(const __m512 a[16]) {
+    __m512 b[8], c[4];
+    for (int m = 0; m < 8; m++) /* per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] of x = a[2m], y = a[2m+1] */
+        b[m] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * m], a[2 * m + 1]), _mm512_unpackhi_ps(a[2 * m], a[2 * m + 1]));
+    for (int m = 0; m < 4; m++) { /* per 128-bit lane: the lane's sums of a[4m] .. a[4m+3] */
+        const __m512d x = _mm512_castps_pd(b[2 * m]), y = _mm512_castps_pd(b[2 * m + 1]);
+        c[m] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
     }
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* A tile's scores: lane j * KP + i of s is head j's score of key p0 + i. Each head's KP scores go to
+ * w[j][p0 ..] in one masked store, and into that head's lanes of the running maxima. */
+static inline void keep_tile(__m512 s, float *w, int64_t ctx, int64_t p0, __m512 *mx, const int G, const int KP) {
+    for (int j = 0; j < G; j++)
+        _mm512_mask_storeu_ps(w + (int64_t)j * ctx + p0 - j * KP, (__mmask16)(((1u << KP) - 1u) << (j * KP)), s);
+    *mx = _mm512_max_ps(*mx, s);
+}
+
+/* Each head's maximum from the running maxima of its lanes; a tail of fewer than KP keys is scored
+ * one key at a time by the caller's scalar loop. */
+static inline void tile_maxima(__m512 mx, float *maxs, const int G, const int KP) {
+    float x[16];
+    _mm512_storeu_ps(x, mx);
+    for (int j = 0; j < G; j++)
+        for (int i = 0; i < KP; i++)
+            if (x[j * KP + i] > maxs[j]) maxs[j] = x[j * KP + i];
+}
+
+/* The rows of keys p0 .. p0 + KP - 1 of kv head offset `head`. */
+#define TILE_ROWS(KP)                                                                                         \
+    int64_t rows[16];                                                                                         \
+    for (int i = 0; i < (KP); i++) {                                                                          \
+        const int64_t p = p0 + i;                                                                             \
+        rows[i] = blocks[p / t->block_size] * t->block_stride + (p % t->block_size) * t->slot_stride + head;  \
+        cursor_step(cur);                                                                                     \
+    }
+
+/* Scores of G heads (G <= 8) sharing a kv head, KP = 16 / G keys at a time: the 16 (head, key) dot
+ * products accumulate in 16 registers and are reduced together (reduce16), about 3 operations a score.
+ * One key at a time, reducing each head's dot product took 13 operations for 4 heads, plus a scalar
+ * store and compare per score, and the score pass took twice as long as the value pass. Returns the
+ * keys scored: a multiple of KP. */
+static inline __attribute__((always_inline)) int64_t scores_tiles_f32(const Task *t, const int64_t *blocks,
+                                                                      int64_t ctx, const float *restrict q,
+                                                                      int64_t head, float *restrict w,
+                                                                      float *restrict maxs, Cursor *cur,
+                                                                      const int G) {
+    const int KP = 16 / G, nd = t->head_dim / 16;
+    const __m512 scale = _mm512_set1_ps(t->scale);
+    __m512 mx = _mm512_set1_ps(-FLT_MAX);
+    int64_t p0 = 0;
+    for (; p0 + KP <= ctx; p0 += KP) {
+        TILE_ROWS(KP)
+        __m512 acc[16];
+        for (int m = 0; m < 16; m++) acc[m] = _mm512_setzero_ps();
+        for (int c = 0; c < nd; c++) {
+            __m512 k[16];
+            for (int i = 0; i < KP; i++) k[i] = load16(t, t->cache, rows[i] + 16 * c);
+            for (int j = 0; j < G; j++) {
+                const __m512 qj = _mm512_loadu_ps(q + (int64_t)j * t->head_dim + 16 * c);
+                for (int i = 0; i < KP; i++) acc[j * KP + i] = _mm512_fmadd_ps(qj, k[i], acc[j * KP + i]);
+            }
+        }
+        keep_tile(_mm512_mul_ps(reduce16(acc), scale), w, ctx, p0, &mx, G, KP);
+    }
+    tile_maxima(mx, maxs, G, KP);
+    return p0;
+}
 #endif
 
 #if defined(__AVX512BF16__)
-/* A bfloat16 pool on AVX512-BF16: the dot products run on bfloat16 pairs (two multiply-adds per float
- * lane, float32 accumulation), so a key row is two loads and no conversion. The queries are rounded to
- * bfloat16 for it: exact for a bfloat16 model, whose queries are bfloat16 values. Groups of more than
- * BF16_GROUP heads per kv head take the float32 arithmetic. */
-#define BF16_GROUP 16
-#define SCORES_BF16(NC)                                                                                       \
-    __m512bh qb[BF16_GROUP][NC];                                                                              \
-    for (int j = 0; j < group; j++)                                                                           \
-        for (int c = 0; c < NC; c++)                                                                          \
-            qb[j][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + (int64_t)j * D + 32 * c + 16),                \
-                                           _mm512_loadu_ps(q + (int64_t)j * D + 32 * c));                     \
-    for (int64_t p = 0; p < ctx; p++) {                                                                       \
-        const int64_t row = blocks[p / t->block_size] * t->block_stride + (p % t->block_size) * t->slot_stride + \
-                            head;                                                                             \
-        cursor_step(cur);                                                                                     \
-        __m512bh k[NC];                                                                                       \
-        for (int c = 0; c < NC; c++) k[c] = (__m512bh)_mm512_loadu_si512((const uint16_t *)t->cache + row + 32 * c); \
-        int j = 0;                                                                                            \
-        for (; j + 4 <= group; j += 4) {                                                                      \
-            __m512 acc[4];                                                                                    \
-            for (int i = 0; i < 4; i++) {                                                                     \
-                acc[i] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[j + i][0], k[0]);                           \
-                for (int c = 1; c < NC; c++) acc[i] = _mm512_dpbf16_ps(acc[i], qb[j + i][c], k[c]);          \
-            }                                                                                                 \
-            keep_scores4(acc, t->scale, w, maxs, j, ctx, p);                                                 \
-        }                                                                                                     \
-        for (; j < group; j++) {                                                                              \
-            __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[j][0], k[0]);                               \
-            for (int c = 1; c < NC; c++) acc = _mm512_dpbf16_ps(acc, qb[j][c], k[c]);                        \
-            keep_score1(acc, t->scale, w, maxs, j, ctx, p);                                                 \
-        }                                                                                                     \
+/* The same on bfloat16 pools with AVX512-BF16: the dot products run on bfloat16 pairs (two
+ * multiply-adds per float lane, float32 accumulation), so a key row is loaded with no conversion. The
+ * queries are rounded to bfloat16 for it: exact for a bfloat16 model, whose queries are bfloat16
+ * values. */
+static inline __attribute__((always_inline)) int64_t scores_tiles_bf16(const Task *t, const int64_t *blocks,
+                                                                       int64_t ctx, const float *restrict q,
+                                                                       int64_t head, float *restrict w,
+                                                                       float *restrict maxs, Cursor *cur,
+                                                                       const int G) {
+    const int KP = 16 / G, nc = t->head_dim / 32;
+    const uint16_t *base = (const uint16_t *)t->cache;
+    const __m512 scale = _mm512_set1_ps(t->scale);
+    __m512bh qb[8][4]; /* G heads x head_dim / 32 pairs of 16 */
+    for (int j = 0; j < G; j++)
+        for (int c = 0; c < nc; c++)
+            qb[j][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + (int64_t)j * t->head_dim + 32 * c + 16),
+                                           _mm512_loadu_ps(q + (int64_t)j * t->head_dim + 32 * c));
+    __m512 mx = _mm512_set1_ps(-FLT_MAX);
+    int64_t p0 = 0;
+    for (; p0 + KP <= ctx; p0 += KP) {
+        TILE_ROWS(KP)
+        __m512 acc[16];
+        for (int m = 0; m < 16; m++) acc[m] = _mm512_setzero_ps();
+        for (int c = 0; c < nc; c++) {
+            __m512bh k[16];
+            for (int i = 0; i < KP; i++) k[i] = (__m512bh)_mm512_loadu_si512(base + rows[i] + 32 * c);
+            for (int j = 0; j < G; j++)
+                for (int i = 0; i < KP; i++) acc[j * KP + i] = _mm512_dpbf16_ps(acc[j * KP + i], qb[j][c], k[i]);
+        }
+        keep_tile(_mm512_mul_ps(reduce16(acc), scale), w, ctx, p0, &mx, G, KP);
     }
+    tile_maxima(mx, maxs, G, KP);
+    return p0;
+}
 #endif
 
+/* The scores of G <= 8 heads by tiles, keys [0, returned) of them; the rest is the caller's. */
+static int64_t scores_part(const Task *t, const int64_t *blocks, int64_t ctx, const float *q, int64_t head,
+                           float *w, float *maxs, Cursor *cur, int G) {
+#if defined(__AVX512BF16__)
+    if (t->bf16 && t->head_dim % 32 == 0 && t->head_dim <= 128) {
+        switch (G) {
+        case 1: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 1);
+        case 2: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 2);
+        case 3: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 3);
+        case 4: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 4);
+        case 5: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 5);
+        case 6: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 6);
+        case 7: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 7);
+        case 8: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 8);
+        default: return 0;
+        }
+    }
+#endif
+#if defined(__AVX512F__)
+    if (VEC_OK(t)) {
+        switch (G) {
+        case 1: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 1);
+        case 2: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 2);
+        case 3: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 3);
+        case 4: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 4);
+        case 5: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 5);
+        case 6: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 6);
+        case 7: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 7);
+        case 8: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 8);
+        default: return 0;
+        }
+    }
+#endif
+    (void)t; (void)blocks; (void)ctx; (void)q; (void)head; (void)w; (void)maxs; (void)cur; (void)G;
+    return 0;
+}
+
 /* w[j][p] = scale * q_j . k_p for the `group` heads sharing kv head g, and each head's maximum. A key
- * row is loaded once for all the heads that read it. */
+ * row is loaded once for up to 8 heads that read it: a larger group goes in equal parts of at most 8,
+ * each reading the rows again (from cache). Keys past the last whole tile, and every key where the
+ * tiles cannot run, are scored one at a time. */
 static void query_scores(const Task *t, const int64_t *blocks, int64_t ctx, const float *restrict q, int g,
                          int group, float *restrict w, float *restrict maxs, Cursor *cur) {
     const int D = t->head_dim;
     const int64_t head = (int64_t)g * D;
     for (int j = 0; j < group; j++) maxs[j] = -FLT_MAX;
-#if defined(__AVX512BF16__)
-    if (t->bf16 && group <= BF16_GROUP) {
-        switch (D) {
-        case 64: { SCORES_BF16(2) } return;
-        case 128: { SCORES_BF16(4) } return;
-        default: break;
-        }
-    }
-#endif
-#if defined(__AVX512F__)
-    /* Head sizes with a fixed number of 16-float chunks, so the key row stays in registers. */
-    switch (VEC_OK(t) ? D : 0) {
-    case 64: SCORES_FIXED(4); return;
-    case 128: SCORES_FIXED(8); return;
-    default: break;
-    }
-#endif
-    for (int64_t p = 0; p < ctx; p++) {
+    int parts = 1;
+    while (group % parts || group / parts > 8) parts++;
+    const int G = group / parts;
+    int64_t done = 0;
+    for (int part = 0; part < parts; part++)
+        done = scores_part(t, blocks, ctx, q + (int64_t)part * G * D, head, w + (int64_t)part * G * ctx,
+                           maxs + part * G, part == 0 ? cur : NULL, G);
+    for (int64_t p = done; p < ctx; p++) {
         const int64_t row = blocks[p / t->block_size] * t->block_stride + (p % t->block_size) * t->slot_stride + head;
         for (int j = 0; j < group; j++) {
             float acc = 0.f;
@@ -392,9 +448,17 @@ static void set_cursor(const Task *t, Cursor *c, const int64_t *blocks, int64_t 
     c->blocks = blocks;
     c->nblocks = (tokens + t->block_size - 1) / t->block_size;
     c->stride = (size_t)t->block_stride * elem;
-    c->region = (size_t)(t->kv_stride * 2) * elem;
-    const int64_t lines = c->nblocks * (int64_t)(c->region / 64);
-    c->per_step = (int)((lines + visits - 1) / (visits > 0 ? visits : 1));
+    const int64_t region_lines = (int64_t)(((size_t)(t->kv_stride * 2) * elem + 63) / 64);
+    c->region = (size_t)region_lines * 64;
+    const int64_t lines = c->nblocks * region_lines;
+    int64_t per = (lines + visits - 1) / (visits > 0 ? visits : 1);
+    if (per < 1) per = 1;
+    while (region_lines % per) per++;
+    c->per_step = (int)per;
+    if (c->nblocks > 0) {
+        c->line = c->base + (size_t)blocks[0] * c->stride;
+        c->end = c->line + c->region;
+    }
 }
 
 /* A context's chunk length: equal block-aligned chunks of at most about CHUNK_TOKENS (a short last
