@@ -17,7 +17,7 @@
  * prefetching the next one evicted the current one's values before their pass, so memory and
  * arithmetic took turns. A one-pass online softmax, a block at a time,
  * was also tried and measured slower. With a bfloat16 pool on AVX512-BF16 both passes run on bfloat16
- * dot products (scores_tiles_bf16, weighted_values_bf16): a layer at 16 sequences of 720 tokens went from
+ * dot products (tile_dots_bf16, weighted_values_bf16): a layer at 16 sequences of 720 tokens went from
  * 0.64 to 0.55 ms, where converting every element to float32 had made the kernel compute-bound. Score
  * tiles and a prefetch cursor with no test per line then took that layer from 0.77 to 0.64 ms in
  * float32 and from 0.55 to 0.42 ms in bfloat16.
@@ -158,69 +158,68 @@ static inline void tile_maxima(__m512 mx, float *maxs, const int G, const int KP
         cursor_step(cur);                                                                                     \
     }
 
-/* Scores of G heads (G <= 8) sharing a kv head, KP = 16 / G keys at a time: the 16 (head, key) dot
- * products accumulate in 16 registers and are reduced together (reduce16), about 3 operations a score.
- * One key at a time, reducing each head's dot product took 13 operations for 4 heads, plus a scalar
- * store and compare per score, and the score pass took twice as long as the value pass. Returns the
- * keys scored: a multiple of KP. */
-static inline __attribute__((always_inline)) int64_t scores_tiles_f32(const Task *t, const int64_t *blocks,
-                                                                      int64_t ctx, const float *restrict q,
-                                                                      int64_t head, float *restrict w,
-                                                                      float *restrict maxs, Cursor *cur,
-                                                                      const int G) {
-    const int KP = 16 / G, nd = t->head_dim / 16;
-    const __m512 scale = _mm512_set1_ps(t->scale);
-    __m512 mx = _mm512_set1_ps(-FLT_MAX);
-    int64_t p0 = 0;
-    for (; p0 + KP <= ctx; p0 += KP) {
-        TILE_ROWS(KP)
-        __m512 acc[16];
-        for (int m = 0; m < 16; m++) acc[m] = _mm512_setzero_ps();
-        for (int c = 0; c < nd; c++) {
-            __m512 k[16];
-            for (int i = 0; i < KP; i++) k[i] = load16(t, t->cache, rows[i] + 16 * c);
-            for (int j = 0; j < G; j++) {
-                const __m512 qj = _mm512_loadu_ps(q + (int64_t)j * t->head_dim + 16 * c);
-                for (int i = 0; i < KP; i++) acc[j * KP + i] = _mm512_fmadd_ps(qj, k[i], acc[j * KP + i]);
-            }
+/* One tile's 16 (head, key) dot products, head j and key i in acc[j * KP + i], in float32. */
+static inline __attribute__((always_inline)) void tile_dots_f32(const Task *t, const int64_t *rows,
+                                                                const float *restrict q, __m512 acc[16],
+                                                                const int G, const int KP) {
+    for (int c = 0; c < t->head_dim / 16; c++) {
+        __m512 k[16];
+        for (int i = 0; i < KP; i++) k[i] = load16(t, t->cache, rows[i] + 16 * c);
+        for (int j = 0; j < G; j++) {
+            const __m512 qj = _mm512_loadu_ps(q + (int64_t)j * t->head_dim + 16 * c);
+            for (int i = 0; i < KP; i++) acc[j * KP + i] = _mm512_fmadd_ps(qj, k[i], acc[j * KP + i]);
         }
-        keep_tile(_mm512_mul_ps(reduce16(acc), scale), w, ctx, p0, &mx, G, KP);
     }
-    tile_maxima(mx, maxs, G, KP);
-    return p0;
+}
+
+#if defined(__AVX512BF16__)
+/* The same on a bfloat16 pool with AVX512-BF16: bfloat16 pairs (two multiply-adds per float lane,
+ * float32 accumulation), so a key row is loaded with no conversion; qb holds the queries rounded to
+ * bfloat16, exact for a bfloat16 model, whose queries are bfloat16 values. */
+static inline __attribute__((always_inline)) void tile_dots_bf16(const Task *t, const int64_t *rows,
+                                                                 const __m512bh qb[8][4], __m512 acc[16],
+                                                                 const int G, const int KP) {
+    for (int c = 0; c < t->head_dim / 32; c++) {
+        __m512bh k[16];
+        for (int i = 0; i < KP; i++) k[i] = (__m512bh)_mm512_loadu_si512((const uint16_t *)t->cache + rows[i] + 32 * c);
+        for (int j = 0; j < G; j++)
+            for (int i = 0; i < KP; i++) acc[j * KP + i] = _mm512_dpbf16_ps(acc[j * KP + i], qb[j][c], k[i]);
+    }
 }
 #endif
 
-#if defined(__AVX512BF16__)
-/* The same on bfloat16 pools with AVX512-BF16: the dot products run on bfloat16 pairs (two
- * multiply-adds per float lane, float32 accumulation), so a key row is loaded with no conversion. The
- * queries are rounded to bfloat16 for it: exact for a bfloat16 model, whose queries are bfloat16
- * values. */
-static inline __attribute__((always_inline)) int64_t scores_tiles_bf16(const Task *t, const int64_t *blocks,
-                                                                       int64_t ctx, const float *restrict q,
-                                                                       int64_t head, float *restrict w,
-                                                                       float *restrict maxs, Cursor *cur,
-                                                                       const int G) {
-    const int KP = 16 / G, nc = t->head_dim / 32;
-    const uint16_t *base = (const uint16_t *)t->cache;
+/* Scores of G heads (G <= 8) sharing a kv head, KP = 16 / G keys at a time: the 16 (head, key) dot
+ * products accumulate in 16 registers and are reduced together (reduce16), about 3 operations a score.
+ * One key at a time, reducing each head's dot product took 13 operations for 4 heads, plus a scalar
+ * store and compare per score, and the score pass took twice as long as the value pass. BF: the
+ * bfloat16 dot products (a bfloat16 pool, head_dim a multiple of 32 up to 128). Returns the keys
+ * scored: a multiple of KP. */
+static inline __attribute__((always_inline)) int64_t scores_tiles(const Task *t, const int64_t *blocks,
+                                                                  int64_t ctx, const float *restrict q,
+                                                                  int64_t head, float *restrict w,
+                                                                  float *restrict maxs, Cursor *cur,
+                                                                  const int G, const int BF) {
+    const int KP = 16 / G;
     const __m512 scale = _mm512_set1_ps(t->scale);
+#if defined(__AVX512BF16__)
     __m512bh qb[8][4]; /* G heads x head_dim / 32 pairs of 16 */
-    for (int j = 0; j < G; j++)
-        for (int c = 0; c < nc; c++)
-            qb[j][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + (int64_t)j * t->head_dim + 32 * c + 16),
-                                           _mm512_loadu_ps(q + (int64_t)j * t->head_dim + 32 * c));
+    if (BF)
+        for (int j = 0; j < G; j++)
+            for (int c = 0; c < t->head_dim / 32; c++)
+                qb[j][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + (int64_t)j * t->head_dim + 32 * c + 16),
+                                               _mm512_loadu_ps(q + (int64_t)j * t->head_dim + 32 * c));
+#endif
     __m512 mx = _mm512_set1_ps(-FLT_MAX);
     int64_t p0 = 0;
     for (; p0 + KP <= ctx; p0 += KP) {
         TILE_ROWS(KP)
         __m512 acc[16];
         for (int m = 0; m < 16; m++) acc[m] = _mm512_setzero_ps();
-        for (int c = 0; c < nc; c++) {
-            __m512bh k[16];
-            for (int i = 0; i < KP; i++) k[i] = (__m512bh)_mm512_loadu_si512(base + rows[i] + 32 * c);
-            for (int j = 0; j < G; j++)
-                for (int i = 0; i < KP; i++) acc[j * KP + i] = _mm512_dpbf16_ps(acc[j * KP + i], qb[j][c], k[i]);
-        }
+#if defined(__AVX512BF16__)
+        if (BF) tile_dots_bf16(t, rows, (const __m512bh(*)[4])qb, acc, G, KP);
+        else
+#endif
+            tile_dots_f32(t, rows, q, acc, G, KP);
         keep_tile(_mm512_mul_ps(reduce16(acc), scale), w, ctx, p0, &mx, G, KP);
     }
     tile_maxima(mx, maxs, G, KP);
@@ -234,14 +233,14 @@ static int64_t scores_part(const Task *t, const int64_t *blocks, int64_t ctx, co
 #if defined(__AVX512BF16__)
     if (t->bf16 && t->head_dim % 32 == 0 && t->head_dim <= 128) {
         switch (G) {
-        case 1: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 1);
-        case 2: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 2);
-        case 3: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 3);
-        case 4: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 4);
-        case 5: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 5);
-        case 6: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 6);
-        case 7: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 7);
-        case 8: return scores_tiles_bf16(t, blocks, ctx, q, head, w, maxs, cur, 8);
+        case 1: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 1, 1);
+        case 2: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 2, 1);
+        case 3: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 3, 1);
+        case 4: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 4, 1);
+        case 5: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 5, 1);
+        case 6: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 6, 1);
+        case 7: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 7, 1);
+        case 8: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 8, 1);
         default: return 0;
         }
     }
@@ -249,14 +248,14 @@ static int64_t scores_part(const Task *t, const int64_t *blocks, int64_t ctx, co
 #if defined(__AVX512F__)
     if (VEC_OK(t)) {
         switch (G) {
-        case 1: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 1);
-        case 2: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 2);
-        case 3: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 3);
-        case 4: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 4);
-        case 5: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 5);
-        case 6: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 6);
-        case 7: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 7);
-        case 8: return scores_tiles_f32(t, blocks, ctx, q, head, w, maxs, cur, 8);
+        case 1: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 1, 0);
+        case 2: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 2, 0);
+        case 3: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 3, 0);
+        case 4: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 4, 0);
+        case 5: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 5, 0);
+        case 6: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 6, 0);
+        case 7: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 7, 0);
+        case 8: return scores_tiles(t, blocks, ctx, q, head, w, maxs, cur, 8, 0);
         default: return 0;
         }
     }
