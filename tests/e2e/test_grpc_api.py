@@ -157,9 +157,15 @@ def test_cancel_frees_kv_everywhere(server, channel):
 
 
 def test_deadline_expiry_frees_kv_everywhere(server, channel):
+    stub = generate_pb2_grpc.GenerationStub(channel)
+    # The deadline has to pass while the request decodes, whatever this machine's speed: half of what
+    # the same request took end to end just before.
+    start = time.monotonic()
+    assert sum(len(r.token_ids) for r in stub.Generate(LONG, metadata=AUTH, timeout=120)) == 1900
+    deadline = (time.monotonic() - start) / 2
     received = []
     with pytest.raises(grpc.RpcError) as err:
-        for response in generate_pb2_grpc.GenerationStub(channel).Generate(LONG, metadata=AUTH, timeout=2.0):
+        for response in stub.Generate(LONG, metadata=AUTH, timeout=deadline):
             received.append(response)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert received, "the request was decoding (holding KV) when its deadline passed"

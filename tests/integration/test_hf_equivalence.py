@@ -11,6 +11,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 import serving.engine.runner as runner_module
 from serving.config import EngineConfig
 from serving.engine.inputs import Prompt
+from serving.engine.kernels import small_linear
 from serving.engine.llm import LLMEngine
 from serving.types import SamplingParams
 from tests.conftest import make_image
@@ -66,6 +67,31 @@ def test_greedy_tokens_equal_transformers(pair, case):
     assert ours.token_ids == expected
     # A random model that alternates between two tokens would make equality prove little.
     assert len(set(expected)) >= 4
+
+
+@pytest.mark.parametrize("case", ["text", "one-image"])
+def test_greedy_tokens_equal_transformers_on_one_thread(pair, case, monkeypatch):
+    """As a pinned one-core worker runs: decode steps' linears take the few-row kernel (counted, so
+    this compares that path and not another)."""
+    engine, reference = pair
+    rows: list[int] = []
+    kernel = small_linear.linear
+
+    def counted(x, *args):
+        rows.append(x.shape[0])
+        return kernel(x, *args)
+
+    monkeypatch.setattr(small_linear, "linear", counted)
+    prompt = prompt_for(engine, case)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ours = engine.generate([(prompt, SamplingParams(max_tokens=MAX_TOKENS))])[0]
+    finally:
+        torch.set_num_threads(before)
+    assert ours.token_ids == reference_tokens(reference, engine, prompt)
+    if small_linear.supported(torch.empty(0)):
+        assert rows.count(1) >= MAX_TOKENS - 1
 
 
 def one_d_positions(token_ids, grids, image_token_id, merge):

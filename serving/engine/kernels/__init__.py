@@ -111,11 +111,21 @@ def _bind_fused_ops(lib: ctypes.CDLL) -> None:
             fn.argtypes, fn.restype = args, None
 
 
+def _bind_small_linear(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = lib.epd_small_linear
+    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    fn.restype = None
+    lib.epd_small_linear_supports.argtypes = [ctypes.c_int]
+    lib.epd_small_linear_supports.restype = ctypes.c_int
+
+
 # Each C source next to this file, and what declares its functions' signatures once it is loaded.
 _SOURCES: dict[str, Callable[[ctypes.CDLL], None]] = {
     "paged_decode": _bind_paged_decode,
     "paged_prefill": _bind_paged_prefill,
     "fused_ops": _bind_fused_ops,
+    "small_linear": _bind_small_linear,
 }
 _libraries: dict[str, ctypes.CDLL | None] = {}
 

@@ -6,16 +6,24 @@ same matmuls ran 1.3-1.6x faster at 1-16 rows and about 1.1x at 512, in float32 
 (measured here, one thread, the `small` model's shapes). This is the same oneDNN path that
 `torch.compile`'s CPU backend (and vLLM's CPU backend) take for linears, without a compile step.
 
+Decode steps' few rows go to a C kernel instead (`kernels/small_linear.c`), which reads a second copy
+of the weights packed for it: with one to a few rows a linear is a pass over its weights, and that
+kernel streams them at about twice oneDNN's rate.
+
 Results differ from `F.linear` only in float32 summation order (about 1e-6 relative). `EPD_CPU_KERNELS=0`
 turns this off together with the C kernels.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from serving.config import cpu_kernels_enabled
+from serving.engine.kernels import small_linear
 
 # The row count oneDNN tunes the packed layout for. Measured: the layout serves any row count, and the
 # hint moves speed by a few percent at most; decode's batch sizes are the latency-critical ones.
@@ -25,6 +33,20 @@ _ROWS_HINT = 16
 # took 5.2 ms per step at 1 or 2 rows and 4.0 ms at 4 (one thread, AVX-512). Fewer rows are padded to
 # this many; the extra rows' arithmetic is free beside reading the weights. bfloat16 showed no such step.
 _MIN_ROWS_F32 = 4
+
+
+# The most rows the few-row kernel takes. Measured against the packed oneDNN matmul over the `small`
+# model's 24 decoder linears and LM head in sequence (weights 71 MB in float32, 35 MB in bfloat16, one
+# thread): float32 2.0-2.3 against 3.6-3.9 ms at 1-4 rows, 5.8 against 6.7 at 16, 10.7 against 11.9
+# at 32, even from 256 rows; bfloat16 0.9-1.0 against 1.8-2.1 ms at 1-4, 3.0 against 3.6-3.8 at 16,
+# 5.5 against 6.3 at 32, even from 256. Prefill chunks (hundreds of rows) stay on oneDNN, which also
+# splits a matmul across threads where the kernel runs on one.
+FEW_ROWS = 32
+
+# The few-row copies of the weights are made only while, all together, they take at most this share
+# of the machine's memory: for the small models the CPU path serves they are megabytes, and a large
+# checkpoint on CPU keeps its memory for the KV cache instead.
+_COPY_SHARE = 1 / 8
 
 
 def packing_available(weight: torch.Tensor) -> bool:
@@ -37,14 +59,20 @@ def packing_available(weight: torch.Tensor) -> bool:
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, few_rows: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _ROWS_HINT)
+        weight = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT)
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.groups = small_linear.pack(weight) if few_rows and small_linear.supported(weight) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if self.groups is not None and x.dim() == 2 and rows <= FEW_ROWS and torch.get_num_threads() == 1:
+            y = small_linear.linear(x, self.groups, self.bias, self.out_features)
+            if y is not None:
+                return y
         if x.dim() == 2 and rows < _MIN_ROWS_F32 and x.dtype == torch.float32:
             padded = x.new_zeros(_MIN_ROWS_F32, x.shape[1])
             padded[:rows] = x
@@ -55,13 +83,29 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def pack_linears(module: nn.Module) -> int:
-    """Replace every `nn.Linear` under `module` (in place) by a `PackedLinear`, where the weight's
-    device and dtype allow it. Returns how many were packed."""
-    packed = 0
+def _linears(module: nn.Module) -> Iterable[tuple[nn.Module, str, nn.Linear]]:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and packing_available(child.weight):
-                setattr(parent, name, PackedLinear(child))
-                packed += 1
-    return packed
+                yield parent, name, child
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def pack_linears(module: nn.Module, few_rows: Iterable[nn.Module] = ()) -> int:
+    """Replace every `nn.Linear` under `module` (in place) by a `PackedLinear`, where the weight's
+    device and dtype allow it; those under `few_rows` (the modules decode steps run: the decoder and
+    the LM head) also get the few-row kernel's copy, memory allowing (`_COPY_SHARE`). Returns how many
+    were packed."""
+    ids = {id(m) for part in few_rows for m in part.modules() if isinstance(m, nn.Linear)}
+    found = list(_linears(module))
+    copies = sum(c.weight.nbytes for _, _, c in found if id(c) in ids)
+    with_copies = copies <= _COPY_SHARE * _memory_bytes()
+    for parent, name, child in found:
+        setattr(parent, name, PackedLinear(child, few_rows=with_copies and id(child) in ids))
+    return len(found)

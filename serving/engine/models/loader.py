@@ -57,5 +57,6 @@ def load_model(
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     fuse_projections(model)
-    pack_linears(model)  # the decoder, the vision tower and the LM head
+    # The decoder, the vision tower and the LM head; decode steps run the decoder and the head.
+    pack_linears(model, few_rows=(model.model, model.lm_head))
     return model.requires_grad_(False).eval()

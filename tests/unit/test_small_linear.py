@@ -1,0 +1,128 @@
+"""The few-row linear kernel (`small_linear.c`) computes what `F.linear` does, for any shape it is
+given, and the packed linears send decode-sized batches to it only where it runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serving.engine.kernels import small_linear
+from serving.engine.models import cpu_linear
+from serving.engine.models.cpu_linear import PackedLinear, pack_linears, packing_available
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def runs(dtype: torch.dtype) -> bool:
+    return small_linear.supported(torch.empty(0, dtype=dtype))
+
+
+@pytest.fixture
+def one_thread():
+    """As a pinned one-core worker runs: packed linears hand few rows to the kernel."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def error_against_float64(y: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> float:
+    bias = None if linear.bias is None else linear.bias.double()
+    return (y.double() - F.linear(x.double(), linear.weight.double(), bias)).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("k", "n"),
+    # Groups of 64 columns whole and cut short, a K that is odd (bfloat16 pairs), and the small
+    # model's shapes.
+    [(64, 48), (33, 17), (7, 130), (512, 640), (1408, 512)],
+)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 32])
+def test_kernel_is_the_linear_within_its_rounding(dtype: torch.dtype, k: int, n: int, rows: int) -> None:
+    """Against float64, the kernel's error is at most twice `F.linear`'s own in the same dtype: the
+    two differ only in summation order (and, in bfloat16, where the float32 sums are rounded)."""
+    if not runs(dtype):
+        pytest.skip(f"the kernel does not run {dtype} on this CPU")
+    torch.manual_seed(rows * 1000 + k + n)
+    for bias in (True, False):
+        linear = nn.Linear(k, n, bias=bias).to(dtype).requires_grad_(False)
+        x = torch.randn(rows, k).to(dtype)
+        y = small_linear.linear(x, small_linear.pack(linear.weight), linear.bias, n)
+        assert y is not None and y.shape == (rows, n) and y.dtype == dtype
+        ours, torchs = error_against_float64(y, x, linear), error_against_float64(linear(x), x, linear)
+        assert ours <= max(2 * torchs, 1e-5), (ours, torchs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_reads_rows_with_a_stride_and_writes_every_column(dtype: torch.dtype) -> None:
+    """x may be a view into wider rows (a slice of a fused projection's output); every output column
+    is written, including the last group's partial ones, and none past N."""
+    if not runs(dtype):
+        pytest.skip(f"the kernel does not run {dtype} on this CPU")
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 70).to(dtype).requires_grad_(False)
+    wide = torch.randn(5, 57).to(dtype)
+    x = wide[:, 3:43]
+    assert x.stride(0) == 57
+    y = small_linear.linear(x, small_linear.pack(linear.weight), linear.bias, 70)
+    assert y is not None and torch.isfinite(y.float()).all()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y, linear(x.contiguous()), rtol=tol, atol=tol)
+
+
+def test_kernel_declines_what_it_cannot_run() -> None:
+    weight = torch.randn(16, 8)
+    packed = small_linear.pack(weight)
+    assert small_linear.linear(torch.randn(2, 8, dtype=torch.float64), packed, None, 16) is None
+    assert small_linear.linear(torch.randn(2, 8).bfloat16(), packed, None, 16) is None  # not the weight's
+    assert small_linear.linear(torch.randn(2, 8), packed, torch.randn(16).double(), 16) is None
+    assert not small_linear.supported(torch.empty(0, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_linear_takes_few_rows_to_the_kernel_on_one_thread(
+    dtype: torch.dtype, one_thread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    linear = nn.Linear(64, 96).to(dtype).requires_grad_(False)
+    if not (packing_available(linear.weight) and runs(dtype)):
+        pytest.skip("oneDNN packing or the kernel is not available here")
+    calls: list[int] = []
+    kernel = small_linear.linear
+
+    def counted(x: torch.Tensor, *args: object) -> torch.Tensor | None:
+        calls.append(x.shape[0])
+        return kernel(x, *args)
+
+    monkeypatch.setattr(small_linear, "linear", counted)
+    packed = PackedLinear(linear, few_rows=True)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for rows in (1, 4, cpu_linear.FEW_ROWS, cpu_linear.FEW_ROWS + 1, 300):
+        x = torch.randn(rows, 64).to(dtype)
+        torch.testing.assert_close(packed(x), linear(x), rtol=tol, atol=tol)
+    assert calls == [1, 4, cpu_linear.FEW_ROWS]
+    torch.set_num_threads(2)  # several threads: oneDNN splits the matmul, the kernel would not
+    packed(torch.randn(2, 64).to(dtype))
+    assert calls == [1, 4, cpu_linear.FEW_ROWS]
+    assert PackedLinear(linear).groups is None  # no copy unless asked for
+
+
+def test_pack_linears_copies_only_the_decode_modules_and_only_while_memory_allows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = nn.ModuleDict(
+        {"vision": nn.Sequential(nn.Linear(16, 16)), "decoder": nn.Sequential(nn.Linear(16, 32))}
+    )
+    model["head"] = nn.Linear(32, 8)
+    if not (packing_available(model["head"].weight) and runs(torch.float32)):
+        pytest.skip("oneDNN packing or the kernel is not available here")
+    assert pack_linears(model, few_rows=(model["decoder"], model["head"])) == 3
+    assert model["vision"][0].groups is None
+    assert model["decoder"][0].groups is not None and model["head"].groups is not None
+
+    small = nn.ModuleDict({"decoder": nn.Sequential(nn.Linear(16, 32))})
+    monkeypatch.setattr(cpu_linear, "_memory_bytes", lambda: 1000)  # the copies would not fit
+    assert pack_linears(small, few_rows=(small["decoder"],)) == 1
+    assert isinstance(small["decoder"][0], PackedLinear) and small["decoder"][0].groups is None
