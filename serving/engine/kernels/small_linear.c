@@ -17,6 +17,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define HAVE_F32 1
@@ -110,7 +111,9 @@ static inline __attribute__((always_inline)) void group_f32(const float *x, int6
 /* The pair (x[k], x[k + 1]) of one bfloat16 row as vdpbf16ps takes it, broadcast; `last` when k + 1
  * is past the row (odd K), whose missing half is zero rather than whatever follows the row. */
 static inline __m512i pair(const bf16_t *row, int64_t k, int last) {
-  uint32_t bits = last ? (uint32_t)row[k] : *(const uint32_t *)(row + k);
+  uint32_t bits = row[k];
+  if (!last) /* memcpy: a row may start at any element, so the pair need not be 4-byte aligned */
+    memcpy(&bits, row + k, sizeof bits);
   return _mm512_set1_epi32((int)bits);
 }
 
