@@ -50,7 +50,7 @@ def test_kernel_is_the_linear_within_its_rounding(dtype: torch.dtype, k: int, n:
     for bias in (True, False):
         linear = nn.Linear(k, n, bias=bias).to(dtype).requires_grad_(False)
         x = torch.randn(rows, k).to(dtype)
-        y = small_linear.linear(x, small_linear.pack(linear.weight), linear.bias, n)
+        y = small_linear.FewRows(linear.weight, linear.bias)(x)
         assert y is not None and y.shape == (rows, n) and y.dtype == dtype
         ours, torchs = error_against_float64(y, x, linear), error_against_float64(linear(x), x, linear)
         assert ours <= max(2 * torchs, 1e-5), (ours, torchs)
@@ -67,19 +67,23 @@ def test_kernel_reads_rows_with_a_stride_and_writes_every_column(dtype: torch.dt
     wide = torch.randn(5, 57).to(dtype)
     x = wide[:, 3:43]
     assert x.stride(0) == 57
-    y = small_linear.linear(x, small_linear.pack(linear.weight), linear.bias, 70)
+    y = small_linear.FewRows(linear.weight, linear.bias)(x)
     assert y is not None and torch.isfinite(y.float()).all()
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(y, linear(x.contiguous()), rtol=tol, atol=tol)
 
 
 def test_kernel_declines_what_it_cannot_run() -> None:
-    weight = torch.randn(16, 8)
-    packed = small_linear.pack(weight)
-    assert small_linear.linear(torch.randn(2, 8, dtype=torch.float64), packed, None, 16) is None
-    assert small_linear.linear(torch.randn(2, 8).bfloat16(), packed, None, 16) is None  # not the weight's
-    assert small_linear.linear(torch.randn(2, 8), packed, torch.randn(16).double(), 16) is None
     assert not small_linear.supported(torch.empty(0, dtype=torch.float16))
+    assert not small_linear.supported(torch.empty(0, dtype=torch.float64))
+    if not runs(torch.float32):
+        pytest.skip("the kernel does not run float32 on this CPU")
+    few = small_linear.FewRows(torch.randn(16, 8), None)
+    assert few(torch.randn(2, 8, dtype=torch.float64)) is None
+    assert few(torch.randn(2, 8).bfloat16()) is None  # not the weight's dtype
+    assert few(torch.randn(2, 9)) is None  # not the weight's input size
+    assert few(torch.randn(3, 2, 8)) is None
+    assert few(torch.randn(2, 8)) is not None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -90,13 +94,13 @@ def test_packed_linear_takes_few_rows_to_the_kernel_on_one_thread(
     if not (packing_available(linear.weight) and runs(dtype)):
         pytest.skip("oneDNN packing or the kernel is not available here")
     calls: list[int] = []
-    kernel = small_linear.linear
+    kernel = small_linear.FewRows.__call__
 
-    def counted(x: torch.Tensor, *args: object) -> torch.Tensor | None:
+    def counted(self: small_linear.FewRows, x: torch.Tensor) -> torch.Tensor | None:
         calls.append(x.shape[0])
-        return kernel(x, *args)
+        return kernel(self, x)
 
-    monkeypatch.setattr(small_linear, "linear", counted)
+    monkeypatch.setattr(small_linear.FewRows, "__call__", counted)
     packed = PackedLinear(linear, few_rows=True)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for rows in (1, 4, cpu_linear.FEW_ROWS, cpu_linear.FEW_ROWS + 1, 300):
@@ -106,7 +110,7 @@ def test_packed_linear_takes_few_rows_to_the_kernel_on_one_thread(
     torch.set_num_threads(2)  # several threads: oneDNN splits the matmul, the kernel would not
     packed(torch.randn(2, 64).to(dtype))
     assert calls == [1, 4, cpu_linear.FEW_ROWS]
-    assert PackedLinear(linear).groups is None  # no copy unless asked for
+    assert PackedLinear(linear).few_rows is None  # no copy unless asked for
 
 
 def test_pack_linears_copies_only_the_decode_modules_and_only_while_memory_allows(
@@ -119,10 +123,10 @@ def test_pack_linears_copies_only_the_decode_modules_and_only_while_memory_allow
     if not (packing_available(model["head"].weight) and runs(torch.float32)):
         pytest.skip("oneDNN packing or the kernel is not available here")
     assert pack_linears(model, few_rows=(model["decoder"], model["head"])) == 3
-    assert model["vision"][0].groups is None
-    assert model["decoder"][0].groups is not None and model["head"].groups is not None
+    assert model["vision"][0].few_rows is None
+    assert model["decoder"][0].few_rows is not None and model["head"].few_rows is not None
 
     small = nn.ModuleDict({"decoder": nn.Sequential(nn.Linear(16, 32))})
     monkeypatch.setattr(cpu_linear, "_memory_bytes", lambda: 1000)  # the copies would not fit
     assert pack_linears(small, few_rows=(small["decoder"],)) == 1
-    assert isinstance(small["decoder"][0], PackedLinear) and small["decoder"][0].groups is None
+    assert isinstance(small["decoder"][0], PackedLinear) and small["decoder"][0].few_rows is None

@@ -2,8 +2,9 @@
 
 Decode steps multiply a handful of rows by every weight of the model, so their linears are a read of
 the weights; oneDNN's packed matmul ran them at 11-17 GB/s here, the C kernel's single sequential
-stream at twice that (see `cpu_linear` for the numbers). `pack` lays a weight out for it once, at load;
-`linear` runs it, or returns None where it cannot (kernels off or unbuilt, another dtype or device).
+stream at twice that (see `cpu_linear` for the numbers). `FewRows` packs a weight for it once, at load,
+and runs it (`supported` says first whether it runs here: kernels on and built, float32 on AVX-512,
+bfloat16 on AVX512-BF16).
 """
 
 from __future__ import annotations
@@ -40,30 +41,31 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(groups, GROUP, pairs, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
-) -> torch.Tensor | None:
-    """x (M, K) @ weight.T + bias with `packed` from `pack(weight)`, in x's dtype (the weight's), or
-    None when the kernel cannot run here."""
-    lib = load("small_linear")
-    if lib is None or x.dim() != 2 or x.dtype != packed.dtype or x.device.type != "cpu":
-        return None
-    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
-        return None
-    if x.stride(1) != 1 or x.stride(0) < x.shape[1]:
-        x = x.contiguous()
-    rows, k = x.shape
-    y = x.new_empty(rows, out_features)
-    lib.epd_small_linear(
-        x.data_ptr(),
-        x.stride(0),
-        packed.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        out_features,
-        rows,
-        k,
-        out_features,
-        x.dtype == torch.bfloat16,
-    )
-    return y
+class FewRows:
+    """One weight packed for the kernel, with what every call passes it bound once: a decode step
+    makes a few dozen of these calls, and each argument looked up per call costs what the kernel
+    takes for a small matrix."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.packed = pack(weight)
+        self.bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
+        lib = load("small_linear")
+        assert lib is not None, "FewRows needs the kernel: check supported() first"
+        self._fn = lib.epd_small_linear
+        self._weight = self.packed.data_ptr()
+        self._bias = None if self.bias is None else self.bias.data_ptr()
+        self._bf16 = int(weight.dtype == torch.bfloat16)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (M, K) @ weight.T + bias in the weight's dtype, or None for an input it does not take
+        (another dtype or device, not 2-D)."""
+        if x.dtype != self.dtype or x.dim() != 2 or not x.is_cpu or x.shape[1] != self.in_features:
+            return None
+        if x.stride(1) != 1 or x.stride(0) < self.in_features:
+            x = x.contiguous()
+        rows, k, n = x.shape[0], self.in_features, self.out_features
+        y = x.new_empty(rows, n)
+        self._fn(x.data_ptr(), x.stride(0), self._weight, self._bias, y.data_ptr(), n, rows, k, n, self._bf16)
+        return y

@@ -65,12 +65,19 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT)
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.groups = small_linear.pack(weight) if few_rows and small_linear.supported(weight) else None
+        self.few_rows = (
+            small_linear.FewRows(weight, self.bias) if few_rows and small_linear.supported(weight) else None
+        )
+
+    # nn.Module's __call__ (hook bookkeeping) cost about as much as the kernel's call on a decode step's
+    # small matrices; nothing registers hooks on these layers.
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if self.groups is not None and x.dim() == 2 and rows <= FEW_ROWS and torch.get_num_threads() == 1:
-            y = small_linear.linear(x, self.groups, self.bias, self.out_features)
+        if self.few_rows is not None and rows <= FEW_ROWS and torch.get_num_threads() == 1:
+            y = self.few_rows(x)
             if y is not None:
                 return y
         if x.dim() == 2 and rows < _MIN_ROWS_F32 and x.dtype == torch.float32:
