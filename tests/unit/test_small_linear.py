@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.engine import kernels
 from serving.engine.kernels import small_linear
 from serving.engine.models import cpu_linear
 from serving.engine.models.cpu_linear import PackedLinear, pack_linears, packing_available
@@ -87,30 +88,70 @@ def test_kernel_declines_what_it_cannot_run() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_packed_linear_takes_few_rows_to_the_kernel_on_one_thread(
-    dtype: torch.dtype, one_thread, monkeypatch: pytest.MonkeyPatch
+def test_threads_split_the_columns_and_change_no_bit(dtype: torch.dtype) -> None:
+    """Each group of 64 columns is summed by one thread in the same order whatever the thread count,
+    so a split call gives exactly the one-thread result (more threads than groups included)."""
+    if not runs(dtype):
+        pytest.skip(f"the kernel does not run {dtype} on this CPU")
+    torch.manual_seed(1)
+    for n in (70, 640):
+        linear = nn.Linear(512, n).to(dtype).requires_grad_(False)
+        few = small_linear.FewRows(linear.weight, linear.bias)
+        x = torch.randn(5, 512).to(dtype)
+        one = few(x, 1)
+        for threads in (2, 3, 16):
+            assert torch.equal(few(x, threads), one)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_linear_takes_few_rows_to_the_kernel(
+    dtype: torch.dtype, threads: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """At most FEW_ROWS rows go to the kernel, with torch's thread count; with several threads only
+    when the kernel can split a call (built with OpenMP), else oneDNN's split matmul runs them."""
     linear = nn.Linear(64, 96).to(dtype).requires_grad_(False)
     if not (packing_available(linear.weight) and runs(dtype)):
         pytest.skip("oneDNN packing or the kernel is not available here")
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []
     kernel = small_linear.FewRows.__call__
 
-    def counted(self: small_linear.FewRows, x: torch.Tensor) -> torch.Tensor | None:
-        calls.append(x.shape[0])
-        return kernel(self, x)
+    def counted(self: small_linear.FewRows, x: torch.Tensor, threads: int = 1) -> torch.Tensor | None:
+        calls.append((x.shape[0], threads))
+        return kernel(self, x, threads)
 
     monkeypatch.setattr(small_linear.FewRows, "__call__", counted)
     packed = PackedLinear(linear, few_rows=True)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    for rows in (1, 4, cpu_linear.FEW_ROWS, cpu_linear.FEW_ROWS + 1, 300):
-        x = torch.randn(rows, 64).to(dtype)
-        torch.testing.assert_close(packed(x), linear(x), rtol=tol, atol=tol)
-    assert calls == [1, 4, cpu_linear.FEW_ROWS]
-    torch.set_num_threads(2)  # several threads: oneDNN splits the matmul, the kernel would not
-    packed(torch.randn(2, 64).to(dtype))
-    assert calls == [1, 4, cpu_linear.FEW_ROWS]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 4, cpu_linear.FEW_ROWS, cpu_linear.FEW_ROWS + 1, 300):
+            x = torch.randn(rows, 64).to(dtype)
+            torch.testing.assert_close(packed(x), linear(x), rtol=tol, atol=tol)
+    finally:
+        torch.set_num_threads(before)
+    taken = threads == 1 or small_linear.parallel()
+    assert calls == ([(1, threads), (4, threads), (cpu_linear.FEW_ROWS, threads)] if taken else [])
     assert PackedLinear(linear).few_rows is None  # no copy unless asked for
+
+
+def test_a_build_without_openmp_still_runs_on_one_thread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, one_thread
+) -> None:
+    """Where the OpenMP build fails (here: a flag no compiler knows), the plain build loads instead;
+    the kernel then says it does not split calls, and still computes the linear."""
+    if kernels.load("small_linear") is None:
+        pytest.skip("no C compiler: kernels off")
+    monkeypatch.setenv("EPD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(kernels._VARIANTS, "small_linear", (("-fno-such-flag-anywhere",), ()))
+    monkeypatch.delitem(kernels._libraries, "small_linear")
+    assert kernels.load("small_linear") is not None
+    assert not small_linear.parallel()
+    if runs(torch.float32):
+        linear = nn.Linear(32, 20).requires_grad_(False)
+        x = torch.randn(3, 32)
+        torch.testing.assert_close(small_linear.FewRows(linear.weight, linear.bias)(x), linear(x))
 
 
 def test_pack_linears_copies_only_the_decode_modules_and_only_while_memory_allows(

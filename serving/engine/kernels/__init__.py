@@ -45,7 +45,7 @@ def _cpu_key() -> str:
     return "\n".join(lines[: len(wanted)])
 
 
-def _build(source: Path) -> Path | None:
+def _build(source: Path, extra: tuple[str, ...] = ()) -> Path | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.info("no C compiler: CPU kernels off, using the torch paths")
@@ -55,7 +55,7 @@ def _build(source: Path) -> Path | None:
     except OSError as e:  # an install that left the source out
         log.warning("kernel source %s unreadable, using the torch path: %s", source, e)
         return None
-    parts = [text, *_COMPILE, *_LINK, compiler, _cpu_key()]
+    parts = [text, *_COMPILE, *_LINK, *extra, compiler, _cpu_key()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     out_dir = cache_dir() / "kernels"
     target = out_dir / f"{source.stem}-{key}.so"
@@ -68,7 +68,8 @@ def _build(source: Path) -> Path | None:
     os.close(fd)
     obj = tmp[: -len(".so")] + ".o"
     try:
-        for cmd in ([compiler, *_COMPILE, "-o", obj, str(source)], [compiler, *_LINK, "-o", tmp, obj, "-lm"]):
+        compile_cmd = [compiler, *_COMPILE, *extra, "-o", obj, str(source)]
+        for cmd in (compile_cmd, [compiler, *_LINK, *extra, "-o", tmp, obj, "-lm"]):
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)
     except (OSError, subprocess.SubprocessError) as e:
@@ -114,10 +115,12 @@ def _bind_fused_ops(lib: ctypes.CDLL) -> None:
 def _bind_small_linear(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn = lib.epd_small_linear
-    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
     fn.restype = None
     lib.epd_small_linear_supports.argtypes = [ctypes.c_int]
     lib.epd_small_linear_supports.restype = ctypes.c_int
+    lib.epd_small_linear_parallel.argtypes = []
+    lib.epd_small_linear_parallel.restype = ctypes.c_int
 
 
 # Each C source next to this file, and what declares its functions' signatures once it is loaded.
@@ -127,6 +130,10 @@ _SOURCES: dict[str, Callable[[ctypes.CDLL], None]] = {
     "fused_ops": _bind_fused_ops,
     "small_linear": _bind_small_linear,
 }
+# Extra flags per source, tried in order until one builds and loads. The few-row linears split a call
+# across threads with OpenMP, which torch already loaded (its libgomp, whose team is waiting): without
+# OpenMP they still run, on one thread.
+_VARIANTS: dict[str, tuple[tuple[str, ...], ...]] = {"small_linear": (("-fopenmp",), ())}
 _libraries: dict[str, ctypes.CDLL | None] = {}
 
 
@@ -139,10 +146,15 @@ def load(name: str) -> ctypes.CDLL | None:
         if name not in _libraries:
             lib = None
             if cpu_kernels_enabled():
-                path = _build(Path(__file__).with_name(f"{name}.c"))
-                if path is not None:
-                    lib = ctypes.CDLL(str(path))
-                    _SOURCES[name](lib)
+                for extra in _VARIANTS.get(name, ((),)):
+                    path = _build(Path(__file__).with_name(f"{name}.c"), extra)
+                    try:
+                        lib = None if path is None else ctypes.CDLL(str(path))
+                    except OSError as e:  # e.g. a runtime library the built object needs is missing
+                        log.warning("loading %s failed, using the torch path: %s", path, e)
+                    if lib is not None:
+                        _SOURCES[name](lib)
+                        break
             _libraries[name] = lib
     return _libraries[name]
 

@@ -16,6 +16,13 @@ from serving.engine.kernels import load
 GROUP = 64  # output columns per group: four 16-float vectors, the kernel's accumulators per row
 
 
+def parallel() -> bool:
+    """Whether the kernel splits a call across torch's intra-op threads (built with OpenMP); if not,
+    callers with several threads keep their oneDNN matmul."""
+    lib = load("small_linear")
+    return lib is not None and bool(lib.epd_small_linear_parallel())
+
+
 def supported(weight: torch.Tensor) -> bool:
     """Whether the kernel runs linears of this weight's dtype and device here (it is built for
     AVX-512, and AVX512-BF16 for bfloat16)."""
@@ -58,14 +65,26 @@ class FewRows:
         self._bias = None if self.bias is None else self.bias.data_ptr()
         self._bf16 = int(weight.dtype == torch.bfloat16)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x (M, K) @ weight.T + bias in the weight's dtype, or None for an input it does not take
-        (another dtype or device, not 2-D)."""
+    def __call__(self, x: torch.Tensor, threads: int = 1) -> torch.Tensor | None:
+        """x (M, K) @ weight.T + bias in the weight's dtype, split across `threads` (see `parallel`),
+        or None for an input it does not take (another dtype or device, not 2-D)."""
         if x.dtype != self.dtype or x.dim() != 2 or not x.is_cpu or x.shape[1] != self.in_features:
             return None
         if x.stride(1) != 1 or x.stride(0) < self.in_features:
             x = x.contiguous()
         rows, k, n = x.shape[0], self.in_features, self.out_features
         y = x.new_empty(rows, n)
-        self._fn(x.data_ptr(), x.stride(0), self._weight, self._bias, y.data_ptr(), n, rows, k, n, self._bf16)
+        self._fn(
+            x.data_ptr(),
+            x.stride(0),
+            self._weight,
+            self._bias,
+            y.data_ptr(),
+            n,
+            rows,
+            k,
+            n,
+            self._bf16,
+            threads,
+        )
         return y

@@ -39,8 +39,9 @@ _MIN_ROWS_F32 = 4
 # model's 24 decoder linears and LM head in sequence (weights 71 MB in float32, 35 MB in bfloat16, one
 # thread): float32 2.0-2.3 against 3.6-3.9 ms at 1-4 rows, 5.8 against 6.7 at 16, 10.7 against 11.9
 # at 32, even from 256 rows; bfloat16 0.9-1.0 against 1.8-2.1 ms at 1-4, 3.0 against 3.6-3.8 at 16,
-# 5.5 against 6.3 at 32, even from 256. Prefill chunks (hundreds of rows) stay on oneDNN, which also
-# splits a matmul across threads where the kernel runs on one.
+# 5.5 against 6.3 at 32, even from 256. With two threads (OpenMP): float32 2.0 against 2.9 ms at one
+# row, 1.6 against 2.4 at 4, 3.4 against 4.0 at 16, 5.9 against 6.5 at 32; bfloat16 0.5 against 1.2,
+# 0.6 against 1.3, 1.7 against 2.3, 3.0 against 3.6. Prefill chunks (hundreds of rows) stay on oneDNN.
 FEW_ROWS = 32
 
 # The few-row copies of the weights are made only while, all together, they take at most this share
@@ -68,6 +69,8 @@ class PackedLinear(nn.Module):
         self.few_rows = (
             small_linear.FewRows(weight, self.bias) if few_rows and small_linear.supported(weight) else None
         )
+        # Built without OpenMP the kernel runs on one thread, and oneDNN's split matmul is then faster.
+        self.any_threads = self.few_rows is not None and small_linear.parallel()
 
     # nn.Module's __call__ (hook bookkeeping) cost about as much as the kernel's call on a decode step's
     # small matrices; nothing registers hooks on these layers.
@@ -76,10 +79,12 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if self.few_rows is not None and rows <= FEW_ROWS and torch.get_num_threads() == 1:
-            y = self.few_rows(x)
-            if y is not None:
-                return y
+        if self.few_rows is not None and rows <= FEW_ROWS:
+            threads = torch.get_num_threads()
+            if threads == 1 or self.any_threads:
+                y = self.few_rows(x, threads)
+                if y is not None:
+                    return y
         if x.dim() == 2 and rows < _MIN_ROWS_F32 and x.dtype == torch.float32:
             padded = x.new_zeros(_MIN_ROWS_F32, x.shape[1])
             padded[:rows] = x
