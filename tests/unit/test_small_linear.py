@@ -20,15 +20,6 @@ def runs(dtype: torch.dtype) -> bool:
     return small_linear.supported(torch.empty(0, dtype=dtype))
 
 
-@pytest.fixture
-def one_thread():
-    """As a pinned one-core worker runs: packed linears hand few rows to the kernel."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def error_against_float64(y: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> float:
     bias = None if linear.bias is None else linear.bias.double()
     return (y.double() - F.linear(x.double(), linear.weight.double(), bias)).abs().max().item()
@@ -136,9 +127,7 @@ def test_packed_linear_takes_few_rows_to_the_kernel(
     assert PackedLinear(linear).few_rows is None  # no copy unless asked for
 
 
-def test_a_build_without_openmp_still_runs_on_one_thread(
-    monkeypatch: pytest.MonkeyPatch, tmp_path, one_thread
-) -> None:
+def test_a_build_without_openmp_still_runs_on_one_thread(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """Where the OpenMP build fails (here: a flag no compiler knows), the plain build loads instead;
     the kernel then says it does not split calls, and still computes the linear."""
     if kernels.load("small_linear") is None:
