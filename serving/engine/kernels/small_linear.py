@@ -59,7 +59,8 @@ class FewRows:
         self.packed = pack(weight)
         self.bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
         lib = load("small_linear")
-        assert lib is not None, "FewRows needs the kernel: check supported() first"
+        if lib is None:
+            raise RuntimeError("the few-row linear kernel is not available here: check supported() first")
         self._fn = lib.epd_small_linear
         self._weight = self.packed.data_ptr()
         self._bias = None if self.bias is None else self.bias.data_ptr()
