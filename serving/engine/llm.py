@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,9 +76,10 @@ class LLMEngine:
         self.held: dict[str, Sequence] = {}  # prefilled, KV kept for a decode worker to take
         self._reserved: dict[str, Sequence] = {}  # blocks set aside for KV arriving from a prefill
         self._ids = itertools.count()
-        self.last_stage = ""  # "prefill" (some prefill work) or "decode" (decode only): the latest step
         self.last_batch: Batch | None = None  # what the latest step ran: its sequences and token counts
-        self.last_prefilled: list[str] = []  # requests whose prefill completed in the latest step
+        # Requests whose prefill completed in the latest step -> their prefill time: from the start of the
+        # step that took their first prompt chunk to the end of this one (vLLM's prefill time).
+        self.last_prefilled: dict[str, float] = {}
         self.requests_failed = 0  # requests that failed alone inside a step
         self.prefill_tokens_computed = 0  # prompt (and resumed) tokens run through the model
         # Called with (stage, request ids) before each batch runs; tests inject faults through it.
@@ -258,12 +260,15 @@ class LLMEngine:
     # -- the loop ---------------------------------------------------------------------------------
 
     def step(self) -> list[TokenDelta]:
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
-        self.last_prefilled = []
+        self.last_prefilled = {}
         if batch is None:
             return []
-        self.last_stage = batch.stage
         self.last_batch = batch
+        for seq in batch.seqs[batch.num_decode :]:
+            if seq.prefill_started is None:
+                seq.prefill_started = start
         # Failures outside the per-request runs (scheduling, bookkeeping) propagate: the engine loop
         # marks its worker broken. Requests that fail alone never do, so no client can take it down.
         return self._run_batch(batch.seqs, batch.q_lens, batch.num_decode)
@@ -298,8 +303,11 @@ class LLMEngine:
         self.prefill_tokens_computed += sum(q_lens[num_decode:])
         for seq in seqs:
             self.scheduler.register_computed(seq)
-        prefilled = [seqs[i] for i in complete if i >= num_decode]
-        self.last_prefilled.extend(s.request_id for s in prefilled)
+        done = time.perf_counter()
+        for i in complete:
+            if i >= num_decode:
+                seq = seqs[i]
+                self.last_prefilled[seq.request_id] = done - (seq.prefill_started or done)
         deltas = [self._resumed(seqs[i]) for i in complete if seqs[i].resume_pending]
         for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
             try:

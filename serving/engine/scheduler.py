@@ -35,11 +35,6 @@ class Batch:
     num_decode: int  # the first num_decode sequences decode; the rest prefill
 
     @property
-    def stage(self) -> str:
-        """ "prefill" when the step carries any prefill work, else "decode"."""
-        return "prefill" if self.num_decode < len(self.seqs) else "decode"
-
-    @property
     def decoding(self) -> list[Sequence]:
         return self.seqs[: self.num_decode]
 

@@ -38,6 +38,7 @@ class Sequence:
     prefill_only: bool = False  # stops after its prefill; its KV is handed to a decode worker
     resume_pending: bool = False  # restored outputs whose KV a prefill must recompute, not sample
     prompt_positions: torch.Tensor | None = None  # (3, prompt) M-RoPE positions, made on the first chunk
+    prefill_started: float | None = None  # perf_counter at the start of the step that took its first chunk
     _held: str = ""  # text withheld from the stream while it could still become a stop string
     _generator: torch.Generator | None = None
     _stops: StopMatcher | None = None  # incremental stop-string matcher, made on the first token

@@ -36,7 +36,7 @@ _IDLE_WAIT_S = 1.0  # nothing pending: wake once a second anyway (cheap), never 
 _LIVENESS_CHECK_S = 0.5
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[list[TokenDelta], str, float], None]  # deltas, stage, step seconds
+Deliver = Callable[[list[TokenDelta]], None]  # one step's deltas
 
 
 class EngineLoop:
@@ -199,10 +199,10 @@ class EngineLoop:
             embeds = embeds[len(images) :]
 
     def _step(self) -> None:
-        start, cpu = time.perf_counter(), time.thread_time()
+        cpu = time.thread_time()
         deltas = self.engine.step()
         stepped = time.thread_time()
-        self._deliver(deltas, self.engine.last_stage, time.perf_counter() - start)
+        self._deliver(deltas)
         self.steps += 1
         self.tokens += sum(len(d.token_ids) for d in deltas)
         self.step_cpu_s += stepped - cpu

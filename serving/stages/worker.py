@@ -168,12 +168,12 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
         if entry.sink is not None:
             entry.sink.put(TokenDelta(request_id, [], "", FinishReason.ABORT))
 
-    def _deliver(self, deltas: list[TokenDelta], stage: str, step_s: float) -> None:
-        prefilled = set(self.engine.last_prefilled)
+    def _deliver(self, deltas: list[TokenDelta]) -> None:
+        prefilled = self.engine.last_prefilled
         touched: dict[int, Outbox] = {}
         for delta in deltas:
-            if delta.request_id in prefilled:
-                self._prefill_s[delta.request_id] = step_s
+            if (prefill_s := prefilled.get(delta.request_id)) is not None:
+                self._prefill_s[delta.request_id] = prefill_s
             entry = self.ledger.get(delta.request_id)
             sink = entry.sink if entry is not None else None
             if isinstance(sink, StreamSink):

@@ -3,6 +3,8 @@ the tokens of one whole prefill, and running requests keep decoding in every ste
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -147,3 +149,23 @@ def test_more_running_than_the_budget_take_turns(chunked):
         for request_id in ids:
             chunked.abort(request_id)
     assert chunked.runner.pool.num_free == chunked.runner.pool.num_blocks
+
+
+def test_prefill_time_spans_every_chunk_not_only_the_last(chunked):
+    """The prefill time the engine reports for a request (its stage time in telemetry, vLLM's prefill
+    time) runs from the step that took its first chunk to the step that computed its first token:
+    with chunked prefill, every chunk's step is in it, not only the last one's."""
+    prompt = long_prompt(chunked, seed=11)
+    chunked.add_request(prompt, SamplingParams(max_tokens=2), request_id="spanned")
+    steps: list[tuple[float, float]] = []
+    while "spanned" not in chunked.last_prefilled:
+        start = time.perf_counter()
+        chunked.step()
+        steps.append((start, time.perf_counter()))
+    span = chunked.last_prefilled["spanned"]
+    assert len(steps) >= 4
+    first_begun, last_begun, last_done = steps[0][0], steps[-1][0], steps[-1][1]
+    # Inside [first step's start, last step's end], and longer than everything before the last step.
+    assert last_begun - first_begun < span <= last_done - first_begun
+    while chunked.has_unfinished():
+        chunked.step()
