@@ -160,3 +160,18 @@ def test_pack_linears_copies_only_the_decode_modules_and_only_while_memory_allow
     monkeypatch.setattr(cpu_linear, "_memory_bytes", lambda: 1000)  # the copies would not fit
     assert pack_linears(small, few_rows=(small["decoder"],)) == 1
     assert isinstance(small["decoder"][0], PackedLinear) and small["decoder"][0].few_rows is None
+
+
+def test_the_memory_budget_is_the_containers_limit_where_lower(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """A pod's cgroup limit, not the node's memory, bounds the few-row copies; "max" means no limit."""
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(cpu_linear, "_CGROUP_LIMITS", (tmp_path / "absent",))
+    machine = cpu_linear._memory_bytes()
+    assert machine > 2**30
+    monkeypatch.setattr(cpu_linear, "_CGROUP_LIMITS", (limit,))
+    limit.write_text("max\n")
+    assert cpu_linear._memory_bytes() == machine
+    limit.write_text(f"{2**30}\n")
+    assert cpu_linear._memory_bytes() == 2**30

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -102,11 +103,26 @@ def _linears(module: nn.Module) -> Iterable[tuple[nn.Module, str, nn.Linear]]:
                 yield parent, name, child
 
 
+# A container's memory limit (cgroup v2, then v1): a pod on KubeRay may be allowed far less than the
+# node has, and the copies must fit what this process may use.
+_CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
 def _memory_bytes() -> int:
+    """What this process may use: the machine's memory, or its container's limit where lower."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         return 0
+    for path in _CGROUP_LIMITS:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) means no limit
+            total = min(total, int(text))
+        break
+    return total
 
 
 def pack_linears(module: nn.Module, few_rows: Iterable[nn.Module] = ()) -> int:
