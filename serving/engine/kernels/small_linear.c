@@ -103,7 +103,7 @@ static inline __attribute__((always_inline)) void finish(__m512 acc[ROWS][4], in
   }
 }
 
-/* One group of 64 columns for `rows` (1-4, a constant once inlined) rows of float32 x. */
+/* One group of 64 columns for `rows` (1-6, a constant once inlined) rows of float32 x. */
 static inline __attribute__((always_inline)) void group_f32(const float *x, int64_t ldx,
                                                             const float *w, int64_t K, int rows,
                                                             __m512 acc[ROWS][4]) {
@@ -179,7 +179,6 @@ void epd_small_linear(const void *x, int64_t ldx, const void *w, const void *bia
   int64_t block = bf16 && M > ROWS ? 4 : ROWS;
   if (threads > groups)
     threads = (int)groups;
-  (void)threads;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) num_threads(threads > 1 ? threads : 1) if (threads > 1)
 #endif

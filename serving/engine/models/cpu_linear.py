@@ -38,16 +38,17 @@ _MIN_ROWS_F32 = 4
 
 # The most rows the few-row kernel takes. Measured against the packed oneDNN matmul over the `small`
 # model's 24 decoder linears and LM head in sequence (weights 71 MB in float32, 35 MB in bfloat16, one
-# thread): float32 2.0-2.3 against 3.6-3.9 ms at 1-4 rows, 5.8 against 6.7 at 16, 10.7 against 11.9
-# at 32, even from 256 rows; bfloat16 0.9-1.0 against 1.8-2.1 ms at 1-4, 3.0 against 3.6-3.8 at 16,
-# 5.5 against 6.3 at 32, even from 256. With two threads (OpenMP): float32 2.0 against 2.9 ms at one
-# row, 1.6 against 2.4 at 4, 3.4 against 4.0 at 16, 5.9 against 6.5 at 32; bfloat16 0.5 against 1.2,
-# 0.6 against 1.3, 1.7 against 2.3, 3.0 against 3.6. Prefill chunks (hundreds of rows) stay on oneDNN.
+# thread): float32 2.2-2.9 against 3.6-4.2 ms at 1-4 rows, 5.8 against 6.7-7.0 at 16, 10.6-11.0
+# against 11.6-11.9 at 32, even from 256 rows; bfloat16 0.9-1.1 against 1.8-2.2 ms at 1-4, 3.0-3.2
+# against 3.6-4.0 at 16, 5.5-5.9 against 6.3-6.6 at 32, even from 256. With two threads (OpenMP):
+# float32 2.0 against 2.9 ms at one row, 1.6 against 2.4 at 4, 3.4 against 4.0 at 16, 5.9 against 6.5
+# at 32; bfloat16 0.5 against 1.2, 0.6 against 1.3, 1.7 against 2.3, 3.0 against 3.6. Prefill chunks
+# (hundreds of rows) stay on oneDNN.
 FEW_ROWS = 32
 
 # The few-row copies of the weights are made only while, all together, they take at most this share
-# of the machine's memory: for the small models the CPU path serves they are megabytes, and a large
-# checkpoint on CPU keeps its memory for the KV cache instead.
+# of the memory this process may use (`_memory_bytes`): for the small models the CPU path serves they
+# are megabytes, and a large checkpoint on CPU keeps its memory for the KV cache instead.
 _COPY_SHARE = 1 / 8
 
 
