@@ -51,6 +51,7 @@ def instrument(engine: LLMEngine, timers: Timers) -> None:
     import serving.engine.llm as llm_mod
     from serving.engine import attention, scheduler, sequence
     from serving.engine.models import cpu_linear
+    from serving.engine.models.decode_layers import DecodeLayers
 
     timers.wrap(scheduler.Scheduler, "schedule", "scheduling")
     timers.wrap(attention.AttentionBatch, "build", "batch building (attention metadata)")
@@ -60,6 +61,7 @@ def instrument(engine: LLMEngine, timers: Timers) -> None:
     timers.wrap(attention, "_attend_gathered", "attention: gathered tokens (no kernel: gather + SDPA)")
     timers.wrap(torch.nn.functional, "linear", "linear layers (matmuls)")
     timers.wrap(cpu_linear.PackedLinear, "forward", "linear layers (matmuls)")
+    timers.wrap(DecodeLayers, "__call__", "decode steps' layers as one C call (decode_layers.c)")
     timers.wrap(llm_mod, "sample", "sampling")
     timers.wrap(sequence.Sequence, "append", "detokenize + stop rules")
 

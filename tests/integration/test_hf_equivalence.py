@@ -71,9 +71,11 @@ def test_greedy_tokens_equal_transformers(pair, case):
 
 @pytest.mark.parametrize("case", ["text", "one-image"])
 def test_greedy_tokens_equal_transformers_on_one_thread(pair, case, monkeypatch):
-    """As a pinned one-core worker runs: decode steps' linears take the few-row kernel (counted, so
-    this compares that path and not another)."""
+    """As a pinned one-core worker runs: decode steps take the decoder's one C call and the LM head the
+    few-row kernel (both counted, so this compares that path and not another)."""
     engine, reference = pair
+    fast = engine.runner.model.model.decode_layers
+    calls = 0 if fast is None else fast.calls
     rows: list[int] = []
     kernel = small_linear.FewRows.__call__
 
@@ -92,6 +94,7 @@ def test_greedy_tokens_equal_transformers_on_one_thread(pair, case, monkeypatch)
     assert ours.token_ids == reference_tokens(reference, engine, prompt)
     if small_linear.supported(torch.empty(0)):
         assert rows.count(1) >= MAX_TOKENS - 1
+        assert fast is not None and fast.calls - calls >= MAX_TOKENS - 1
 
 
 def one_d_positions(token_ids, grids, image_token_id, merge):

@@ -408,8 +408,8 @@ def test_kernel_threads_follow_the_work() -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        assert kernels._threads(torch.tensor([100, 200])) == 1
-        assert kernels._threads(torch.tensor([9000, 9000])) == 4
-        assert kernels._threads(torch.tensor([5000, 4000])) == 2
+        assert kernels.decode_threads(torch.tensor([100, 200])) == 1
+        assert kernels.decode_threads(torch.tensor([9000, 9000])) == 4
+        assert kernels.decode_threads(torch.tensor([5000, 4000])) == 2
     finally:
         torch.set_num_threads(before)

@@ -124,11 +124,18 @@ def _bind_small_linear(lib: ctypes.CDLL) -> None:
 
 
 # Each C source next to this file, and what declares its functions' signatures once it is loaded.
+def _bind_decode_layers(lib: ctypes.CDLL) -> None:
+    from serving.engine.kernels.decode_layers import bind  # its argument structures live there
+
+    bind(lib)
+
+
 _SOURCES: dict[str, Callable[[ctypes.CDLL], None]] = {
     "paged_decode": _bind_paged_decode,
     "paged_prefill": _bind_paged_prefill,
     "fused_ops": _bind_fused_ops,
     "small_linear": _bind_small_linear,
+    "decode_layers": _bind_decode_layers,
 }
 # Extra flags per source, tried in order until one builds and loads. The few-row linears split a call
 # across threads with OpenMP, which torch already loaded (its libgomp, whose team is waiting): without
@@ -190,7 +197,8 @@ def _pool_args(layer: torch.Tensor, q: torch.Tensor) -> tuple[int, ...] | None:
 _TOKENS_PER_THREAD = 4096
 
 
-def _threads(ctx: torch.Tensor) -> int:
+def decode_threads(ctx: torch.Tensor) -> int:
+    """How many threads the decode kernel splits sequences of these context lengths across."""
     available = torch.get_num_threads()
     return 1 if available == 1 else max(1, min(available, int(ctx.sum()) // _TOKENS_PER_THREAD))
 
@@ -229,7 +237,7 @@ def paged_decode(
         seqs,
         scale,
         out.data_ptr(),
-        _threads(ctx) if threads is None else threads,
+        decode_threads(ctx) if threads is None else threads,
     )
     return out if status == 0 else None
 

@@ -9,6 +9,7 @@ from serving.engine.attention import AttentionBatch, paged_attention
 from serving.engine.kernels import fused
 from serving.engine.kv_cache import KVPool
 from serving.engine.models.config import TextConfig
+from serving.engine.models.decode_layers import DecodeLayers
 from serving.engine.models.layers import GatedMLP, RMSNorm, apply_rotary, concat_linear
 
 
@@ -107,6 +108,8 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary: MRotary | None = None
+        # Decode-only steps as one C call (bound after loading, where the kernels run): see decode_layers.
+        self.decode_layers: DecodeLayers | None = None
 
     def forward(
         self, embeds: torch.Tensor, positions: torch.Tensor, pool: KVPool, batch: AttentionBatch
@@ -115,6 +118,10 @@ class Decoder(nn.Module):
         if self.rotary is None:
             self.rotary = MRotary(self.cfg, embeds.device)
         cos, sin = self.rotary(positions, embeds.dtype)
+        if self.decode_layers is not None:
+            hidden = self.decode_layers(embeds, cos, sin, pool, batch)
+            if hidden is not None:
+                return hidden
         x, h = embeds, None
         for i, layer in enumerate(self.layers):
             x, h = layer(x, h, cos, sin, pool.layer(i), batch)
