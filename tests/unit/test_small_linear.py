@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serving.engine import kernels
-from serving.engine.kernels import small_linear
+from serving.engine.kernels import fused, small_linear
 from serving.engine.models import cpu_linear
 from serving.engine.models.cpu_linear import PackedLinear, pack_linears, packing_available
 
@@ -141,6 +141,27 @@ def test_a_build_without_openmp_still_runs_on_one_thread(monkeypatch: pytest.Mon
         linear = nn.Linear(32, 20).requires_grad_(False)
         x = torch.randn(3, 32)
         torch.testing.assert_close(small_linear.FewRows(linear.weight, linear.bias)(x), linear(x))
+
+
+def test_a_build_that_does_not_load_gives_way_to_the_next_or_to_torch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """A shared object that builds but will not load (here: not an ELF file) is skipped: the next
+    variant loads, and a source with none left gives its callers None (their torch path)."""
+    if kernels.load("small_linear") is None or not small_linear.parallel():
+        pytest.skip("no OpenMP build here to break")
+    monkeypatch.setenv("EPD_CACHE_DIR", str(tmp_path))
+    broken = tmp_path / "broken.so"
+    broken.write_bytes(b"not a shared object")
+    build = kernels._build
+    monkeypatch.setattr(kernels, "_build", lambda source, extra=(): broken if extra else build(source, extra))
+    monkeypatch.delitem(kernels._libraries, "small_linear")
+    monkeypatch.delitem(kernels._libraries, "fused_ops")
+    assert kernels.load("small_linear") is not None
+    assert not small_linear.parallel()  # the OpenMP variant was the broken one
+    monkeypatch.setattr(kernels, "_build", lambda source, extra=(): broken)
+    assert kernels.load("fused_ops") is None
+    assert fused.silu_mul(torch.randn(2, 8)) is None
 
 
 def test_pack_linears_copies_only_the_decode_modules_and_only_while_memory_allows(

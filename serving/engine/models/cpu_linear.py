@@ -42,9 +42,12 @@ _MIN_ROWS_F32 = 4
 # against 11.6-11.9 at 32, even from 256 rows; bfloat16 0.9-1.1 against 1.8-2.2 ms at 1-4, 3.0-3.2
 # against 3.6-4.0 at 16, 5.5-5.9 against 6.3-6.6 at 32, even from 256. With two threads (OpenMP):
 # float32 2.0 against 2.9 ms at one row, 1.6 against 2.4 at 4, 3.4 against 4.0 at 16, 5.9 against 6.5
-# at 32; bfloat16 0.5 against 1.2, 0.6 against 1.3, 1.7 against 2.3, 3.0 against 3.6. Prefill chunks
+# at 32; bfloat16 0.5 against 1.2, 0.6 against 1.3, 1.7 against 2.3, 3.0 against 3.6. From 33 to 64
+# rows (a decode batch up to the default max_num_seqs) it stays ahead, one thread / two: float32 15.7
+# against 15.9 / 8.6 against 9.4 ms at 40, 22.4 against 22.9 / 12.6 against 13.2 at 64; bfloat16 7.9
+# against 8.2 / 3.9 against 4.5 at 40, 11.7 against 13.0 / 6.6 against 6.9 at 64. Prefill chunks
 # (hundreds of rows) stay on oneDNN.
-FEW_ROWS = 32
+FEW_ROWS = 64
 
 # The few-row copies of the weights are made only while, all together, they take at most this share
 # of the memory this process may use (`_memory_bytes`): for the small models the CPU path serves they
