@@ -130,11 +130,15 @@ class DecodeLayers:
         data = pool.data
         if embeds.dtype != self.dtype or data.dtype != self.dtype or not embeds.is_contiguous():
             return None
-        if data.device.type != "cpu" or data.stride(5) != 1 or data.stride(4) != data.shape[5]:
+        shape = self._shape
+        if data.device.type != "cpu" or data.shape[4:] != (shape.kv_heads, shape.head_dim):
+            return None
+        if data.stride(5) != 1 or data.stride(4) != data.shape[5]:
             return None
         if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == sin.dtype == self.dtype):
             return None
-        shape = self._shape
+        if cos.numel() != rows * shape.head_dim or sin.numel() != rows * shape.head_dim:
+            return None
         shape.layer_stride, shape.block_stride = data.stride(1), data.stride(0)
         shape.kind_stride, shape.slot_stride, shape.block_size = data.stride(2), data.stride(3), data.shape[3]
         work = torch.empty(self._lib.epd_decode_layers_work(shape, rows), dtype=torch.uint8)
