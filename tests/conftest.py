@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from serving.config import EngineConfig
@@ -26,6 +27,15 @@ def tiny25_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def engine(tiny_model: Path) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(tiny_model), num_kv_blocks=512, block_size=4))
+
+
+@pytest.fixture
+def one_thread():
+    """As a pinned one-core worker runs: one intra-op thread (the C kernels take inputs of any size)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:

@@ -77,14 +77,6 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 5])
 def test_one_call_gives_the_modules_logits_and_kv_to_the_bit(tiny_model, dtype, batch, threads) -> None:

@@ -16,15 +16,6 @@ from serving.engine.models.layers import RMSNorm, apply_rotary
 needs_kernels = pytest.mark.skipif(kernels.load("fused_ops") is None, reason="no C compiler: kernels off")
 
 
-@pytest.fixture
-def one_thread():
-    """As a pinned one-core worker runs: the kernels take inputs of any size."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @needs_kernels
 @pytest.mark.parametrize("rows", [0, 1, 5, 300])
 @pytest.mark.parametrize("dim", [64, 100])
