@@ -123,13 +123,13 @@ def _bind_small_linear(lib: ctypes.CDLL) -> None:
     lib.epd_small_linear_parallel.restype = ctypes.c_int
 
 
-# Each C source next to this file, and what declares its functions' signatures once it is loaded.
 def _bind_decode_layers(lib: ctypes.CDLL) -> None:
     from serving.engine.kernels.decode_layers import bind  # its argument structures live there
 
     bind(lib)
 
 
+# Each C source next to this file, and what declares its functions' signatures once it is loaded.
 _SOURCES: dict[str, Callable[[ctypes.CDLL], None]] = {
     "paged_decode": _bind_paged_decode,
     "paged_prefill": _bind_paged_prefill,
