@@ -159,12 +159,14 @@ class Generation:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            # Choices the gateway stopped (client gone, timeout) end as aborts, in the metrics too.
+            # Choices the gateway stopped (client gone, timeout) end as aborts, in the metrics too:
+            # recorded before the wait below, which a second cancellation of a request whose client
+            # left (the server's and the HTTP framework's) can cut short.
             for choice in self.choices:
                 if choice.finish_reason is None:
                     abort = TokenDelta(f"{self.request_id}-{choice.index}", [], "", FinishReason.ABORT)
                     self._record(choice, abort)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _record(self, choice: Choice, delta: TokenDelta) -> None:
         now = time.perf_counter()

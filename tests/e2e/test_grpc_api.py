@@ -5,7 +5,6 @@ every worker; health per role and reflection; the Admin service against `/admin/
 
 from __future__ import annotations
 
-import re
 import time
 
 import grpc
@@ -141,19 +140,6 @@ def assert_kv_freed(server: str) -> None:
         time.sleep(0.2)
         usage = kv_usage(server)
     assert usage and all(v == 0 for v in usage.values()), usage
-
-
-def test_cancel_frees_kv_everywhere(server, channel):
-    call = generate_pb2_grpc.GenerationStub(channel).Generate(LONG, metadata=AUTH, timeout=120)
-    received = [next(call) for _ in range(8)]
-    assert sum(len(r.token_ids) for r in received) >= 8
-    assert any(v > 0 for v in kv_usage(server).values())
-    call.cancel()
-    assert call.code() == grpc.StatusCode.CANCELLED
-    assert_kv_freed(server)
-    aborts = re.search(r'epd:request_success_total\{finished_reason="abort",model_name="epd-tiny"\} (\S+)',
-                       httpx.get(f"{server}/metrics", timeout=30).text)  # fmt: skip
-    assert aborts and float(aborts.group(1)) >= 1
 
 
 def test_deadline_expiry_frees_kv_everywhere(server, channel):
