@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from serving.config import cache_dir, cpu_kernels_enabled
+from serving.engine.kernels import decode_layers
 
 log = logging.getLogger(__name__)
 
@@ -123,19 +124,13 @@ def _bind_small_linear(lib: ctypes.CDLL) -> None:
     lib.epd_small_linear_parallel.restype = ctypes.c_int
 
 
-def _bind_decode_layers(lib: ctypes.CDLL) -> None:
-    from serving.engine.kernels.decode_layers import bind  # its argument structures live there
-
-    bind(lib)
-
-
 # Each C source next to this file, and what declares its functions' signatures once it is loaded.
 _SOURCES: dict[str, Callable[[ctypes.CDLL], None]] = {
     "paged_decode": _bind_paged_decode,
     "paged_prefill": _bind_paged_prefill,
     "fused_ops": _bind_fused_ops,
     "small_linear": _bind_small_linear,
-    "decode_layers": _bind_decode_layers,
+    "decode_layers": decode_layers.bind,  # its argument structures live in decode_layers.py
 }
 # Extra flags per source, tried in order until one builds and loads. The few-row linears split a call
 # across threads with OpenMP, which torch already loaded (its libgomp, whose team is waiting): without

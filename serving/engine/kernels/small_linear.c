@@ -22,9 +22,6 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define HAVE_F32 1

@@ -47,15 +47,23 @@ def _few_rows(linear: object, bf16: bool) -> tuple[int, int] | None:
 class DecodeLayers:
     """The decoder's layers and final norm bound for one C call per decode step (see the module doc)."""
 
-    def __init__(self, lib: ctypes.CDLL, ops: Ops, shape: Shape, layers: ctypes.Array, keep: list) -> None:
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        ops: Ops,
+        shape: Shape,
+        layers: ctypes.Array,
+        final_norm: torch.Tensor,
+        keep: list[torch.Tensor],
+    ) -> None:
         self._lib = lib
         self._fn = lib.epd_decode_layers
         self._ops = ops
         self._shape = shape
         self._layers = layers
         self._num_layers = len(layers)
-        self._final_norm = keep[-1].data_ptr()
-        self._keep = keep  # the tensors whose memory the pointers above name
+        self._final_norm = final_norm.data_ptr()
+        self._keep = [*keep, final_norm]  # the tensors whose memory the pointers above name
         self.dtype = torch.bfloat16 if shape.bf16 else torch.float32
         self.parallel = small_linear.parallel()
         self.calls = 0  # steps run here (tests check that this path, not the modules', ran)
@@ -102,7 +110,6 @@ class DecodeLayers:
             )
         if not decoder.norm.weight.is_contiguous():
             return None
-        keep.append(decoder.norm.weight)
         shape = Shape(
             hidden=cfg.hidden_size,
             heads=cfg.num_heads,
@@ -113,7 +120,7 @@ class DecodeLayers:
             scale=1.0 / math.sqrt(cfg.head_dim),
             bf16=int(bf16),
         )
-        return cls(lib, ops, shape, (Layer * len(bound))(*bound), keep)
+        return cls(lib, ops, shape, (Layer * len(bound))(*bound), decoder.norm.weight, keep)
 
     def __call__(
         self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool: KVPool, batch: AttentionBatch
