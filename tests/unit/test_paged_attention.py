@@ -116,6 +116,8 @@ def _decode_case(
         (10, 2, 64, 8),  # 5 per kv head: tiles of 3 keys
         (24, 2, 32, 16),  # 12 per kv head: split into two groups of 6
         (9, 3, 256, 16),  # a head size past the bfloat16 tiles' queries
+        (8, 2, 64, 5),  # an odd block size: a pair of keys may straddle two blocks
+        (8, 2, 64, 12),  # an even block size that is not a power of two
     ],
 )
 @pytest.mark.parametrize("threads", [1, 2])
@@ -166,6 +168,22 @@ def test_kernels_without_avx512_equal_reference(source: str, tmp_path, monkeypat
             _check_decode(kernels.paged_decode, layer, ctx_lens, tables, q, 16, 1)
         else:
             _check_prefill(_prefill_case(11, dtype, 8, 2, 64, 16), 16, 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [16, 5])
+def test_decode_kernel_ignores_what_lies_past_each_context(dtype: torch.dtype, block: int) -> None:
+    """Slots past a context's end (the rest of its last block) hold whatever an earlier sequence
+    left there, NaN included: the output depends on the context alone. Odd contexts leave the last
+    key pair half outside."""
+    layer, ctx_lens, tables, q = _decode_case(11, dtype, 8, 2, 64, block)
+    used = torch.zeros(layer.shape[:3], dtype=torch.bool)
+    for ctx, table in zip(ctx_lens, tables, strict=True):
+        for p in range(ctx):
+            used[table[p // block], :, p % block] = True
+    layer[~used] = float("nan")
+    _check_decode(kernels.paged_decode, layer, ctx_lens, tables, q, block, 1)
 
 
 def _check_decode(paged_decode, layer, ctx_lens, tables, q, block: int, threads: int) -> None:  # noqa: ANN001
