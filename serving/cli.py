@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -85,6 +86,19 @@ def _generate_on_cluster(args: argparse.Namespace, engine_cfg: EngineConfig, ima
     return result
 
 
+def _require_free_port(host: str, port: int, what: str) -> None:
+    """Exit with the reason when host:port cannot be bound (the replica would fail to, over and over)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            reason = "in use" if e.errno == errno.EADDRINUSE else e.strerror
+            raise SystemExit(f"epd serve: cannot serve {what} on {host}:{port}: {reason}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """Start Ray, the workers and the gateway; print the URL once ready; run until SIGINT / SIGTERM,
     then stop admitting, let in-flight requests finish (up to the grace period) and stop everything."""
@@ -104,8 +118,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # deployments promptly (replica health checks run every 10 s anyway); our workers' failure
     # detection is the control plane's own (`health_interval_s`).
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "1.0")
+    if not args.address:  # the ports this machine will serve on: taken, say so now, not after Ray starts
+        _require_free_port(args.host, args.port, "HTTP")
+        if args.grpc_port:
+            _require_free_port(args.host, args.grpc_port, "gRPC")
     # Workers pinned to cores of their own: the rest of a local server keeps off those cores. Ray's
-    # daemons, Serve's proxy and the gateway replicas are started from here and inherit its CPUs.
+    # daemons, Serve's controller and the gateway replicas are started from here and inherit its CPUs.
     if not args.address and args.pin_cpus and (spare := spare_cpus(parse_cpus(args.pin_cpus))):
         pin_threads(spare)
     init_ray(args.address, NAMESPACE, host=_ray_host(args.host))
@@ -118,7 +136,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     stop = threading.Event()
     url = f"http://{args.host}:{args.port}"
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        # On a local Ray the gateway replica serves HTTP itself: no Serve proxy relaying every SSE chunk.
+        proxies = "Disabled" if settings.gateway.http_in_replica else None
+        serve.start(proxy_location=proxies, http_options={"host": args.host, "port": args.port})
         serve.run(gateway_application(settings), name="epd", route_prefix="/", blocking=False)
         # After Ray and Serve have installed theirs: ours decide what SIGTERM means (drain first).
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -162,6 +182,7 @@ def serve_settings(
     gateway = gateway_config_from_env(
         host=args.host,
         port=args.port,
+        http_in_replica=local,
         **({"api_keys": tuple(args.api_key)} if args.api_key else {}),
         allow_media_hosts=tuple(args.allow_media_host),
         metrics_require_key=args.metrics_require_key,

@@ -170,6 +170,11 @@ class GatewayConfig(BaseModel):
 
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8000, ge=1, le=65535)
+    http_in_replica: bool = Field(
+        False,
+        description="The gateway replica serves HTTP on host:port itself (`epd serve` on a local Ray); "
+        "off: Ray Serve's HTTP proxy does (a Serve config, KubeRay).",
+    )
     api_keys: tuple[str, ...] = Field((), description="Accepted bearer keys for /v1/*; empty: no auth.")
     metrics_require_key: bool = Field(False, description="Whether /metrics needs a key too.")
     allow_media_hosts: tuple[str, ...] = Field(

@@ -1,6 +1,10 @@
 """The gateway as a Ray Serve ingress. The replica finds the stage workers by name (they are named
-Ray actors in the `epd` namespace), builds the pipeline over them, and hosts `GatewayService`."""
+Ray actors in the `epd` namespace), builds the pipeline over them, and hosts `GatewayService` behind
+its HTTP API: served by the replica itself, or by Serve's HTTP proxy (Serve config, KubeRay)."""
 
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +18,7 @@ from serving.gateway.errors import APIError, error_response, internal_error
 from serving.types import Roles
 
 # No `from __future__ import annotations` here: FastAPI must see real annotation objects on the
-# route methods, and inside a Serve replica string annotations do not resolve (`request` would be
-# taken for a query parameter).
+# routes (as strings, `request` would be taken for a query parameter).
 
 NAMESPACE = "epd"
 GATEWAY_RESOURCE = "epd-gateway"
@@ -100,99 +103,151 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(internal_error())
 
 
-def gateway_application(settings: GatewaySettings) -> Any:
-    """The bound Serve application: one ingress deployment whose routes call the service."""
-    from ray import serve
-
-    app = FastAPI(
-        title="EPD Serve",
-        docs_url=None,
-        redoc_url=None,
-        openapi_url="/openapi.json" if settings.gateway.expose_openapi else None,
-    )
+def http_app(service: Any, expose_openapi: bool, on_shutdown: Callable[[], Awaitable[None]]) -> FastAPI:
+    """The HTTP API over one replica's service: the routes Serve's proxy hands requests to, or that
+    the replica serves itself (`start_http`). `on_shutdown` runs once admission has stopped and the
+    in-flight requests have ended (`POST /admin/shutdown`)."""
+    openapi = "/openapi.json" if expose_openapi else None
+    app = FastAPI(title="EPD Serve", docs_url=None, redoc_url=None, openapi_url=openapi)
     install_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await service.chat_completions(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await service.completions(request)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await service.models(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return await service.health()
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        return await service.ready()
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return await service.metrics_text(request)
+
+    # -- admin: the pool directory and the actuator (`epd ctl`) ------------------------------------
+
+    @app.get("/admin/workers")
+    async def admin_workers(request: Request) -> Response:
+        service.authorize_admin(request)
+        return service.admin.workers()
+
+    @app.get("/admin/decisions")
+    async def admin_decisions(request: Request) -> Response:
+        service.authorize_admin(request)
+        return service.admin.decisions()
+
+    @app.post("/admin/workers")
+    async def admin_add(request: Request) -> Response:
+        service.authorize_admin(request)
+        return await service.admin.add(await request.body())
+
+    @app.post("/admin/workers/{name}/switch")
+    async def admin_switch(name: str, request: Request) -> Response:
+        service.authorize_admin(request)
+        return await service.admin.switch(name, await request.body())
+
+    @app.post("/admin/workers/{name}/drain")
+    async def admin_drain(name: str, request: Request) -> Response:
+        service.authorize_admin(request)
+        return await service.admin.drain(name)
+
+    @app.post("/admin/workers/{name}/resume")
+    async def admin_resume(name: str, request: Request) -> Response:
+        service.authorize_admin(request)
+        return await service.admin.resume(name)
+
+    @app.delete("/admin/workers/{name}")
+    async def admin_remove(name: str, request: Request) -> Response:
+        service.authorize_admin(request)
+        return await service.admin.remove(name)
+
+    @app.post("/admin/shutdown")
+    async def admin_shutdown(request: Request) -> Response:
+        """Stop admitting (503 + Retry-After) and wait for in-flight requests, up to the grace."""
+        service.authorize_admin(request)
+        answer = await service.begin_shutdown()
+        await on_shutdown()
+        return answer
+
+    return app
+
+
+# Serve's proxy keeps idle client connections this long too: a client reusing a pooled connection
+# the server has just closed sees the request fail, so idle connections are not cut short.
+_KEEP_ALIVE_S = 90
+
+
+async def start_http(app: FastAPI, host: str, port: int) -> tuple[Any, asyncio.Task]:
+    """Serve `app` on host:port from this process's running event loop; returns the uvicorn server and
+    the task that runs it, once it listens. Through Serve's proxy instead, every SSE chunk of every
+    stream crossed two more Ray runtimes, about 0.8 ms of CPU per token (`docs/benchmarks.md`)."""
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted replica rebinds at once
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        log_level="warning",  # below that uvicorn logs every ASGI message
+        timeout_keep_alive=_KEEP_ALIVE_S,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():  # it failed to start: say why
+            task.result()
+            raise RuntimeError(f"the HTTP server on {host}:{port} stopped while starting")
+        await asyncio.sleep(0.01)
+    return server, task
+
+
+def gateway_application(settings: GatewaySettings) -> Any:
+    """The bound Serve application: one ingress deployment that builds the service and its HTTP API
+    in the replica. With `GatewayConfig.http_in_replica` the replica also serves that API itself on
+    the gateway's host and port (`epd serve` on a local Ray then starts no Serve proxy)."""
+    from ray import serve
 
     options: dict[str, Any] = {"num_cpus": 0.25}
     if settings.role_resources:  # on Kubernetes the head offers `epd-gateway`: the gateway stays there
         options["resources"] = {GATEWAY_RESOURCE: 0.01}
 
     @serve.deployment(name="gateway", max_ongoing_requests=4096, ray_actor_options=options)
-    @serve.ingress(app)
+    @serve.ingress()
     class Gateway:
         async def __init__(self, settings: GatewaySettings) -> None:
+            cfg = settings.gateway
             self.service = build_service(settings)
+            self.api = http_app(self.service, cfg.expose_openapi, self._stop_rpc)
             # The gRPC API on this replica's event loop, beside the routes: one service layer, so one
             # admission, one set of metrics. Started before the replica reports ready.
-            self.rpc = await start_rpc(self.service, settings.gateway)
+            self.rpc = await start_rpc(self.service, cfg)
+            # (server, task): the loop holds tasks weakly, the replica keeps this one alive.
+            self.http = await start_http(self.api, cfg.host, cfg.port) if cfg.http_in_replica else None
 
-        @app.post("/v1/chat/completions")
-        async def chat_completions(self, request: Request) -> Response:
-            return await self.service.chat_completions(request)
+        def __serve_build_asgi_app__(self) -> FastAPI:
+            return self.api
 
-        @app.post("/v1/completions")
-        async def completions(self, request: Request) -> Response:
-            return await self.service.completions(request)
-
-        @app.get("/v1/models")
-        async def models(self, request: Request) -> Response:
-            return await self.service.models(request)
-
-        @app.get("/health")
-        async def health(self) -> Response:
-            return await self.service.health()
-
-        @app.get("/ready")
-        async def ready(self) -> Response:
-            return await self.service.ready()
-
-        @app.get("/metrics")
-        async def metrics(self, request: Request) -> Response:
-            return await self.service.metrics_text(request)
-
-        # -- admin: the pool directory and the actuator (`epd ctl`) --------------------------------
-
-        @app.get("/admin/workers")
-        async def admin_workers(self, request: Request) -> Response:
-            self.service.authorize_admin(request)
-            return self.service.admin.workers()
-
-        @app.get("/admin/decisions")
-        async def admin_decisions(self, request: Request) -> Response:
-            self.service.authorize_admin(request)
-            return self.service.admin.decisions()
-
-        @app.post("/admin/workers")
-        async def admin_add(self, request: Request) -> Response:
-            self.service.authorize_admin(request)
-            return await self.service.admin.add(await request.body())
-
-        @app.post("/admin/workers/{name}/switch")
-        async def admin_switch(self, name: str, request: Request) -> Response:
-            self.service.authorize_admin(request)
-            return await self.service.admin.switch(name, await request.body())
-
-        @app.post("/admin/workers/{name}/drain")
-        async def admin_drain(self, name: str, request: Request) -> Response:
-            self.service.authorize_admin(request)
-            return await self.service.admin.drain(name)
-
-        @app.post("/admin/workers/{name}/resume")
-        async def admin_resume(self, name: str, request: Request) -> Response:
-            self.service.authorize_admin(request)
-            return await self.service.admin.resume(name)
-
-        @app.delete("/admin/workers/{name}")
-        async def admin_remove(self, name: str, request: Request) -> Response:
-            self.service.authorize_admin(request)
-            return await self.service.admin.remove(name)
-
-        @app.post("/admin/shutdown")
-        async def admin_shutdown(self, request: Request) -> Response:
-            """Stop admitting (503 + Retry-After) and wait for in-flight requests, up to the grace."""
-            self.service.authorize_admin(request)
-            answer = await self.service.begin_shutdown()
+        async def _stop_rpc(self) -> None:
             if self.rpc is not None:
                 await self.rpc.stop(grace_s=1.0)  # in-flight calls ended above; refuse new ones
-            return answer
 
     return Gateway.bind(settings)
