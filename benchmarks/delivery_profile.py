@@ -11,8 +11,9 @@ through HTTP, and splits the CPU every server process used during the load into 
 - the gateway replica, from /proc, split by py-spy samples of the code its threads were in (the
   subscription's demux, the per-request streams, SSE rendering); what py-spy sees no Python frame
   of (Ray's task loop, uvloop, Cython) is Ray's and Serve's runtime there;
-- Serve's HTTP proxy as the HTTP/SSE write, and the other processes (raylet, GCS, Serve controller,
-  the driver) as one line.
+- the HTTP server: uvicorn and Starlette in the gateway replica (`epd serve` starts no Serve proxy),
+  or all of Serve's HTTP proxy process where one runs (a Serve config); the other processes (raylet,
+  GCS, Serve controller, the driver) as one line.
 
 CPU is shared with whatever else runs on the machine: compare runs made one after the other.
 """
@@ -59,6 +60,8 @@ _GATEWAY_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("demux", ("_Subscription._run",)),
     ("request_streams", ("stages/handles.py", "serving/pipeline.py", "serving/api/")),
     ("tokenize", ("tokenizer.py", "inputs.py")),
+    # Last: stacks in the HTTP server with none of our frames (reading requests, writing SSE).
+    ("http_write", ("uvicorn/", "starlette/", "httptools", "h11/")),
 ]
 
 PARTS = [
@@ -71,8 +74,8 @@ PARTS = [
     ("request_streams", "per-request streams: handle, pipeline, generation, gateway"),
     ("sse_render", "SSE chunks: render + route handler, gateway"),
     ("tokenize", "tokenize prompts, gateway"),
-    ("gateway_ray", "Ray + Serve runtime of the gateway replica (receive from worker, send to proxy)"),
-    ("http_write", "Serve HTTP proxy: receive from replica, write SSE to the socket"),
+    ("gateway_ray", "Ray + Serve runtime of the gateway replica (receive from the worker)"),
+    ("http_write", "HTTP server: uvicorn in the replica, or Serve's HTTP proxy process where one runs"),
     ("ray_processes", "other processes (raylet, GCS, Serve controller, driver)"),
 ]
 
@@ -184,17 +187,20 @@ def profile(
         pids = server_processes(proc.pid)
         role = {name: pid for pid, (_, name) in pids.items()}
         worker, replica, proxy = (
-            next(pid for name, pid in role.items() if name.startswith(prefix))
+            next((pid for name, pid in role.items() if name.startswith(prefix)), None)
             for prefix in ("ray::StageWorke", "ray::ServeRepli", "ray::ProxyActor")
         )
+        if worker is None or replica is None:
+            raise RuntimeError(f"no worker or gateway replica among the server's processes: {sorted(role)}")
+        watched = [pid for pid in (worker, replica, proxy) if pid is not None]
         counters = Counters(_gcs_address(pids))
         c0, p0 = counters.read(), server_processes(proc.pid)
-        t0 = {pid: _threads(pid) for pid in (worker, replica, proxy)}
+        t0 = {pid: _threads(pid) for pid in watched}
         spies = {replica: _py_spy(replica, tmp / f"spy-{replica}.txt", rate)}
         start = time.perf_counter()
         records = asyncio.run(run(target, load[concurrency:], None, concurrency, progress=False))
         wall = time.perf_counter() - start
-        t1 = {pid: _threads(pid) for pid in (worker, replica, proxy)}
+        t1 = {pid: _threads(pid) for pid in watched}
         c1, p1 = counters.read(), server_processes(proc.pid)
         counters.close()  # before the server stops: a driver whose GCS dies is terminated
         for spy in spies.values():
@@ -241,9 +247,10 @@ def profile(
             ours += g_used * n / sampled
     parts["gateway_ray"] += g_used - ours
 
-    # Serve's HTTP proxy: all of it is the HTTP/SSE write path; the rest of the server as one line.
-    parts["http_write"] += sum(used for used, _ in _used(t0[proxy], t1[proxy]).values())
-    parts["ray_processes"] += sum(s for pid, s in cpu.items() if pid not in (worker, replica, proxy))
+    # Serve's HTTP proxy, where one runs: all of it is the HTTP path; the rest of the server as one line.
+    if proxy is not None:
+        parts["http_write"] += sum(used for used, _ in _used(t0[proxy], t1[proxy]).values())
+    parts["ray_processes"] += sum(s for pid, s in cpu.items() if pid not in watched)
 
     steps = c["steps"] or 1
     total = sum(parts.values())
