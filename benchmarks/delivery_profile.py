@@ -74,7 +74,7 @@ PARTS = [
     ("request_streams", "per-request streams: handle, pipeline, generation, gateway"),
     ("sse_render", "SSE chunks: render + route handler, gateway"),
     ("tokenize", "tokenize prompts, gateway"),
-    ("gateway_ray", "Ray + Serve runtime of the gateway replica (receive from the worker)"),
+    ("gateway_ray", "Ray + Serve runtime and the event loop's native code, gateway replica"),
     ("http_write", "HTTP server: uvicorn in the replica, or Serve's HTTP proxy process where one runs"),
     ("ray_processes", "other processes (raylet, GCS, Serve controller, driver)"),
 ]
