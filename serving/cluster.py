@@ -91,7 +91,7 @@ def parse_cpus(spec: str) -> dict[str, list[int]]:
 
 def spare_cpus(pins: dict[str, list[int]]) -> tuple[int, ...]:
     """The CPUs this process may use that no worker is pinned to: where the rest of a local server
-    (Ray's daemons, Serve's proxy, the gateway, the workers' runtime threads) runs; empty when the
+    (Ray's daemons, Serve's controller, the gateway, the workers' runtime threads) runs; empty when the
     workers take every one."""
     pinned = {cpu for cpus in pins.values() for cpu in cpus}
     return tuple(sorted(os.sched_getaffinity(0) - pinned))

@@ -3,6 +3,8 @@ Ray actors in the `epd` namespace), builds the pipeline over them, and hosts `Ga
 its HTTP API: served by the replica itself, or by Serve's HTTP proxy (Serve config, KubeRay)."""
 
 import asyncio
+import contextlib
+import errno
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -188,22 +190,35 @@ def http_app(service: Any, expose_openapi: bool, on_shutdown: Callable[[], Await
 _KEEP_ALIVE_S = 90
 
 
-async def start_http(app: FastAPI, host: str, port: int) -> tuple[Any, asyncio.Task]:
-    """Serve `app` on host:port from this process's running event loop; returns the uvicorn server and
-    the task that runs it, once it listens. Through Serve's proxy instead, every SSE chunk of every
-    stream crossed two more Ray runtimes, about 0.8 ms of CPU per token (`docs/benchmarks.md`)."""
+async def bind_http(host: str, port: int, wait_s: float = 30.0) -> socket.socket:
+    """A socket bound to host:port for the replica's HTTP server. A replica Serve stops gracefully
+    (an unhealthy one) can still hold the port while its replacement starts: a taken port is tried
+    again for up to `wait_s` before the error is raised."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT connections
+        try:
+            sock.bind((host, port))
+            return sock
+        except OSError as e:
+            sock.close()
+            if e.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() > deadline:
+                raise
+        await asyncio.sleep(0.5)
+
+
+async def serve_http(app: FastAPI, sock: socket.socket) -> tuple[Any, asyncio.Task]:
+    """Serve `app` on the bound `sock` from this process's running event loop; returns the uvicorn
+    server and the task that runs it, once it listens. Through Serve's proxy instead, every SSE chunk
+    of every stream crossed two more Ray runtimes, about 0.8 ms of CPU per token (`docs/benchmarks.md`)."""
     import uvicorn
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted replica rebinds at once
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
+    from serving.gateway.disconnect import CancelOnDisconnect
+
     config = uvicorn.Config(
-        app,
+        CancelOnDisconnect(app),
         lifespan="off",
         access_log=False,
         log_config=None,
@@ -215,7 +230,7 @@ async def start_http(app: FastAPI, host: str, port: int) -> tuple[Any, asyncio.T
     while not server.started:
         if task.done():  # it failed to start: say why
             task.result()
-            raise RuntimeError(f"the HTTP server on {host}:{port} stopped while starting")
+            raise RuntimeError(f"the HTTP server on {sock.getsockname()} stopped while starting")
         await asyncio.sleep(0.01)
     return server, task
 
@@ -235,19 +250,37 @@ def gateway_application(settings: GatewaySettings) -> Any:
     class Gateway:
         async def __init__(self, settings: GatewaySettings) -> None:
             cfg = settings.gateway
+            # The port first: a replica that cannot have it fails before it adopts any worker.
+            sock = await bind_http(cfg.host, cfg.port) if cfg.http_in_replica else None
             self.service = build_service(settings)
             self.api = http_app(self.service, cfg.expose_openapi, self._stop_rpc)
             # The gRPC API on this replica's event loop, beside the routes: one service layer, so one
             # admission, one set of metrics. Started before the replica reports ready.
             self.rpc = await start_rpc(self.service, cfg)
             # (server, task): the loop holds tasks weakly, the replica keeps this one alive.
-            self.http = await start_http(self.api, cfg.host, cfg.port) if cfg.http_in_replica else None
+            self.http = await serve_http(self.api, sock) if sock is not None else None
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             return self.api
 
+        def check_health(self) -> None:
+            """Serve's periodic check: a replica whose HTTP server has stopped is replaced."""
+            if self.http is not None and self.http[1].done():
+                raise RuntimeError("the gateway's HTTP server has stopped")
+
+        async def __del__(self) -> None:
+            """Serve stops this replica: give up the ports now, so a replacement can bind them. The
+            workers stay; the next replica adopts them."""
+            if getattr(self, "http", None) is not None:  # None too where __init__ did not get so far
+                server, task = self.http
+                server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, timeout=5.0)
+            await self._stop_rpc()
+
         async def _stop_rpc(self) -> None:
-            if self.rpc is not None:
-                await self.rpc.stop(grace_s=1.0)  # in-flight calls ended above; refuse new ones
+            rpc, self.rpc = getattr(self, "rpc", None), None
+            if rpc is not None:
+                await rpc.stop(grace_s=1.0)  # in-flight calls ended (admin shutdown); refuse new ones
 
     return Gateway.bind(settings)

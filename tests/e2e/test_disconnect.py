@@ -69,6 +69,19 @@ def test_client_disconnect_aborts_and_frees_kv_everywhere(long_server):
     wait_freed_and_aborted(server, before)
 
 
+def test_a_client_that_leaves_a_non_streaming_request_aborts_it_and_frees_kv(long_server):
+    """No response has started, so nothing the server writes would notice the closed connection: the
+    server must watch for it (uvicorn alone would let the request run to its 30,000 tokens)."""
+    server, _ = long_server
+    before = aborted(server)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on and on."}],
+            "max_tokens": LONG_ANSWER, "ignore_eos": True, "temperature": 0}  # fmt: skip
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{server}/v1/chat/completions", json=body, headers=headers, timeout=3.0)
+    wait_freed_and_aborted(server, before)
+
+
 def test_grpc_cancel_aborts_and_frees_kv_everywhere(long_server):
     server, grpc_port = long_server
     before = aborted(server)

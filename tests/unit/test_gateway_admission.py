@@ -198,7 +198,7 @@ def test_client_disconnect_counts_an_abort(tiny_model):
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 2}
         task = asyncio.create_task(svc.chat_completions(http_request("/v1/chat/completions", body)))
         await asyncio.sleep(0.3)
-        task.cancel()  # what Serve does when the client goes away
+        task.cancel()  # what either HTTP server does when the client goes away (CancelOnDisconnect)
         await asyncio.gather(task, return_exceptions=True)
         assert await series(svc, "epd:request_success_total", finished_reason="abort") == 2  # both choices
         assert (await scrape(svc))["epd:num_sequences_running"] == 0
