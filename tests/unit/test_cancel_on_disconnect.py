@@ -33,16 +33,23 @@ class Client:
             self.gone.set()  # the response is complete: receive() now answers a disconnect
 
 
-def test_a_client_leaving_before_the_response_cancels_the_handler() -> None:
-    cancelled = []
+def waiting_handler(cancelled: list[bool]):  # noqa: ANN201
+    """A handler that reads the body, then waits on generation; it notes its cancellation."""
 
     async def handler(scope, receive, send) -> None:  # noqa: ANN001
         await receive()
         try:
-            await asyncio.sleep(60)  # generation the client will not wait for
+            await asyncio.sleep(60)
         except asyncio.CancelledError:
             cancelled.append(True)
             raise
+
+    return handler
+
+
+def test_a_client_leaving_before_the_response_cancels_the_handler() -> None:
+    cancelled: list[bool] = []
+    handler = waiting_handler(cancelled)
 
     async def scenario() -> None:
         client = Client()
@@ -89,15 +96,8 @@ def test_the_handlers_error_reaches_the_server() -> None:
 
 
 def test_a_stopping_server_cancels_the_handler_with_its_own_task() -> None:
-    cancelled = []
-
-    async def handler(scope, receive, send) -> None:  # noqa: ANN001
-        await receive()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cancelled.append(True)
-            raise
+    cancelled: list[bool] = []
+    handler = waiting_handler(cancelled)
 
     async def scenario() -> None:
         client = Client()
