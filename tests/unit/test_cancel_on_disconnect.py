@@ -47,7 +47,10 @@ def waiting_handler(cancelled: list[bool]):  # noqa: ANN201
     return handler
 
 
-def test_a_client_leaving_before_the_response_cancels_the_handler() -> None:
+@pytest.mark.parametrize("end", ["client leaves", "server stops"])
+def test_the_handler_is_cancelled_when_the_client_leaves_or_the_server_stops(end: str) -> None:
+    """Before the response: the client closing the connection, or the server cancelling the request's
+    task as it stops, cancels the handler waiting on generation (its cleanup frees what it holds)."""
     cancelled: list[bool] = []
     handler = waiting_handler(cancelled)
 
@@ -55,8 +58,13 @@ def test_a_client_leaving_before_the_response_cancels_the_handler() -> None:
         client = Client()
         served = asyncio.create_task(CancelOnDisconnect(handler)(SCOPE, client.receive, client.send))
         await asyncio.sleep(0.05)
-        client.gone.set()
-        await asyncio.wait_for(served, timeout=5)
+        if end == "client leaves":
+            client.gone.set()
+            await asyncio.wait_for(served, timeout=5)
+        else:
+            served.cancel()
+            await asyncio.gather(served, return_exceptions=True)
+            await asyncio.sleep(0)  # the handler's cancellation runs
 
     asyncio.run(scenario())
     assert cancelled == [True]
@@ -93,19 +101,3 @@ def test_the_handlers_error_reaches_the_server() -> None:
 
     with pytest.raises(ValueError, match="boom"):
         asyncio.run(scenario())
-
-
-def test_a_stopping_server_cancels_the_handler_with_its_own_task() -> None:
-    cancelled: list[bool] = []
-    handler = waiting_handler(cancelled)
-
-    async def scenario() -> None:
-        client = Client()
-        served = asyncio.create_task(CancelOnDisconnect(handler)(SCOPE, client.receive, client.send))
-        await asyncio.sleep(0.05)
-        served.cancel()
-        await asyncio.gather(served, return_exceptions=True)
-        await asyncio.sleep(0)  # the handler's cancellation runs
-
-    asyncio.run(scenario())
-    assert cancelled == [True]
