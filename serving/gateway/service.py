@@ -188,10 +188,14 @@ class GatewayService:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
             raise APIError(413, "The request body is too large.", code="body_too_large")
-        raw = await request.body()
-        if len(raw) > self.cfg.max_body_bytes:
-            raise APIError(413, "The request body is too large.", code="body_too_large")
-        data = parse_body(raw)  # 400 for bad JSON, deep nesting, lone surrogates, NaN
+        # Read with the limit applied as it arrives: a chunked body declares no length, and read whole
+        # first it could be any size in this process's memory before the check.
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.cfg.max_body_bytes:
+                raise APIError(413, "The request body is too large.", code="body_too_large")
+        data = parse_body(bytes(raw))  # 400 for bad JSON, deep nesting, lone surrogates, NaN
         if not isinstance(data, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
         try:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from serving.engine.inputs import InputProcessor
-from tests.e2e.conftest import API_KEY, png_bytes
+from tests.e2e.conftest import API_KEY, listener_pid, png_bytes
 
 MODEL = "epd-tiny"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -265,6 +265,30 @@ def test_bad_input_gets_an_openai_error(
         assert error["code"] == code
     for leak in (*LEAKS, str(tiny_model)):
         assert leak not in error["message"], leak
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def test_a_chunked_body_past_the_limit_is_refused_without_holding_it(server):
+    """No Content-Length to check first: the gateway stops keeping the body at the limit (2 MiB here)
+    and answers 413, rather than take all of it into memory first. Its peak memory tells."""
+    gateway = listener_pid(int(server.rsplit(":", 1)[1]))
+    before = _peak_rss(gateway)
+
+    def body():
+        for _ in range(256):  # 256 MiB
+            yield b" " * 2**20
+
+    headers = {"Content-Type": "application/json", **AUTH}
+    try:
+        response = httpx.post(f"{server}{C}", content=body(), headers=headers, timeout=120)
+        assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    except httpx.TransportError:
+        pass  # the server may cut the upload off after answering
+    assert _peak_rss(gateway) - before < 64 * 2**20
 
 
 def test_the_table_covers_every_class():

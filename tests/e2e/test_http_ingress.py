@@ -18,27 +18,7 @@ import httpx
 import pytest
 
 from loadgen.server import free_port, start_server, stop_server
-
-
-def _listener_pid(port: int) -> int:
-    """The process holding the TCP socket that listens on 127.0.0.1:`port` (from /proc)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                local, state, inode = fields[1], fields[3], fields[9]
-                if state == "0A" and int(local.split(":")[1], 16) == port:  # 0A: LISTEN
-                    inodes.add(f"socket:[{inode}]")
-    assert inodes, f"nothing listens on port {port}"
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
-                return int(pid)
-        except OSError:
-            continue
-    raise AssertionError(f"no process owns the socket listening on {port}")
+from tests.e2e.conftest import listener_pid
 
 
 def _cmdline(pid: int) -> str:
@@ -57,7 +37,7 @@ def test_the_gateway_replica_itself_listens_on_the_http_port(tiny_model: Path, t
     proc, url = start_server(["--model", str(tiny_model), "--topology", "epd"], tmp_path / "serve.log")
     try:
         port = int(url.rsplit(":", 1)[1])
-        owner = _listener_pid(port)
+        owner = listener_pid(port)
         assert "ServeReplica:epd:gateway" in _cmdline(owner), _cmdline(owner)
         answer = _chat(url, temperature=0)
         assert answer["choices"][0]["message"]["content"]
@@ -102,7 +82,7 @@ def test_the_gateway_replica_itself_listens_on_the_http_port(tiny_model: Path, t
             time.sleep(0.5)
         else:
             pytest.fail("the gateway did not come back")
-        replacement = _listener_pid(port)
+        replacement = listener_pid(port)
         assert replacement != owner and "ServeReplica:epd:gateway" in _cmdline(replacement)
         again = _chat(url, temperature=0)
         assert again["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
