@@ -88,15 +88,13 @@ def _generate_on_cluster(args: argparse.Namespace, engine_cfg: EngineConfig, ima
 
 def _require_free_port(host: str, port: int, what: str) -> None:
     """Exit with the reason when host:port cannot be bound (the replica would fail to, over and over)."""
-    import socket
+    from serving.gateway.serve import bind_socket
 
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
-        try:
-            sock.bind((host, port))
-        except OSError as e:
-            reason = "in use" if e.errno == errno.EADDRINUSE else e.strerror
-            raise SystemExit(f"epd serve: cannot serve {what} on {host}:{port}: {reason}") from None
+    try:
+        bind_socket(host, port).close()
+    except OSError as e:
+        reason = "in use" if e.errno == errno.EADDRINUSE else e.strerror
+        raise SystemExit(f"epd serve: cannot serve {what} on {host}:{port}: {reason}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -107,7 +107,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def http_app(service: Any, expose_openapi: bool, on_shutdown: Callable[[], Awaitable[None]]) -> FastAPI:
     """The HTTP API over one replica's service: the routes Serve's proxy hands requests to, or that
-    the replica serves itself (`start_http`). `on_shutdown` runs once admission has stopped and the
+    the replica serves itself (`serve_http`). `on_shutdown` runs once admission has stopped and the
     in-flight requests have ended (`POST /admin/shutdown`)."""
     openapi = "/openapi.json" if expose_openapi else None
     app = FastAPI(title="EPD Serve", docs_url=None, redoc_url=None, openapi_url=openapi)
@@ -190,20 +190,28 @@ def http_app(service: Any, expose_openapi: bool, on_shutdown: Callable[[], Await
 _KEEP_ALIVE_S = 90
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, as the replica's HTTP server binds it (`epd serve` checks its
+    ports the same way before starting Ray); OSError when it cannot be."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT connections
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def bind_http(host: str, port: int, wait_s: float = 30.0) -> socket.socket:
     """A socket bound to host:port for the replica's HTTP server. A replica Serve stops gracefully
     (an unhealthy one) can still hold the port while its replacement starts: a taken port is tried
     again for up to `wait_s` before the error is raised."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT connections
         try:
-            sock.bind((host, port))
-            return sock
+            return bind_socket(host, port)
         except OSError as e:
-            sock.close()
             if e.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() > deadline:
                 raise
         await asyncio.sleep(0.5)
