@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 import httpx
 
 from loadgen.workloads import ImageMaker, WorkloadRequest
+from serving.evals.requests import media_part
+from serving.evals.score import answer_of
 
 
 @dataclass
@@ -28,6 +30,9 @@ class Record:
     images: int = 0
     warmup: bool = False
     error: str | None = None
+    text: str = ""
+    expected: str | None = None  # the known right answer, when the workload has one
+    correct: bool = False  # the reply's answer is the expected one (a failed request is not)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,22 +47,25 @@ class Target:
 
 
 def chat_body(target: Target, req: WorkloadRequest, images: ImageMaker) -> dict:
-    content: list[dict] = [
+    content: list[dict] = [media_part(url) for url in req.media_urls]
+    content += [
         {"type": "image_url", "image_url": {"url": images.data_url(size, seed)}}
         for size, seed in zip(req.image_sizes, req.image_seeds, strict=True)
     ]
     content.append({"type": "text", "text": req.prompt})
-    return {
+    body = {
         "model": target.model,
         "messages": [{"role": "user", "content": content}],
         "stream": True,
         "stream_options": {"include_usage": True},
         "max_tokens": req.output_tokens,
         "temperature": 0,
-        # vLLM's extensions, which EPD Serve honours: the output length is what the workload says.
-        "ignore_eos": True,
-        "min_tokens": req.output_tokens,
     }
+    if req.answer is None:
+        # vLLM's extensions, which EPD Serve honours: the output length is what the workload says. A
+        # request with a known answer ends where the model ends it, so its reply can be scored.
+        body.update(ignore_eos=True, min_tokens=req.output_tokens)
+    return body
 
 
 async def send(
@@ -71,7 +79,8 @@ async def send(
 ) -> Record:
     body = chat_body(target, req, images)
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
-    record = Record(index, clock(), images=len(req.image_sizes), warmup=warmup)
+    images_sent = len(req.image_sizes) + len(req.media_urls)
+    record = Record(index, clock(), images=images_sent, warmup=warmup, expected=req.answer)
     try:
         async with client.stream(
             "POST", f"{target.base_url}/chat/completions", json=body, headers=headers
@@ -91,12 +100,15 @@ async def send(
                 if chunk.get("usage"):
                     record.output_tokens = chunk["usage"]["completion_tokens"]
                     record.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                texts = [c.get("delta", {}).get("content") for c in chunk.get("choices", [])]
+                if any(texts):
                     record.first_token = record.first_token or now
                     record.token_times.append(now)
+                    record.text += "".join(t for t in texts if t)
         record.end = clock()
         if record.error is None and record.first_token is None:
             record.error = "no_tokens"
+        record.correct = record.error is None and answer_of(record.text) == req.answer
     except httpx.TimeoutException:
         record.error = "timeout"
     except httpx.HTTPError:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loadgen.client import Record
+from serving.evals.score import wilson
 
 
 @dataclass(frozen=True)
@@ -70,4 +71,23 @@ def summarize(records: list[Record], slo: SLO) -> dict:
         # Failed requests count against attainment: they did not meet the SLO.
         "slo_attainment": len(met) / len(measured) if measured else 0.0,
         "goodput": len(met) / window if ok else 0.0,
+        **_answers(measured),
+    }
+
+
+def _answers(measured: list[Record]) -> dict:
+    """Requests with known answers: the share answered right, failures counted wrong (a benchmark must
+    not look fast by answering wrong or not at all)."""
+    scored = [r for r in measured if r.expected is not None]
+    if not scored:
+        return {}
+    right = sum(r.correct for r in scored)
+    lo, hi = wilson(right, len(scored))
+    return {
+        "answers": {
+            "scored": len(scored),
+            "right": right,
+            "accuracy": right / len(scored),
+            "interval": [lo, hi],
+        }
     }

@@ -35,6 +35,12 @@ def table(summary: dict, title: str = "") -> str:
         f"SLO (TTFT <= {slo['ttft_s']} s, TPOT <= {slo['tpot_s']} s): attainment "
         f"{s['slo_attainment'] * 100:.1f} %, goodput {s['goodput']:.2f} req/s"
     )
+    if answers := s.get("answers"):
+        lo, hi = answers["interval"]
+        lines.append(
+            f"answers right: {answers['right']} of {answers['scored']} ({answers['accuracy'] * 100:.1f} %, "
+            f"95 % interval {lo * 100:.1f}-{hi * 100:.1f} %)"
+        )
     return "\n".join(lines)
 
 

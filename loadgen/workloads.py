@@ -24,6 +24,8 @@ class WorkloadRequest:
     output_tokens: int
     image_seeds: tuple[int, ...] = ()  # equal seeds and sizes → byte-identical images (cache hits)
     arrival: float | None = None  # trace replay: seconds from the start
+    media_urls: tuple[str, ...] = ()  # ready data URLs (the shapes workload), sent before the prompt
+    answer: str | None = None  # the known right answer: the reply is scored (the shapes workload)
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,31 @@ def from_trace(path: str | Path) -> list[WorkloadRequest]:
     return out
 
 
+# The image tasks; `motion` needs video input on the server.
+SHAPES_TASKS = ("colour", "shape", "count", "count_colour", "side", "read")
+SHAPES_SEED = 4242  # never the training seed: these items are held out
+
+
+def shapes(n: int, seed: int = 0) -> list[WorkloadRequest]:
+    """Shapes-world items, the tasks in turn: each request carries its item's image, its question and
+    the right answer, so the report can say how many answers were right under load."""
+    from serving.evals.requests import MAX_TOKENS, data_url
+    from serving.evals.tasks import item
+
+    out = []
+    for i in range(n):
+        it = item(SHAPES_SEED + seed, SHAPES_TASKS[i % len(SHAPES_TASKS)], i // len(SHAPES_TASKS))
+        out.append(WorkloadRequest(it.prompt, (), MAX_TOKENS, media_urls=(data_url(it),), answer=it.answer))
+    return out
+
+
 def load(name: str, n: int, seed: int = 0, repeat_ratio: float | None = None) -> list[WorkloadRequest]:
     if name.startswith("trace:"):
         return from_trace(name.removeprefix("trace:"))
+    if name == "shapes":
+        return shapes(n, seed)
     if name not in PRESETS:
-        raise ValueError(f"unknown workload {name!r}; choose {sorted(PRESETS)} or trace:PATH")
+        raise ValueError(f"unknown workload {name!r}; choose {sorted([*PRESETS, 'shapes'])} or trace:PATH")
     spec = PRESETS[name]
     if repeat_ratio is not None:
         spec = Synthetic(**{**spec.__dict__, "repeat_ratio": repeat_ratio})

@@ -10,18 +10,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from serving.config import DEFAULT_PRESET, ControllerConfig, EngineConfig, default_model_dir
+from serving.config import DEFAULT_PRESET, ControllerConfig, EngineConfig, default_model, default_model_dir
 
 
 def _model_dir(arg: str | None) -> str:
-    """The given model directory, or the built-in default (built on first use)."""
+    """The given model directory, or the default: the shipped, trained epd-shapes."""
     if arg:
         if not (Path(arg) / "config.json").exists():
             raise SystemExit(f"error: {arg} is not a model directory (no config.json)")
         return arg
-    from serving.engine.models.builder import ensure_model
-
-    return str(ensure_model(default_model_dir(DEFAULT_PRESET), DEFAULT_PRESET))
+    return str(default_model())
 
 
 def cmd_model_build(args: argparse.Namespace) -> None:
@@ -288,9 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_vl")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=cmd_model_build)
+    from serving.training.cli import add_train_parser
+
+    add_train_parser(model)
 
     gen = sub.add_parser("generate", help="run one request through encode, prefill and decode in-process")
-    gen.add_argument("--model", help="model directory (default: the built-in epd-tiny, built if missing)")
+    gen.add_argument("--model", help="model directory (default: the shipped epd-shapes)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", default=[], help="image file; repeat for several")
     gen.add_argument("--max-tokens", type=int, default=32)
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="serve the OpenAI API over disaggregated worker pools")
-    srv.add_argument("--model", help="model directory (default: the built-in epd-tiny, built if missing)")
+    srv.add_argument("--model", help="model directory (default: the shipped epd-shapes)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--topology", choices=["epd", "e+p+d", "ep+d", "e+pd"], default="e+p+d")
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ctl_parser(sub)
     add_sim_parsers(sub)
+    from serving.evals.cli import add_eval_parser
+
+    add_eval_parser(sub)
 
     bench = sub.add_parser(
         "bench", help="load-test a server (see `epd bench --help`), or `epd bench plot`", add_help=False

@@ -26,8 +26,15 @@ def cpu_kernels_enabled() -> bool:
 
 
 def default_model_dir(preset: str = DEFAULT_PRESET) -> Path:
-    """The built-in model's directory; its name is the model id the server reports (`epd-tiny`)."""
+    """A built-in random-weight model's directory; its name is the model id the server reports
+    (`epd-tiny`)."""
     return cache_dir() / "models" / f"epd-{preset}"
+
+
+def default_model() -> Path:
+    """The model served when none is named: `epd-shapes`, trained on the shapes-world task and shipped
+    inside the package (serving/assets), so its answers can be checked (docs/evals.md)."""
+    return Path(__file__).parent / "assets" / "epd-shapes"
 
 
 class EngineConfig(BaseModel):

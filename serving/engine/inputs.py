@@ -1,5 +1,8 @@
-"""Turns a chat (or a prompt and images) into what the engine runs: prompt token ids with every image
-pad expanded to the image's token count, and the preprocessed images in prompt order."""
+"""Turns a chat (or a prompt and media) into what the engine runs: prompt token ids with every image
+and video pad expanded to its item's token count, and the preprocessed media in prompt order.
+
+A video is a list of frames; preprocessed, it is a `ProcessedImage` whose grid has several temporal
+patches, and the vision tower encodes it as it encodes images. Only its pad token differs."""
 
 from __future__ import annotations
 
@@ -12,13 +15,17 @@ from PIL import Image
 from serving.engine.image_processor import ImageProcessor, ProcessedImage, to_rgb
 from serving.engine.models.config import ModelConfig
 from serving.engine.tokenizer import Tokenizer
+from serving.engine.video_processor import VideoProcessor
 from serving.types import PromptSpec
+
+# An image, or a video as its frames in order.
+Media = Image.Image | list[Image.Image]
 
 
 @dataclass
 class Prompt:
-    """Prompt tokens (image pads expanded) and the images they stand for. A stage that receives the
-    images' embeddings instead of their pixels carries only their grids."""
+    """Prompt tokens (image and video pads expanded) and the media they stand for, in prompt order. A
+    stage that receives the media's embeddings instead of their pixels carries only their grids."""
 
     token_ids: list[int]
     images: list[ProcessedImage] = field(default_factory=list)
@@ -31,36 +38,53 @@ class Prompt:
 
 class InputProcessor:
     def __init__(
-        self, model_config: ModelConfig, tokenizer: Tokenizer, image_processor: ImageProcessor
+        self,
+        model_config: ModelConfig,
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor,
+        video_processor: VideoProcessor | None = None,
     ) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.video_processor = video_processor or VideoProcessor(image_processor.cfg)
 
     @classmethod
     def from_dir(cls, model_dir: str) -> InputProcessor:
-        """Tokenizer and image processor only: what a gateway needs, without the weights."""
+        """Tokenizer and media processors only: what a gateway needs, without the weights."""
         from serving.engine.image_processor import ImageProcessorConfig
         from serving.engine.models.config import load_model_config
+        from serving.engine.video_processor import video_config
 
         processor = ImageProcessor(ImageProcessorConfig.from_dir(model_dir))
-        return cls(load_model_config(model_dir), Tokenizer(model_dir), processor)
+        video = VideoProcessor(video_config(model_dir))
+        return cls(load_model_config(model_dir), Tokenizer(model_dir), processor, video)
 
-    def from_messages(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> Prompt:
-        """`messages` in chat-template form; its image parts, in order, stand for `images`. Message text
-        is plain text: only the template's own markup becomes control tokens (image pads included)."""
-        processed = [self.image_processor(im) for im in images]
+    def process(self, media: Media) -> ProcessedImage:
+        if not isinstance(media, list):
+            return self.image_processor(media)
+        if self.model_config.family != "qwen2_vl":
+            # Qwen2.5-VL spaces a video's temporal positions by its frame rate, which a list of frames
+            # does not carry.
+            raise ValueError("video input is supported for Qwen2-VL models only")
+        return self.video_processor(media)
+
+    def from_messages(self, messages: list[dict[str, Any]], media: list[Media]) -> Prompt:
+        """`messages` in chat-template form; its image and video parts, in order, stand for `media`.
+        Message text is plain text: only the template's own markup becomes control tokens (pads
+        included)."""
+        processed = [self.process(m) for m in media]
         return Prompt(self.expand(self.tokenizer.encode_chat(messages), processed), processed)
 
-    def from_user_prompt(self, prompt: str, images: list[Image.Image]) -> Prompt:
-        """One user message: the images in the order given, then the text."""
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+    def from_user_prompt(self, prompt: str, media: list[Media]) -> Prompt:
+        """One user message: the media in the order given, then the text."""
+        content: list[dict[str, Any]] = [{"type": "video" if isinstance(m, list) else "image"} for m in media]
         content.append({"type": "text", "text": prompt})
-        return self.from_messages([{"role": "user", "content": content}], images)
+        return self.from_messages([{"role": "user", "content": content}], media)
 
-    def from_rendered(self, text: str, images: list[Image.Image]) -> Prompt:
+    def from_rendered(self, text: str, media: list[Media]) -> Prompt:
         """Already-rendered, trusted text: special-token text in it is markup (control tokens)."""
-        processed = [self.image_processor(im) for im in images]
+        processed = [self.process(m) for m in media]
         return Prompt(self.expand(self.tokenizer.encode(text), processed), processed)
 
     def spec_from_messages(
@@ -86,18 +110,18 @@ class InputProcessor:
     def expand(
         self, token_ids: list[int], images: list[ProcessedImage] | list[tuple[int, int, int]]
     ) -> list[int]:
-        """Each image pad repeated as many times as its image has tokens."""
-        pad = self.model_config.image_token_id
-        if token_ids.count(pad) != len(images):
-            raise ValueError(
-                f"the prompt has {token_ids.count(pad)} image placeholders for {len(images)} images"
-            )
+        """Each image or video pad repeated as many times as its item has tokens (items in prompt
+        order)."""
+        pads = self.model_config.media_pad_ids
+        count = sum(token_ids.count(p) for p in pads)
+        if count != len(images):
+            raise ValueError(f"the prompt has {count} image or video placeholders for {len(images)} items")
         grids = [im.grid_thw if isinstance(im, ProcessedImage) else im for im in images]
         sizes = iter(self.model_config.num_image_tokens(g) for g in grids)
         out: list[int] = []
         for token in token_ids:
-            if token == pad:
-                out.extend([pad] * next(sizes))
+            if token in pads:
+                out.extend([token] * next(sizes))
             else:
                 out.append(token)
         return out

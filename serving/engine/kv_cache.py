@@ -152,15 +152,17 @@ class BlockAllocator:
 def prompt_block_hashes(
     token_ids: list[int],
     block_size: int,
-    image_token_id: int,
+    pad_ids: int | tuple[int, ...],
     images: Sequence[tuple[bytes, int]] | None,
 ) -> list[bytes]:
     """The prefix-cache hash of each full block of a prompt, each chained over the one before it.
 
-    `images` are (content key, pad rows) per image in prompt order. Every image's pads have the same
-    token id, so a block with pads also hashes the key (and row offset) of each image those pads stand
-    for: two different images never share a block, the same image twice does. With `images` None (their
-    content unknown) hashing stops before the first block holding a pad."""
+    `images` are (content key, pad rows) per image or video in prompt order, and `pad_ids` the tokens
+    that stand for them. Every item's pads have the same token id, so a block with pads also hashes the
+    key (and row offset) of each item those pads stand for: two different images never share a block,
+    the same image twice does. With `images` None (their content unknown) hashing stops before the
+    first block holding a pad."""
+    pad_set = {pad_ids} if isinstance(pad_ids, int) else set(pad_ids)
     spans: list[tuple[bytes, int, int]] = []  # (key, first pad row, end pad row) over the prompt
     row = 0
     for key, rows in images or ():
@@ -173,7 +175,7 @@ def prompt_block_hashes(
         block = token_ids[start : start + block_size]
         h = hashlib.blake2b(parent, digest_size=16)
         h.update(array("q", block).tobytes())
-        n_pad = block.count(image_token_id)
+        n_pad = sum(1 for t in block if t in pad_set)
         if n_pad:
             covering = [(key, first) for key, first, end in spans if first < pads + n_pad and end > pads]
             if images is None or not covering or pads + n_pad > row:

@@ -38,6 +38,7 @@ from serving.engine.sampler import sample
 from serving.engine.scheduler import Batch, Scheduler
 from serving.engine.sequence import Sequence
 from serving.engine.tokenizer import Tokenizer
+from serving.engine.video_processor import VideoProcessor, video_config
 from serving.types import FinishReason, RequestStatus, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,10 @@ class LLMEngine:
         self.model_config = load_model_config(cfg.model)
         self.tokenizer = Tokenizer(cfg.model)
         self.inputs = InputProcessor(
-            self.model_config, self.tokenizer, ImageProcessor(ImageProcessorConfig.from_dir(cfg.model))
+            self.model_config,
+            self.tokenizer,
+            ImageProcessor(ImageProcessorConfig.from_dir(cfg.model)),
+            VideoProcessor(video_config(cfg.model)),
         )
         self.runner = ModelRunner(cfg, self.model_config)
         self.scheduler = Scheduler(cfg, self.runner.pool)
@@ -143,7 +147,7 @@ class LLMEngine:
             seq.block_hashes = prompt_block_hashes(
                 seq.prompt_token_ids,
                 self.runner.pool.block_size,
-                self.model_config.image_token_id,
+                self.model_config.media_pad_ids,
                 self._image_keys(seq),
             )
         self._seqs[request_id] = seq
@@ -362,13 +366,15 @@ class LLMEngine:
         """Encode the images of every sequence that lacks embeddings, in vision batches of bounded size.
         A sequence whose every image pad lies in its cached prefix needs none: nothing it computes is
         an image token."""
-        pad = self.model_config.image_token_id
+        pads = self.model_config.media_pad_ids
         todo = [
             (seq, im)
             for seq in seqs
             if seq.image_embeds is None
             and seq.images
-            and not (seq.num_prefix_hit and pad not in seq.prompt_token_ids[seq.num_cached :])
+            and not (
+                seq.num_prefix_hit and not any(t in pads for t in seq.prompt_token_ids[seq.num_cached :])
+            )
             for im in seq.images
         ]
         embeds: dict[str, list[torch.Tensor]] = {}

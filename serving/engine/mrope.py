@@ -1,9 +1,11 @@
-"""M-RoPE positions of a prompt, computed from its own tokens and image grids.
+"""M-RoPE positions of a prompt, computed from its own tokens and its images' and videos' grids.
 
-Text tokens advance all three coordinates together. An image's tokens take (t, h, w) coordinates of
-its merged grid, offset by the position where the image starts; the text after it resumes at that
-offset plus the image's largest side. The gap between the last position and the token count is the
-request's rope delta: every decoded token sits at `index + delta` on all three axes.
+Text tokens advance all three coordinates together. An image's (or a video's) tokens take (t, h, w)
+coordinates of its merged grid, offset by the position where it starts; the text after it resumes at
+that offset plus its largest spatial side. For a video that is Qwen2-VL's rule as `transformers`
+computes it: one temporal step per temporal patch, and the temporal extent does not move the text
+after it. The gap between the last position and the token count is the request's rope delta: every
+decoded token sits at `index + delta` on all three axes.
 """
 
 from __future__ import annotations
@@ -12,13 +14,21 @@ import torch
 
 
 def mrope_positions(
-    token_ids: list[int], grids: list[tuple[int, int, int]], image_token_id: int, merge: int
+    token_ids: list[int],
+    grids: list[tuple[int, int, int]],
+    image_token_id: int,
+    merge: int,
+    video_token_id: int | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Returns positions (3, len(token_ids)) and the rope delta."""
+    """Returns positions (3, len(token_ids)) and the rope delta. `grids` are the images' and videos'
+    grids in the order their pad runs appear in the prompt."""
     n = len(token_ids)
     positions = torch.empty(3, n, dtype=torch.long)
     ids = torch.tensor(token_ids, dtype=torch.long)
-    image_starts = _image_runs(ids, grids, image_token_id, merge)
+    pads = ids == image_token_id
+    if video_token_id is not None:
+        pads |= ids == video_token_id
+    image_starts = _media_runs(pads, grids, merge)
     cursor = 0  # next token index to place
     pos = 0  # next text position
     for start, (t, h, w) in zip(image_starts, grids, strict=True):
@@ -35,11 +45,9 @@ def mrope_positions(
     return positions, last + 1 - n
 
 
-def _image_runs(
-    ids: torch.Tensor, grids: list[tuple[int, int, int]], image_token_id: int, merge: int
-) -> list[int]:
-    """Start index of each image's pad-token run, checked against the token count its grid needs."""
-    where = (ids == image_token_id).nonzero().flatten().tolist()
+def _media_runs(pads: torch.Tensor, grids: list[tuple[int, int, int]], merge: int) -> list[int]:
+    """Start index of each image's or video's pad-token run, checked against the count its grid needs."""
+    where = pads.nonzero().flatten().tolist()
     starts: list[int] = []
     i = 0
     for t, h, w in grids:

@@ -124,9 +124,10 @@ class ModelRunner:
             if start < prompt_len and seq.image_embeds is not None:
                 # Outputs replayed after a migration are text whatever their ids: only prompt pads take
                 # visual embeddings, the rows of this chunk's pads in prompt order.
-                is_pad = torch.tensor(tokens) == cfg.image_token_id
+                pads = cfg.media_pad_ids
+                is_pad = torch.tensor([t in pads for t in tokens], dtype=torch.bool)
                 is_pad[prompt_len - start :] = False
-                before = seq.prompt_token_ids[:start].count(cfg.image_token_id)
+                before = sum(1 for t in seq.prompt_token_ids[:start] if t in pads)
                 image_rows.append(seq.image_embeds[before : before + int(is_pad.sum())])
             else:
                 is_pad = torch.zeros(len(tokens), dtype=torch.bool)
@@ -159,7 +160,11 @@ class ModelRunner:
         if start < prompt_len and seq.prompt_positions is None:
             cfg = self.model_config
             seq.prompt_positions, seq.rope_delta = mrope_positions(
-                seq.prompt_token_ids, seq.grids, cfg.image_token_id, cfg.vision.spatial_merge_size
+                seq.prompt_token_ids,
+                seq.grids,
+                cfg.image_token_id,
+                cfg.vision.spatial_merge_size,
+                cfg.video_token_id,
             )
         if start >= prompt_len:
             return (torch.arange(start, end) + seq.rope_delta).expand(3, -1)

@@ -97,7 +97,7 @@ def test_greedy_tokens_equal_transformers_on_one_thread(pair, case, monkeypatch)
         assert fast is not None and fast.calls - calls >= MAX_TOKENS - 1
 
 
-def one_d_positions(token_ids, grids, image_token_id, merge):
+def one_d_positions(token_ids, grids, image_token_id, merge, video_token_id=None):
     n = len(token_ids)
     return torch.arange(n).expand(3, n).clone(), 0
 

@@ -1,5 +1,6 @@
-"""Builds the built-in default model: a Qwen2-VL (or Qwen2.5-VL) in Hugging Face format with random
-weights from a fixed seed and a byte-level BPE tokenizer trained locally. Same preset, same bytes."""
+"""Builds the built-in models' directories: a Qwen2-VL (or Qwen2.5-VL) in Hugging Face format with a
+byte-level BPE tokenizer trained locally and random weights from a fixed seed. Same preset, same bytes.
+The `shapes` preset is the layout the shapes-world model is trained in (serving/training)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ SPECIAL_TOKENS = (
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )  # fmt: skip
 
-# Qwen2-VL's chat template: a default system turn, image parts as vision_start/image_pad/vision_end.
+# Qwen2-VL's chat template: a default system turn, image parts as vision_start/image_pad/vision_end,
+# video parts as vision_start/video_pad/vision_end.
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
@@ -37,6 +39,8 @@ CHAT_TEMPLATE = (
     "{% set image_count.value = image_count.value + 1 %}"
     "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
     "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content or 'video_url' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -60,6 +64,10 @@ class Preset:
     min_pixels: int = 28 * 28 * 4
     bpe_vocab: int = 2048
     gain: float = 2.4  # weight std = gain / sqrt(fan_in): 0.3 at width 64, varied greedy output
+    # The shapes model's tokenizer learns from the task's own prompts too and splits numbers into
+    # single digits (as Qwen2's does), so a number's answer is read out digit by digit.
+    task_corpus: bool = False
+    video_max_pixels: int | None = None  # per frame; None: Qwen2-VL's video default
 
 
 PRESETS: dict[str, Preset] = {
@@ -75,6 +83,21 @@ PRESETS: dict[str, Preset] = {
         vision=dict(depth=6, embed_dim=256, num_heads=4, mlp_ratio=4),
         max_pixels=28 * 28 * 256,
     ),
+    "shapes": Preset(
+        text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[8, 12, 12]),
+        vision=dict(depth=4, embed_dim=128, num_heads=4, mlp_ratio=4),
+        max_pixels=28 * 28 * 64, min_pixels=28 * 28 * 16, bpe_vocab=768, task_corpus=True,
+        video_max_pixels=28 * 28 * 36,
+    ),
+    # The shapes layout at test size: the training recipe's tests run it for a few dozen steps.
+    "shapes-tiny": Preset(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[2, 3, 3]),
+        vision=dict(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2),
+        max_pixels=28 * 28 * 16, min_pixels=28 * 28 * 4, bpe_vocab=512, task_corpus=True,
+        video_max_pixels=28 * 28 * 9,
+    ),
 }  # fmt: skip
 
 
@@ -89,14 +112,27 @@ def _corpus(lines: int = 6000) -> list[str]:
     return out
 
 
-def build_tokenizer(bpe_vocab: int) -> Tokenizer:
+def _task_corpus() -> list[str]:
+    """Every prompt and answer the shapes-world tasks can produce, a few times over."""
+    from serving.evals.prompts import all_prompts
+
+    return [line for line in all_prompts() for _ in range(4)]
+
+
+def build_tokenizer(bpe_vocab: int, task_corpus: bool = False) -> Tokenizer:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if task_corpus:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=bpe_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus() + (_task_corpus() if task_corpus else []), trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
 
@@ -167,7 +203,7 @@ def build_model(out: str | Path, preset: str = "tiny", family: str = "qwen2_vl",
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        tok = build_tokenizer(p.bpe_vocab)
+        tok = build_tokenizer(p.bpe_vocab, p.task_corpus)
         tok.save(str(tmp / "tokenizer.json"))
         config = _config(p, family, tok)
         _write_json(tmp / "config.json", config)
@@ -180,6 +216,12 @@ def build_model(out: str | Path, preset: str = "tiny", family: str = "qwen2_vl",
             "chat_template": CHAT_TEMPLATE,
         })  # fmt: skip
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        if p.video_max_pixels is not None:
+            _write_json(tmp / "video_preprocessor_config.json", {
+                "video_processor_type": "Qwen2VLVideoProcessor", "min_pixels": p.min_pixels,
+                "max_pixels": p.video_max_pixels, "patch_size": 14, "temporal_patch_size": 2,
+                "merge_size": 2, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+            })  # fmt: skip
         _write_json(tmp / "preprocessor_config.json", {
             "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True,
             "do_normalize": True, "do_convert_rgb": True, "rescale_factor": 1 / 255, "resample": 3,

@@ -63,6 +63,11 @@ class ModelConfig:
     def family(self) -> str:
         return self.vision.family
 
+    @property
+    def media_pad_ids(self) -> tuple[int, int]:
+        """The pad tokens that stand for visual embeddings: an image's and a video's."""
+        return (self.image_token_id, self.video_token_id)
+
     def num_image_tokens(self, grid_thw: tuple[int, int, int]) -> int:
         t, h, w = grid_thw
         return t * h * w // self.vision.spatial_merge_size**2

@@ -40,7 +40,8 @@ class Qwen2VL(nn.Module):
         in order, by a visual embedding."""
         embeds = self.model.embed_tokens(token_ids)
         if image_embeds is not None and image_embeds.numel():
-            mask = token_ids == self.cfg.image_token_id if image_mask is None else image_mask
+            pads = torch.tensor(self.cfg.media_pad_ids, device=token_ids.device)
+            mask = torch.isin(token_ids, pads) if image_mask is None else image_mask
             embeds[mask] = image_embeds.to(embeds.dtype)
         return embeds
 

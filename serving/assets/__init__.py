@@ -1,0 +1,1 @@
+"""Files shipped inside the package: the trained default model `epd-shapes`."""

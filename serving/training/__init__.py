@@ -1,0 +1,1 @@
+"""Training the shapes-world model (`epd model train`): batches, the loop, and the shipped export."""

@@ -1,0 +1,88 @@
+"""Training examples from shapes-world items, laid out exactly as the serving path lays out a request.
+
+The prompt goes through the same `InputProcessor` the engine uses (chat template, pad expansion, image
+and video preprocessing) and its M-RoPE positions come from the same function, so what the model
+learns to read is what it is served. The assistant's reply is the answer followed by `<|im_end|>`;
+only those tokens carry loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from serving.engine.image_processor import ProcessedImage
+from serving.engine.inputs import InputProcessor
+from serving.engine.mrope import mrope_positions
+from serving.evals import clips
+from serving.evals.tasks import TASKS, draw
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    token_ids: list[int]  # prompt + answer + <|im_end|>
+    labels: list[int]  # IGNORE on the prompt
+    positions: torch.Tensor  # (3, len(token_ids))
+    media: list[ProcessedImage]
+    is_video: list[bool]
+
+
+def example(inputs: InputProcessor, task: str, prompt: str, answer: str, media: object) -> Example:
+    """`media` is a PIL image or a list of frames (a video)."""
+    built = inputs.from_user_prompt(prompt, [media])  # type: ignore[list-item]
+    cfg = inputs.model_config
+    reply = inputs.tokenizer.encode_text(answer) + [inputs.tokenizer.token_id("<|im_end|>")]
+    ids = built.token_ids + reply
+    positions, delta = mrope_positions(
+        built.token_ids, built.grids, cfg.image_token_id, cfg.vision.spatial_merge_size, cfg.video_token_id
+    )
+    n = len(built.token_ids)
+    tail = (torch.arange(n, len(ids)) + delta).expand(3, -1)
+    labels = [IGNORE] * n + reply
+    return Example(ids, labels, torch.cat([positions, tail], dim=1), built.images, [task == "motion"])
+
+
+def draw_example(inputs: InputProcessor, seed: int, task: str, index: int) -> Example:
+    d = draw(seed, task, index)
+    media: object = clips.decode_frames(d.video) if d.video is not None else d.image
+    return example(inputs, task, d.prompt, d.answer, media)
+
+
+def task_schedule(weights: dict[str, float], data_seed: int, step: int, batch_size: int) -> list[str]:
+    """The tasks of one step's examples: a pure function of the step, so a resumed run sees the same
+    data as an uninterrupted one."""
+    names = [t for t in TASKS if weights.get(t, 0) > 0]
+    p = np.array([weights[t] for t in names], dtype=np.float64)
+    rng = np.random.default_rng([data_seed, 1_000_003, step])
+    return [names[int(i)] for i in rng.choice(len(names), size=batch_size, p=p / p.sum())]
+
+
+def collate(examples: list[Example], pad_id: int, image_id: int, video_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch in the keyword arguments of `transformers`' Qwen2-VL forward."""
+    width = max(len(e.token_ids) for e in examples)
+    batch = len(examples)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    positions = torch.zeros((3, batch, width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.token_ids)
+        ids[i, :n] = torch.tensor(e.token_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+        positions[:, i, :n] = e.positions
+    images = [m for e in examples for m, v in zip(e.media, e.is_video, strict=True) if not v]
+    videos = [m for e in examples for m, v in zip(e.media, e.is_video, strict=True) if v]
+    out = dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions)
+    out["mm_token_type_ids"] = (ids == image_id).int() + 2 * (ids == video_id).int()
+    if images:
+        out["pixel_values"] = torch.cat([m.pixel_values for m in images])
+        out["image_grid_thw"] = torch.tensor([m.grid_thw for m in images])
+    if videos:
+        out["pixel_values_videos"] = torch.cat([m.pixel_values for m in videos])
+        out["video_grid_thw"] = torch.tensor([m.grid_thw for m in videos])
+    return out

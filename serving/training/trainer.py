@@ -1,0 +1,207 @@
+"""The training loop: `transformers`' Qwen2-VL on CPU torch, resumable, deterministic for its seed.
+
+Lifecycle of `train(out, recipe)`:
+  1. lay out the model directory (config, tokenizer, chat template, processors) from the preset;
+  2. build the model with its own initialisation under `recipe.seed`, or resume from `checkpoint.pt`;
+  3. each step draws its examples as a pure function of the step (`task_schedule`, item indices), so a
+     resumed run sees the same data an uninterrupted one would;
+  4. every `checkpoint_every` steps: the checkpoint (model, optimiser, step, elapsed, log), written
+     atomically, and a teacher-forced exact-match check on a fixed held-out sample per task;
+  5. at the end: the weights in bfloat16 as `model.safetensors`, and `training.json` beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from serving.engine.inputs import InputProcessor
+from serving.engine.models.builder import build_model
+from serving.evals.tasks import TASKS
+from serving.training.batches import IGNORE, collate, draw_example, task_schedule
+from serving.training.recipe import Recipe
+
+CHECK_SEED = 99_991  # the in-training check's items: a seed never drawn for training
+CHECK_ITEMS = 8
+
+
+def lr_at(recipe: Recipe, step: int) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak."""
+    if step < recipe.warmup:
+        return recipe.lr * (step + 1) / recipe.warmup
+    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    floor = recipe.min_lr_ratio
+    return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _hf_model(model_dir: Path, seed: int) -> torch.nn.Module:
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration._from_config(
+        config, attn_implementation="sdpa", dtype=torch.float32
+    )
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, out: Path, recipe: Recipe, log: Callable[[str], None] = print) -> None:
+        self.out = out
+        self.recipe = recipe
+        self.log = log
+        if not (out / "config.json").exists():
+            build_model(out, recipe.preset)
+            (out / "model.safetensors").unlink()  # the builder's random weights; training makes its own
+        self.inputs = InputProcessor.from_dir(str(out))
+        self.model = _hf_model(out, recipe.seed)
+        self.optim = torch.optim.AdamW(
+            self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98)
+        )
+        self.step = 0
+        self.elapsed = 0.0
+        self.history: list[dict[str, Any]] = []
+        cfg = self.inputs.model_config
+        self.pad_args = (
+            self.inputs.tokenizer.token_id("<|endoftext|>"),
+            cfg.image_token_id,
+            cfg.video_token_id,
+        )
+        self._check = [
+            (t, draw_example(self.inputs, CHECK_SEED, t, i)) for t in TASKS for i in range(CHECK_ITEMS)
+        ]
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def resume(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        state = torch.load(self.checkpoint_path, weights_only=False)
+        if state["recipe"] != self.recipe.to_json():
+            raise SystemExit(f"{self.checkpoint_path} was written by another recipe; remove it to start over")
+        self.model.load_state_dict(state["model"])
+        self.optim.load_state_dict(state["optim"])
+        self.step, self.elapsed, self.history = state["step"], state["elapsed"], state["history"]
+        self.log(f"resumed at step {self.step} ({self.elapsed / 60:.1f} min trained)")
+        return True
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        r = self.recipe
+        tasks = task_schedule(r.task_weights, r.data_seed, step, r.batch_size)
+        examples = [
+            draw_example(self.inputs, r.data_seed, task, step * r.batch_size + j)
+            for j, task in enumerate(tasks)
+        ]
+        return collate(examples, *self.pad_args)
+
+    def train_step(self) -> float:
+        r = self.recipe
+        for group in self.optim.param_groups:
+            group["lr"] = lr_at(r, self.step)
+        self.model.train()
+        loss = self.model(**self.batch(self.step)).loss
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip)
+        self.optim.step()
+        self.step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def check(self) -> dict[str, float]:
+        """Teacher-forced exact match per task: every answer token (and the end) is the argmax. When
+        all are, greedy decoding emits exactly the answer, so this equals greedy accuracy."""
+        self.model.eval()
+        hits: dict[str, list[bool]] = {}
+        for start in range(0, len(self._check), 16):
+            chunk = self._check[start : start + 16]
+            batch = collate([e for _, e in chunk], *self.pad_args)
+            labels = batch.pop("labels")
+            logits = self.model(**batch).logits
+            predicted = logits[:, :-1].argmax(-1)
+            target = labels[:, 1:]
+            ok = ((predicted == target) | (target == IGNORE)).all(dim=1)
+            for (task, _), good in zip(chunk, ok.tolist(), strict=True):
+                hits.setdefault(task, []).append(good)
+        return {t: sum(v) / len(v) for t, v in hits.items()}
+
+    def save_checkpoint(self) -> None:
+        _save_atomic(
+            {
+                "recipe": self.recipe.to_json(),
+                "model": self.model.state_dict(),
+                "optim": self.optim.state_dict(),
+                "step": self.step,
+                "elapsed": self.elapsed,
+                "history": self.history,
+            },
+            self.checkpoint_path,
+        )
+
+    def run(self, max_minutes: float | None = None) -> None:
+        r = self.recipe
+        torch.set_num_threads(r.threads)
+        self.resume()
+        deadline = time.monotonic() + max_minutes * 60 if max_minutes else math.inf
+        losses: list[float] = []
+        while self.step < r.steps and time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            losses.append(self.train_step())
+            self.elapsed += time.perf_counter() - t0
+            if self.step % r.checkpoint_every == 0 or self.step == r.steps:
+                accuracy = self.check()
+                mean_loss = sum(losses) / len(losses)
+                self.history.append(
+                    {
+                        "step": self.step,
+                        "minutes": round(self.elapsed / 60, 2),
+                        "loss": round(mean_loss, 4),
+                        "check": {t: round(a, 3) for t, a in accuracy.items()},
+                    }  # fmt: skip
+                )
+                self.log(json.dumps(self.history[-1]))
+                losses = []
+                self.save_checkpoint()
+        if self.step >= r.steps:
+            self.export()
+
+    def export(self) -> None:
+        """bfloat16 weights under `transformers`' names, and the record of how they were made."""
+        state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(self.out / "model.safetensors"), metadata={"format": "pt"})
+        record = {
+            "recipe": self.recipe.to_json(),
+            "steps": self.step,
+            "wall_minutes": round(self.elapsed / 60, 1),
+            "torch": torch.__version__,
+            "history": self.history,
+        }
+        (self.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        self.checkpoint_path.unlink(missing_ok=True)
+
+
+def train(out: str | Path, recipe: Recipe, max_minutes: float | None = None) -> Path:
+    out = Path(out)
+    trainer = Trainer(out, recipe)
+    trainer.run(max_minutes)
+    return out
+
+
+def remove(out: str | Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)

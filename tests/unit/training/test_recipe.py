@@ -1,0 +1,85 @@
+"""The training recipe at test size: the loss falls over a few dozen steps, a resumed run equals an
+uninterrupted one bit for bit, and the export loads through the serving loader unchanged."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from serving.config import EngineConfig
+from serving.engine.llm import LLMEngine
+from serving.evals.tasks import TASKS
+from serving.training.batches import IGNORE, task_schedule
+from serving.training.recipe import Recipe
+from serving.training.trainer import Trainer, lr_at
+
+RECIPE = Recipe(
+    preset="shapes-tiny", steps=40, batch_size=8, lr=3e-3, warmup=5, checkpoint_every=1000, threads=1
+)
+
+
+def test_loss_falls(tmp_path, one_thread):
+    trainer = Trainer(tmp_path / "m", RECIPE, log=lambda _: None)
+    losses = [trainer.train_step() for _ in range(RECIPE.steps)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    recipe = replace(RECIPE, steps=6, checkpoint_every=3)
+    whole = Trainer(tmp_path / "whole", recipe, log=lambda _: None)
+    whole.run()
+    # An interrupted run: three steps and the checkpoint written at the third.
+    partial = Trainer(tmp_path / "split", recipe, log=lambda _: None)
+    while partial.step < 3:
+        partial.train_step()
+    partial.save_checkpoint()
+    resumed = Trainer(tmp_path / "split", recipe, log=lambda _: None)
+    resumed.run()
+    assert resumed.step == 6
+    a = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    b = (tmp_path / "split" / "model.safetensors").read_bytes()
+    assert a == b
+    assert not resumed.checkpoint_path.exists()  # removed once the export is written
+
+
+def test_export_serves_through_the_engine(tmp_path):
+    recipe = replace(RECIPE, steps=2)
+    Trainer(tmp_path / "m", recipe, log=lambda _: None).run()
+    engine = LLMEngine(EngineConfig(model=str(tmp_path / "m"), num_kv_blocks=64, block_size=8))
+    from serving.evals.tasks import item
+    from serving.types import SamplingParams
+
+    it = item(1, "motion", 0)
+    prompt = engine.inputs.from_user_prompt(it.prompt, [it.frames()])
+    assert engine.model_config.video_token_id in prompt.token_ids
+    result = engine.generate([(prompt, SamplingParams(max_tokens=3))])[0]
+    assert len(result.token_ids) >= 1
+    assert (tmp_path / "m" / "training.json").exists()
+
+
+def test_schedule_is_a_function_of_the_step_and_weights():
+    weights = {t: 1.0 for t in TASKS}
+    assert task_schedule(weights, 7, 12, 16) == task_schedule(weights, 7, 12, 16)
+    assert task_schedule(weights, 7, 12, 16) != task_schedule(weights, 7, 13, 16)
+    only = task_schedule({**{t: 0.0 for t in TASKS}, "read": 1.0}, 7, 0, 8)
+    assert only == ["read"] * 8
+
+
+def test_only_the_answer_carries_loss(tmp_path):
+    trainer = Trainer(tmp_path / "m", replace(RECIPE, batch_size=4), log=lambda _: None)
+    batch = trainer.batch(0)
+    tok = trainer.inputs.tokenizer
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        target = [t for t in labels if t != IGNORE]
+        assert target[-1] == tok.token_id("<|im_end|>")
+        n = len(target)
+        start = next(i for i, t in enumerate(labels) if t != IGNORE)
+        assert ids[start : start + n] == target
+
+
+def test_warmup_then_cosine():
+    r = Recipe(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(r, 0) == 0.1 and lr_at(r, 9) == 1.0
+    assert lr_at(r, 100) == 0.1 and 0.1 < lr_at(r, 55) < 1.0
