@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve test lint bench bench-epd bench-peer bench-controller model tools dashboards observe lock protos bench-grpc
+.PHONY: help install serve test lint bench bench-epd bench-peer bench-controller model train eval tools dashboards observe lock protos bench-grpc
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -29,8 +29,14 @@ protos: install ## regenerate serving/rpc/proto from protos/epd/v1 (committed; a
 bench-grpc: install ## gRPC vs HTTP/SSE: TTFT and time per streamed token at 16 concurrent, tiny model
 	$(BIN)/python -m benchmarks.grpc_vs_http
 
-model: install ## build the default model (epd-tiny) into the cache directory
+model: install ## build the random-weight test model (epd-tiny) into the cache directory
 	$(BIN)/epd model build
+
+train: install ## train the shapes-world model from scratch into .train/epd-shapes (resumes if interrupted)
+	$(BIN)/epd model train --preset shapes --out .train/epd-shapes
+
+eval: install ## epd-shapes' accuracy per task, in process (the shipped weights, held-out items)
+	$(BIN)/epd eval --in-process --n 100
 
 serve: install ## serve the default model on http://127.0.0.1:8000 (HOST=, PORT= to change)
 	$(BIN)/epd serve --host $(HOST) --port $(PORT)

@@ -25,5 +25,9 @@ def all_prompts() -> list[str]:
     for template in PROMPTS.values():
         for colour, shape in itertools.product(COLOUR_NAMES, SHAPE_NAMES):
             out.append(template.format(colour=colour, shape=shape))
-    answers = [*COLOUR_NAMES, *SHAPE_NAMES, *DIRECTIONS, "left", "right"]
-    return sorted(set(out)) + answers + [str(n) for n in range(1000)]
+    return sorted(set(out)) + answer_words() + [str(n) for n in range(1000)]
+
+
+def answer_words() -> list[str]:
+    """The tasks' word answers (numbers are read out digit by digit)."""
+    return [*COLOUR_NAMES, *SHAPE_NAMES, *DIRECTIONS]

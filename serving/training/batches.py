@@ -18,6 +18,8 @@ from serving.engine.inputs import InputProcessor
 from serving.engine.mrope import mrope_positions
 from serving.evals import clips
 from serving.evals.tasks import TASKS, draw
+from serving.training.dense import token_targets
+from serving.training.recipe import Recipe
 
 IGNORE = -100
 
@@ -29,6 +31,7 @@ class Example:
     positions: torch.Tensor  # (3, len(token_ids))
     media: list[ProcessedImage]
     is_video: list[bool]
+    targets: torch.Tensor  # (visual tokens, CLASSES): what each token covers (serving/training/dense.py)
 
 
 def example(inputs: InputProcessor, task: str, prompt: str, answer: str, media: object) -> Example:
@@ -43,7 +46,12 @@ def example(inputs: InputProcessor, task: str, prompt: str, answer: str, media: 
     n = len(built.token_ids)
     tail = (torch.arange(n, len(ids)) + delta).expand(3, -1)
     labels = [IGNORE] * n + reply
-    return Example(ids, labels, torch.cat([positions, tail], dim=1), built.images, [task == "motion"])
+    frames = media if isinstance(media, list) else [media]
+    c = inputs.image_processor.cfg
+    targets = token_targets(frames, built.images[0].grid_thw, c.merge_size, c.patch_size)  # type: ignore[arg-type]
+    return Example(
+        ids, labels, torch.cat([positions, tail], dim=1), built.images, [isinstance(media, list)], targets
+    )
 
 
 def draw_example(inputs: InputProcessor, seed: int, task: str, index: int) -> Example:
@@ -59,6 +67,19 @@ def task_schedule(weights: dict[str, float], data_seed: int, step: int, batch_si
     p = np.array([weights[t] for t in names], dtype=np.float64)
     rng = np.random.default_rng([data_seed, 1_000_003, step])
     return [names[int(i)] for i in rng.choice(len(names), size=batch_size, p=p / p.sum())]
+
+
+def step_batch(inputs: InputProcessor, recipe: Recipe, step: int) -> dict[str, torch.Tensor]:
+    """One training step's batch: a pure function of the recipe and the step."""
+    tasks = task_schedule(recipe.task_weights, recipe.data_seed, step, recipe.batch_size)
+    examples = [
+        draw_example(inputs, recipe.data_seed, task, step * recipe.batch_size + j)
+        for j, task in enumerate(tasks)
+    ]
+    cfg = inputs.model_config
+    return collate(
+        examples, inputs.tokenizer.token_id("<|endoftext|>"), cfg.image_token_id, cfg.video_token_id
+    )
 
 
 def collate(examples: list[Example], pad_id: int, image_id: int, video_id: int) -> dict[str, torch.Tensor]:
@@ -78,6 +99,10 @@ def collate(examples: list[Example], pad_id: int, image_id: int, video_id: int) 
     images = [m for e in examples for m, v in zip(e.media, e.is_video, strict=True) if not v]
     videos = [m for e in examples for m, v in zip(e.media, e.is_video, strict=True) if v]
     out = dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions)
+    # The model encodes a batch's images first, then its videos: the probe's targets in that order.
+    out["visual_targets"] = torch.cat(
+        [e.targets for e in examples if not e.is_video[0]] + [e.targets for e in examples if e.is_video[0]]
+    )
     out["mm_token_type_ids"] = (ids == image_id).int() + 2 * (ids == video_id).int()
     if images:
         out["pixel_values"] = torch.cat([m.pixel_values for m in images])

@@ -25,7 +25,7 @@ class Recipe:
     preset: str = "shapes"
     seed: int = 0  # weight init and nothing else: the data order is a function of the step
     data_seed: int = TRAIN_SEED
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 24
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
@@ -33,7 +33,9 @@ class Recipe:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     checkpoint_every: int = 50
+    probe_weight: float = 1.0  # the merger probe's loss (serving/training/dense.py); 0 turns it off
     threads: int = 2
+    prefetch: bool = True  # draw batches in a worker process, ahead of the optimiser
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
 
     def to_json(self) -> dict[str, Any]:

@@ -27,7 +27,9 @@ from safetensors.torch import save_file
 from serving.engine.inputs import InputProcessor
 from serving.engine.models.builder import build_model
 from serving.evals.tasks import TASKS
-from serving.training.batches import IGNORE, collate, draw_example, task_schedule
+from serving.training.batches import IGNORE, collate, draw_example, step_batch
+from serving.training.dense import MergerProbe
+from serving.training.prefetch import Prefetcher
 from serving.training.recipe import Recipe
 
 CHECK_SEED = 99_991  # the in-training check's items: a seed never drawn for training
@@ -69,9 +71,12 @@ class Trainer:
             (out / "model.safetensors").unlink()  # the builder's random weights; training makes its own
         self.inputs = InputProcessor.from_dir(str(out))
         self.model = _hf_model(out, recipe.seed)
+        self.probe = MergerProbe(self.model, self.inputs.model_config.text.hidden_size)
+        params = [*self.model.parameters(), *self.probe.parameters()]
         self.optim = torch.optim.AdamW(
-            self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98)
+            params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98)
         )
+        self.prefetcher: Prefetcher | None = None
         self.step = 0
         self.elapsed = 0.0
         self.history: list[dict[str, Any]] = []
@@ -96,26 +101,29 @@ class Trainer:
         if state["recipe"] != self.recipe.to_json():
             raise SystemExit(f"{self.checkpoint_path} was written by another recipe; remove it to start over")
         self.model.load_state_dict(state["model"])
+        self.probe.load_state_dict(state["probe"])
         self.optim.load_state_dict(state["optim"])
         self.step, self.elapsed, self.history = state["step"], state["elapsed"], state["history"]
         self.log(f"resumed at step {self.step} ({self.elapsed / 60:.1f} min trained)")
         return True
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        r = self.recipe
-        tasks = task_schedule(r.task_weights, r.data_seed, step, r.batch_size)
-        examples = [
-            draw_example(self.inputs, r.data_seed, task, step * r.batch_size + j)
-            for j, task in enumerate(tasks)
-        ]
-        return collate(examples, *self.pad_args)
+        if self.prefetcher is not None:
+            return self.prefetcher.get(step)
+        return step_batch(self.inputs, self.recipe, step)
 
     def train_step(self) -> float:
         r = self.recipe
         for group in self.optim.param_groups:
             group["lr"] = lr_at(r, self.step)
         self.model.train()
-        loss = self.model(**self.batch(self.step)).loss
+        batch = self.batch(self.step)
+        targets = batch.pop("visual_targets")
+        self.probe.outputs.clear()
+        loss = self.model(**batch).loss
+        if r.probe_weight:
+            loss = loss + r.probe_weight * self.probe.loss(targets)
+        self.probe.outputs.clear()
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip)
@@ -133,7 +141,9 @@ class Trainer:
             chunk = self._check[start : start + 16]
             batch = collate([e for _, e in chunk], *self.pad_args)
             labels = batch.pop("labels")
+            batch.pop("visual_targets")
             logits = self.model(**batch).logits
+            self.probe.outputs.clear()
             predicted = logits[:, :-1].argmax(-1)
             target = labels[:, 1:]
             ok = ((predicted == target) | (target == IGNORE)).all(dim=1)
@@ -146,6 +156,7 @@ class Trainer:
             {
                 "recipe": self.recipe.to_json(),
                 "model": self.model.state_dict(),
+                "probe": self.probe.state_dict(),
                 "optim": self.optim.state_dict(),
                 "step": self.step,
                 "elapsed": self.elapsed,
@@ -160,6 +171,19 @@ class Trainer:
         self.resume()
         deadline = time.monotonic() + max_minutes * 60 if max_minutes else math.inf
         losses: list[float] = []
+        if r.prefetch and self.step < r.steps:
+            self.prefetcher = Prefetcher(str(self.out), r)
+        try:
+            self._loop(deadline, losses)
+        finally:
+            if self.prefetcher is not None:
+                self.prefetcher.close()
+                self.prefetcher = None
+        if self.step >= r.steps:
+            self.export()
+
+    def _loop(self, deadline: float, losses: list[float]) -> None:
+        r = self.recipe
         while self.step < r.steps and time.monotonic() < deadline:
             t0 = time.perf_counter()
             losses.append(self.train_step())
@@ -176,10 +200,8 @@ class Trainer:
                     }  # fmt: skip
                 )
                 self.log(json.dumps(self.history[-1]))
-                losses = []
+                losses.clear()
                 self.save_checkpoint()
-        if self.step >= r.steps:
-            self.export()
 
     def export(self) -> None:
         """bfloat16 weights under `transformers`' names, and the record of how they were made."""

@@ -113,10 +113,13 @@ def _corpus(lines: int = 6000) -> list[str]:
 
 
 def _task_corpus() -> list[str]:
-    """Every prompt and answer the shapes-world tasks can produce, a few times over."""
-    from serving.evals.prompts import all_prompts
+    """Every prompt the shapes-world tasks can ask, and their answer words often enough that each
+    becomes one token of its own (an answer is then one decode step plus the end)."""
+    from serving.evals.prompts import all_prompts, answer_words
 
-    return [line for line in all_prompts() for _ in range(4)]
+    return [line for line in all_prompts() for _ in range(4)] + [
+        w for w in answer_words() for _ in range(200)
+    ]
 
 
 def build_tokenizer(bpe_vocab: int, task_corpus: bool = False) -> Tokenizer:

@@ -15,7 +15,14 @@ from serving.training.recipe import Recipe
 from serving.training.trainer import Trainer, lr_at
 
 RECIPE = Recipe(
-    preset="shapes-tiny", steps=40, batch_size=8, lr=3e-3, warmup=5, checkpoint_every=1000, threads=1
+    preset="shapes-tiny",
+    steps=40,
+    batch_size=8,
+    lr=3e-3,
+    warmup=5,
+    checkpoint_every=1000,
+    threads=1,
+    prefetch=False,
 )
 
 
@@ -83,3 +90,41 @@ def test_warmup_then_cosine():
     r = Recipe(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(r, 0) == 0.1 and lr_at(r, 9) == 1.0
     assert lr_at(r, 100) == 0.1 and 0.1 < lr_at(r, 55) < 1.0
+
+
+def test_probe_targets_say_what_each_token_covers():
+    """A red block over the first merged token and black ink over the last: the targets say so, in
+    the order the vision tower emits tokens, and a video averages each temporal pair of frames."""
+    from PIL import Image
+
+    from serving.training.dense import CLASSES, token_targets
+
+    image = Image.new("RGB", (112, 56), (255, 255, 255))
+    image.paste(Image.new("RGB", (28, 28), (220, 40, 40)), (0, 0))
+    image.paste(Image.new("RGB", (28, 28), (0, 0, 0)), (84, 28))
+    targets = token_targets([image], (1, 4, 8), merge=2, patch=14)
+    assert targets.shape == (8, CLASSES)
+    assert targets[0].tolist() == [0, 1, 0, 0, 0, 0]
+    assert targets[7].tolist() == [0, 0, 0, 0, 0, 1]
+    assert targets[1:7, 0].tolist() == [1.0] * 6
+    blank = Image.new("RGB", (112, 56), (255, 255, 255))
+    video = token_targets([image, blank, blank], (2, 4, 8), merge=2, patch=14)
+    assert video.shape == (16, CLASSES)
+    assert video[0, 1] == 0.5 and video[8, 0] == 1.0  # the third frame is repeated to fill the pair
+
+
+def test_prefetched_batches_equal_direct_ones(tmp_path):
+    """The worker process draws the same batch for a step as the trainer would itself."""
+    from serving.training.batches import step_batch
+    from serving.training.prefetch import Prefetcher
+
+    recipe = replace(RECIPE, batch_size=4)
+    trainer = Trainer(tmp_path / "m", recipe, log=lambda _: None)
+    prefetcher = Prefetcher(str(tmp_path / "m"), recipe)
+    try:
+        for step in (0, 3):
+            fetched, direct = prefetcher.get(step), step_batch(trainer.inputs, recipe, step)
+            assert sorted(fetched) == sorted(direct)
+            assert all(torch.equal(fetched[k], direct[k]) for k in direct)
+    finally:
+        prefetcher.close()
