@@ -25,9 +25,7 @@ def add_ctl_parser(sub: Any) -> None:
     ctl = sub.add_parser(
         "ctl", help="operate a running server: workers, switch, drain, resume, add, remove, decisions"
     )
-    ctl.add_argument("--url", default=os.environ.get("EPD_URL", "http://127.0.0.1:8000"))
-    ctl.add_argument("--api-key", default=os.environ.get("EPD_API_KEY"), help="or $EPD_API_KEY")
-    ctl.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an operation")
+    _connection_options(ctl, suppress=False)
     verbs = ctl.add_subparsers(dest="verb", required=True)
     workers = verbs.add_parser("workers", help="list the workers")
     workers.add_argument("--json", action="store_true", help="print the directory as JSON")
@@ -41,7 +39,23 @@ def add_ctl_parser(sub: Any) -> None:
     decisions.add_argument("--json", action="store_true", help="print them as JSON")
     add = verbs.add_parser("add", help="start a new worker")
     add.add_argument("--roles", required=True)
+    for verb in verbs.choices.values():
+        _connection_options(verb, suppress=True)
     ctl.set_defaults(func=cmd_ctl)
+
+
+def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """--url, --api-key and --timeout, before the verb or after it (`epd ctl workers --url U`). After
+    it they default to nothing, so they override only what they name."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--url", default=default(os.environ.get("EPD_URL", "http://127.0.0.1:8000")))
+    parser.add_argument("--api-key", default=default(os.environ.get("EPD_API_KEY")), help="or $EPD_API_KEY")
+    parser.add_argument(
+        "--timeout", type=float, default=default(300.0), help="seconds to wait for an operation"
+    )
 
 
 def cmd_ctl(args: argparse.Namespace) -> None:

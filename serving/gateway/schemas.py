@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving.engine.stop import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 
@@ -94,6 +94,14 @@ class _Sampling(_Body):
     guided_choice: Any = None
     guided_grammar: Any = None
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_count(cls, value: Any) -> Any:
+        # Checked first: as one branch of a union, a list too long failed with "should be a valid string".
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(value)}")
+        return value
+
     def refusal(self) -> tuple[str, str] | None:
         """(field, message) for the first field asking for something this server does not do."""
         if self.stream_options is not None and not self.stream:
@@ -130,6 +138,8 @@ class ChatCompletionRequest(_Sampling):
     def refusal(self) -> tuple[str, str] | None:
         if found := super().refusal():
             return found
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "logprobs must be true when top_logprobs is given."
         if self.tools:
             return "tools", "tools (function calling) are not supported."
         if self.functions:

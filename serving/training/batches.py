@@ -17,8 +17,8 @@ from serving.engine.image_processor import ProcessedImage
 from serving.engine.inputs import InputProcessor
 from serving.engine.mrope import mrope_positions
 from serving.evals import clips
-from serving.evals.tasks import TASKS, draw
-from serving.training.dense import token_targets
+from serving.evals.tasks import TASKS, Scene, draw
+from serving.training.dense import scene_slots, token_targets
 from serving.training.recipe import Recipe
 
 IGNORE = -100
@@ -32,9 +32,12 @@ class Example:
     media: list[ProcessedImage]
     is_video: list[bool]
     targets: torch.Tensor  # (visual tokens, CLASSES): what each token covers (serving/training/dense.py)
+    scene: torch.Tensor  # (len(SLOTS),): the scene every token should know
 
 
-def example(inputs: InputProcessor, task: str, prompt: str, answer: str, media: object) -> Example:
+def example(
+    inputs: InputProcessor, task: str, prompt: str, answer: str, media: object, scene: Scene
+) -> Example:
     """`media` is a PIL image or a list of frames (a video)."""
     built = inputs.from_user_prompt(prompt, [media])  # type: ignore[list-item]
     cfg = inputs.model_config
@@ -50,14 +53,20 @@ def example(inputs: InputProcessor, task: str, prompt: str, answer: str, media: 
     c = inputs.image_processor.cfg
     targets = token_targets(frames, built.images[0].grid_thw, c.merge_size, c.patch_size)  # type: ignore[arg-type]
     return Example(
-        ids, labels, torch.cat([positions, tail], dim=1), built.images, [isinstance(media, list)], targets
+        ids,
+        labels,
+        torch.cat([positions, tail], dim=1),
+        built.images,
+        [isinstance(media, list)],
+        targets,
+        scene_slots(scene),
     )
 
 
 def draw_example(inputs: InputProcessor, seed: int, task: str, index: int) -> Example:
     d = draw(seed, task, index)
     media: object = clips.decode_frames(d.video) if d.video is not None else d.image
-    return example(inputs, task, d.prompt, d.answer, media)
+    return example(inputs, task, d.prompt, d.answer, media, d.scene)
 
 
 def task_schedule(weights: dict[str, float], data_seed: int, step: int, batch_size: int) -> list[str]:
@@ -100,9 +109,9 @@ def collate(examples: list[Example], pad_id: int, image_id: int, video_id: int) 
     videos = [m for e in examples for m, v in zip(e.media, e.is_video, strict=True) if v]
     out = dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions)
     # The model encodes a batch's images first, then its videos: the probe's targets in that order.
-    out["visual_targets"] = torch.cat(
-        [e.targets for e in examples if not e.is_video[0]] + [e.targets for e in examples if e.is_video[0]]
-    )
+    ordered = [e for e in examples if not e.is_video[0]] + [e for e in examples if e.is_video[0]]
+    out["visual_targets"] = torch.cat([e.targets for e in ordered])
+    out["scene_targets"] = torch.cat([e.scene.expand(len(e.targets), -1) for e in ordered])
     out["mm_token_type_ids"] = (ids == image_id).int() + 2 * (ids == video_id).int()
     if images:
         out["pixel_values"] = torch.cat([m.pixel_values for m in images])

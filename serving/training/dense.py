@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from serving.evals.drawing import COLOURS
+from serving.evals.prompts import SHAPE_NAMES
+from serving.evals.tasks import Scene
 
 CLASSES = 6  # background, the four colours, black ink (numbers)
 _NEAR = 45  # per channel: the jitter plus room for resizing and the video codec
@@ -51,18 +54,42 @@ def token_targets(
     return torch.from_numpy(per_t.reshape(-1, CLASSES))
 
 
+# The scene as every token should know it: how many shapes of each colour and kind, the digits of a
+# number (units, tens, hundreds; 10 = none), the direction of motion, the colour of the leftmost shape.
+SLOTS = (6, 6, 6, 6, 6, 6, 6, 11, 11, 11, 5, 5)
+_DIRECTIONS = (None, "left", "right", "up", "down")
+
+
+def scene_slots(scene: Scene) -> torch.Tensor:
+    colours = [sum(s.colour == c for s in scene.shapes) for c in COLOURS]
+    kinds = [sum(s.kind == k for s in scene.shapes) for k in SHAPE_NAMES]
+    digits = [10, 10, 10]
+    if scene.number is not None:
+        for i, ch in enumerate(reversed(str(scene.number))):
+            digits[i] = int(ch)
+    leftmost = min(scene.shapes, key=lambda s: s.box.centre[0]).colour if scene.shapes else None
+    left = 0 if leftmost is None else 1 + list(COLOURS).index(leftmost)
+    motion = _DIRECTIONS.index(scene.direction)
+    return torch.tensor([*colours, *kinds, *digits, motion, left])
+
+
 class MergerProbe(nn.Module):
-    """A linear probe on the merger's output, fed by a forward hook: the last call's outputs, in call
-    order (images, then videos, as the model encodes them)."""
+    """Linear probes on the merger's output, fed by a forward hook with the last call's outputs in call
+    order (images, then videos, as the model encodes them): what each token covers, and the whole
+    scene (`SLOTS`) from every token. The second teaches the tower to spread what the questions ask
+    about over all of an image's tokens, where the decoder's attention, uniform at first, finds it."""
 
     def __init__(self, model: nn.Module, hidden: int) -> None:
         super().__init__()
         self.head = nn.Linear(hidden, CLASSES)
+        self.scene = nn.Linear(hidden, sum(SLOTS))
         self.outputs: list[torch.Tensor] = []
         model.model.visual.merger.register_forward_hook(lambda _m, _i, out: self.outputs.append(out))
 
-    def loss(self, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, targets: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:
         features = torch.cat(self.outputs)
         self.outputs.clear()
-        logits = self.head(features)
-        return -(targets * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+        local = -(targets * torch.log_softmax(self.head(features), dim=-1)).sum(-1).mean()
+        logits = self.scene(features).split(SLOTS, dim=-1)
+        whole = sum(F.cross_entropy(lg, scene[:, i]) for i, lg in enumerate(logits)) / len(SLOTS)
+        return local + whole

@@ -118,11 +118,11 @@ class Trainer:
             group["lr"] = lr_at(r, self.step)
         self.model.train()
         batch = self.batch(self.step)
-        targets = batch.pop("visual_targets")
+        targets, scene = batch.pop("visual_targets"), batch.pop("scene_targets")
         self.probe.outputs.clear()
         loss = self.model(**batch).loss
         if r.probe_weight:
-            loss = loss + r.probe_weight * self.probe.loss(targets)
+            loss = loss + r.probe_weight * self.probe.loss(targets, scene)
         self.probe.outputs.clear()
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -142,6 +142,7 @@ class Trainer:
             batch = collate([e for _, e in chunk], *self.pad_args)
             labels = batch.pop("labels")
             batch.pop("visual_targets")
+            batch.pop("scene_targets")
             logits = self.model(**batch).logits
             self.probe.outputs.clear()
             predicted = logits[:, :-1].argmax(-1)
@@ -207,6 +208,7 @@ class Trainer:
         """bfloat16 weights under `transformers`' names, and the record of how they were made."""
         state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(self.out / "model.safetensors"), metadata={"format": "pt"})
+        (self.out / "model.safetensors").chmod(0o644)  # a model directory is meant to be shared
         record = {
             "recipe": self.recipe.to_json(),
             "steps": self.step,

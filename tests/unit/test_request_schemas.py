@@ -66,6 +66,11 @@ def test_chat_wrong_types_and_bounds_refused(fields):
         chat(**fields)
 
 
+def test_too_many_stop_strings_says_so():
+    with pytest.raises(ValidationError, match="at most 16 strings, got 17"):
+        chat(stop=["x"] * 17)
+
+
 def test_floats_accept_integers_and_bounds_are_inclusive():
     body = chat(temperature=1, top_p=1, top_k=2**31 - 1, max_tokens=2**31 - 1, stop=["x" * 1024] * 16)
     assert body.temperature == 1.0 and isinstance(body.temperature, float)
@@ -97,6 +102,8 @@ def test_completions_wrong_types_refused(fields):
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"audio": {"voice": "x"}}, "audio"),
         ({"messages": [{"role": "assistant", "tool_calls": [{"id": "x"}]}]}, "messages.0.tool_calls"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": False, "top_logprobs": 0}, "top_logprobs"),
     ],
 )  # fmt: skip
 def test_unimplemented_fields_refused_by_name(fields, param):

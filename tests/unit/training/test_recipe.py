@@ -128,3 +128,18 @@ def test_prefetched_batches_equal_direct_ones(tmp_path):
             assert all(torch.equal(fetched[k], direct[k]) for k in direct)
     finally:
         prefetcher.close()
+
+
+def test_scene_slots_summarise_what_was_drawn():
+    from serving.evals.tasks import draw
+    from serving.training.dense import SLOTS, scene_slots
+
+    count = draw(3, "count", 0).scene
+    slots = scene_slots(count).tolist()
+    assert len(slots) == len(SLOTS) and sum(slots[:4]) == sum(slots[4:7]) == len(count.shapes)
+    assert slots[7:10] == [10, 10, 10] and slots[10] == 0 and slots[11] > 0
+    number = draw(3, "read", 0).scene
+    digits = [int(c) for c in reversed(str(number.number))] + [10] * (3 - len(str(number.number)))
+    assert scene_slots(number).tolist()[7:10] == digits
+    motion = draw(3, "motion", 0).scene
+    assert scene_slots(motion).tolist()[10] == ("left", "right", "up", "down").index(motion.direction) + 1
