@@ -1,6 +1,6 @@
 """Prints a trained shapes model's record: wall time, and the held-out check per task over training.
 
-    python -m benchmarks.training_curve [MODEL_DIR]   # default: the shipped epd-shapes
+python -m benchmarks.training_curve [MODEL_DIR]   # default: the shipped epd-shapes
 """
 
 from __future__ import annotations

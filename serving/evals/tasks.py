@@ -38,10 +38,12 @@ STEP = (8, 14)  # pixels a video's shape moves per frame
 class Scene:
     """What was drawn: enough to re-derive the answer (the tests do, from the pixels)."""
 
-    shapes: tuple[Shape, ...] = ()
+    shapes: tuple[Shape, ...] = ()  # a video's: its shape in the first frame
     number: int | None = None
     font_size: int | None = None
+    text_origin: tuple[int, int] | None = None  # where the number was drawn (Pillow's text anchor)
     direction: str | None = None
+    step: int | None = None  # pixels a video's shape moves per frame
 
 
 @dataclass(frozen=True)
@@ -142,11 +144,11 @@ def _side(rng: np.random.Generator) -> tuple[str, str, Image.Image, Scene]:
 def _read(rng: np.random.Generator) -> tuple[str, str, Image.Image, Scene]:
     image = canvas(rng)
     number = int(rng.integers(0, 1000))
-    size, _ = draw_number(rng, image, number)
-    return PROMPTS["read"], str(number), image, Scene(number=number, font_size=size)
+    size, origin = draw_number(rng, image, number)
+    return PROMPTS["read"], str(number), image, Scene(number=number, font_size=size, text_origin=origin)
 
 
-def motion_frames(rng: np.random.Generator) -> tuple[list[Image.Image], Shape, str]:
+def motion_frames(rng: np.random.Generator) -> tuple[list[Image.Image], Shape, str, int]:
     """Eight frames on white, one shape moving 8-14 px a frame in one direction, always inside."""
     background = canvas(rng, VIDEO_SIDES, noise=False)
     kind, colour, direction = _pick(rng, SHAPES), _pick(rng, tuple(COLOURS)), _pick(rng, DIRECTIONS)
@@ -167,7 +169,7 @@ def motion_frames(rng: np.random.Generator) -> tuple[list[Image.Image], Shape, s
         frame = background.copy()
         draw_shape(frame, Shape(kind, colour, Box(x0 + dx * step * i, y0 + dy * step * i, size), rgb))
         frames.append(frame)
-    return frames, first, direction
+    return frames, first, direction, step
 
 
 def _png(image: Image.Image) -> bytes:
@@ -203,9 +205,10 @@ def draw(seed: int, task: str, index: int) -> Drawn:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     rng = rng_for(seed, task, index)
     if task == "motion":
-        frames, first, direction = motion_frames(rng)
+        frames, first, direction, step = motion_frames(rng)
         prompt = PROMPTS["motion"].format(colour=first.colour, shape=first.kind)
-        return Drawn(prompt, direction, Scene((first,), direction=direction), video=clips.encode_mp4(frames))
+        scene = Scene((first,), direction=direction, step=step)
+        return Drawn(prompt, direction, scene, video=clips.encode_mp4(frames))
     prompt, answer, image, scene = _IMAGE_TASKS[task](rng)
     return Drawn(prompt, answer, scene, image=image)
 

@@ -18,7 +18,7 @@ from serving.engine.inputs import InputProcessor
 from serving.engine.mrope import mrope_positions
 from serving.evals import clips
 from serving.evals.tasks import TASKS, Scene, draw
-from serving.training.dense import scene_slots, token_targets
+from serving.training.dense import HEADS, scene_slots, token_targets
 from serving.training.recipe import Recipe
 
 IGNORE = -100
@@ -31,7 +31,7 @@ class Example:
     positions: torch.Tensor  # (3, len(token_ids))
     media: list[ProcessedImage]
     is_video: list[bool]
-    targets: torch.Tensor  # (visual tokens, CLASSES): what each token covers (serving/training/dense.py)
+    targets: dict[str, torch.Tensor]  # per probe head, (visual tokens, classes): what each token covers
     scene: torch.Tensor  # (len(SLOTS),): the scene every token should know
 
 
@@ -51,7 +51,7 @@ def example(
     labels = [IGNORE] * n + reply
     frames = media if isinstance(media, list) else [media]
     c = inputs.image_processor.cfg
-    targets = token_targets(frames, built.images[0].grid_thw, c.merge_size, c.patch_size)  # type: ignore[arg-type]
+    targets = token_targets(frames, scene, built.images[0].grid_thw, c.merge_size)  # type: ignore[arg-type]
     return Example(
         ids,
         labels,
@@ -91,6 +91,11 @@ def step_batch(inputs: InputProcessor, recipe: Recipe, step: int) -> dict[str, t
     )
 
 
+def pop_probe_targets(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The probes' targets, taken out of a batch so the rest is the model's keyword arguments."""
+    return {name: batch.pop(f"visual_{name}") for name in HEADS}, batch.pop("scene_targets")
+
+
 def collate(examples: list[Example], pad_id: int, image_id: int, video_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch in the keyword arguments of `transformers`' Qwen2-VL forward."""
     width = max(len(e.token_ids) for e in examples)
@@ -110,8 +115,9 @@ def collate(examples: list[Example], pad_id: int, image_id: int, video_id: int) 
     out = dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions)
     # The model encodes a batch's images first, then its videos: the probe's targets in that order.
     ordered = [e for e in examples if not e.is_video[0]] + [e for e in examples if e.is_video[0]]
-    out["visual_targets"] = torch.cat([e.targets for e in ordered])
-    out["scene_targets"] = torch.cat([e.scene.expand(len(e.targets), -1) for e in ordered])
+    for name in HEADS:
+        out[f"visual_{name}"] = torch.cat([e.targets[name] for e in ordered])
+    out["scene_targets"] = torch.cat([e.scene.expand(len(e.targets["colour"]), -1) for e in ordered])
     out["mm_token_type_ids"] = (ids == image_id).int() + 2 * (ids == video_id).int()
     if images:
         out["pixel_values"] = torch.cat([m.pixel_values for m in images])

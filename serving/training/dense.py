@@ -13,20 +13,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from serving.evals.drawing import COLOURS
-from serving.evals.prompts import SHAPE_NAMES
+from serving.evals.drawing import COLOURS, Box, Shape, draw_shape
+from serving.evals.prompts import DIRECTIONS, SHAPE_NAMES
 from serving.evals.tasks import Scene
 
-CLASSES = 6  # background, the four colours, black ink (numbers)
+# Per-token heads and their classes (0 is always "nothing of it here"): the colour under the token
+# (the four colours, 5 = black ink), the kind of shape, the digit, the direction the shape moves.
+HEADS = {"colour": 6, "kind": 4, "digit": 11, "motion": 5}
+CLASSES = HEADS["colour"]
 _NEAR = 45  # per channel: the jitter plus room for resizing and the video codec
 SAMPLES = 7  # pixels sampled along each side of a merged token (of its 28): cheap, and shares to 1/49
+_MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
 def class_map(image: Image.Image) -> np.ndarray:
-    """(H, W) class index of every pixel."""
+    """(H, W) colour class of every pixel, read from the pixels."""
     p = np.asarray(image.convert("RGB")).astype(np.int16)
     out = np.zeros(p.shape[:2], dtype=np.int64)
     for k, rgb in enumerate(COLOURS.values(), start=1):
@@ -35,23 +39,69 @@ def class_map(image: Image.Image) -> np.ndarray:
     return out
 
 
+def scene_maps(scene: Scene, size: tuple[int, int], frame: int) -> dict[str, np.ndarray]:
+    """(H, W) kind, digit and motion classes of every pixel, drawn again from the scene."""
+    kind = Image.new("RGB", size)
+    for shape in scene.shapes:
+        box = shape.box
+        if scene.direction is not None and scene.step is not None:
+            dx, dy = _MOVES[scene.direction]
+            box = Box(box.x + dx * scene.step * frame, box.y + dy * scene.step * frame, box.size)
+        k = 1 + SHAPE_NAMES.index(shape.kind)
+        draw_shape(kind, Shape(shape.kind, shape.colour, box, (k, k, k)))
+    kinds = np.asarray(kind)[..., 0].astype(np.int64)
+    digits = np.zeros_like(kinds)
+    if scene.number is not None and scene.font_size is not None and scene.text_origin is not None:
+        text = str(scene.number)
+        font = ImageFont.load_default(size=scene.font_size)
+        canvas = Image.new("RGB", size)
+        draw = ImageDraw.Draw(canvas)
+        draw.fontmode = "1"  # no anti-aliasing: every inked pixel carries its digit's class exactly
+        x, y = scene.text_origin
+        for i, ch in enumerate(text):
+            v = 1 + int(ch)
+            draw.text((x + font.getlength(text[:i]), y), ch, font=font, fill=(v, v, v))
+        digits = np.asarray(canvas)[..., 0].astype(np.int64)
+    motion = np.zeros_like(kinds)
+    if scene.direction is not None:
+        motion[kinds > 0] = 1 + DIRECTIONS.index(scene.direction)
+    return {"kind": kinds, "digit": digits, "motion": motion}
+
+
+def _shares(classes: np.ndarray, n: int, gh: int, gw: int) -> np.ndarray:
+    onehot = np.eye(n, dtype=np.float32)[classes]  # (H, W, n)
+    return onehot.reshape(gh, SAMPLES, gw, SAMPLES, n).mean(axis=(1, 3))
+
+
 def token_targets(
-    frames: list[Image.Image], grid: tuple[int, int, int], merge: int, patch: int
-) -> torch.Tensor:
-    """(t·h·w/merge², CLASSES): the share of each class in each merged token's pixels (sampled on a
-    SAMPLES² grid per token of the image the processor resizes to), tokens in the order the vision
-    tower emits them (time, row, column)."""
+    frames: list[Image.Image], scene: Scene, grid: tuple[int, int, int], merge: int
+) -> dict[str, torch.Tensor]:
+    """Per head, (t·h·w/merge², classes): the share of each class in each merged token (sampled on a
+    SAMPLES² grid per token of the frame the processor resizes), tokens in the order the vision tower
+    emits them (time, row, column)."""
     t, gh, gw = grid
-    unit = SAMPLES
-    height, width = gh // merge * unit, gw // merge * unit
-    maps = []
-    for frame in frames:
-        classes = class_map(frame.resize((width, height), resample=Image.Resampling.NEAREST))
-        onehot = np.eye(CLASSES, dtype=np.float32)[classes]  # (H, W, C)
-        maps.append(onehot.reshape(gh // merge, unit, gw // merge, unit, CLASSES).mean(axis=(1, 3)))
-    maps += [maps[-1]] * (-len(maps) % t)  # the processor repeats the last frame the same way
-    per_t = np.stack(maps).reshape(t, -1, gh // merge, gw // merge, CLASSES).mean(axis=1)
-    return torch.from_numpy(per_t.reshape(-1, CLASSES))
+    gh, gw = gh // merge, gw // merge
+    size = (gw * SAMPLES, gh * SAMPLES)
+    per_frame = []
+    for i, frame in enumerate(frames):
+        maps = {name: m for name, m in scene_maps(scene, frame.size, i).items()}
+        shares = {
+            "colour": _shares(
+                class_map(frame.resize(size, resample=Image.Resampling.NEAREST)), CLASSES, gh, gw
+            )
+        }
+        for name, m in maps.items():
+            small = np.asarray(
+                Image.fromarray(m.astype(np.uint8)).resize(size, resample=Image.Resampling.NEAREST)
+            )
+            shares[name] = _shares(small.astype(np.int64), HEADS[name], gh, gw)
+        per_frame.append(shares)
+    per_frame += [per_frame[-1]] * (-len(per_frame) % t)  # the processor repeats the last frame so
+    out = {}
+    for name, n in HEADS.items():
+        stacked = np.stack([f[name] for f in per_frame]).reshape(t, -1, gh, gw, n).mean(axis=1)
+        out[name] = torch.from_numpy(stacked.reshape(-1, n))
+    return out
 
 
 # The scene as every token should know it: how many shapes of each colour and kind, the digits of a
@@ -81,15 +131,18 @@ class MergerProbe(nn.Module):
 
     def __init__(self, model: nn.Module, hidden: int) -> None:
         super().__init__()
-        self.head = nn.Linear(hidden, CLASSES)
+        self.heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in HEADS.items()})
         self.scene = nn.Linear(hidden, sum(SLOTS))
         self.outputs: list[torch.Tensor] = []
         model.model.visual.merger.register_forward_hook(lambda _m, _i, out: self.outputs.append(out))
 
-    def loss(self, targets: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:
+    def loss(self, targets: dict[str, torch.Tensor], scene: torch.Tensor) -> torch.Tensor:
         features = torch.cat(self.outputs)
         self.outputs.clear()
-        local = -(targets * torch.log_softmax(self.head(features), dim=-1)).sum(-1).mean()
+        local = sum(
+            -(targets[name] * torch.log_softmax(head(features), dim=-1)).sum(-1).mean()
+            for name, head in self.heads.items()
+        )
         logits = self.scene(features).split(SLOTS, dim=-1)
         whole = sum(F.cross_entropy(lg, scene[:, i]) for i, lg in enumerate(logits)) / len(SLOTS)
         return local + whole

@@ -25,7 +25,7 @@ class Recipe:
     preset: str = "shapes"
     seed: int = 0  # weight init and nothing else: the data order is a function of the step
     data_seed: int = TRAIN_SEED
-    steps: int = 2200
+    steps: int = 1800
     batch_size: int = 24
     lr: float = 2e-3
     min_lr_ratio: float = 0.05

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from serving.engine.inputs import InputProcessor
 from serving.engine.models.builder import build_model
 from serving.evals.tasks import TASKS
-from serving.training.batches import IGNORE, collate, draw_example, step_batch
+from serving.training.batches import IGNORE, collate, draw_example, pop_probe_targets, step_batch
 from serving.training.dense import MergerProbe
 from serving.training.prefetch import Prefetcher
 from serving.training.recipe import Recipe
@@ -118,7 +118,7 @@ class Trainer:
             group["lr"] = lr_at(r, self.step)
         self.model.train()
         batch = self.batch(self.step)
-        targets, scene = batch.pop("visual_targets"), batch.pop("scene_targets")
+        targets, scene = pop_probe_targets(batch)
         self.probe.outputs.clear()
         loss = self.model(**batch).loss
         if r.probe_weight:
@@ -141,8 +141,7 @@ class Trainer:
             chunk = self._check[start : start + 16]
             batch = collate([e for _, e in chunk], *self.pad_args)
             labels = batch.pop("labels")
-            batch.pop("visual_targets")
-            batch.pop("scene_targets")
+            pop_probe_targets(batch)
             logits = self.model(**batch).logits
             self.probe.outputs.clear()
             predicted = logits[:, :-1].argmax(-1)

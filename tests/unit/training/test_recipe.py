@@ -93,24 +93,32 @@ def test_warmup_then_cosine():
 
 
 def test_probe_targets_say_what_each_token_covers():
-    """A red block over the first merged token and black ink over the last: the targets say so, in
-    the order the vision tower emits tokens, and a video averages each temporal pair of frames."""
+    """A red square over the first merged token and black ink over the last: the targets say so, in
+    the order the vision tower emits tokens; a video averages each temporal pair of frames; a number's
+    digits are labelled where they are drawn."""
     from PIL import Image
 
-    from serving.training.dense import CLASSES, token_targets
+    from serving.evals.drawing import Box, Shape
+    from serving.evals.tasks import Scene, draw
+    from serving.training.dense import HEADS, token_targets
 
     image = Image.new("RGB", (112, 56), (255, 255, 255))
     image.paste(Image.new("RGB", (28, 28), (220, 40, 40)), (0, 0))
     image.paste(Image.new("RGB", (28, 28), (0, 0, 0)), (84, 28))
-    targets = token_targets([image], (1, 4, 8), merge=2, patch=14)
-    assert targets.shape == (8, CLASSES)
-    assert targets[0].tolist() == [0, 1, 0, 0, 0, 0]
-    assert targets[7].tolist() == [0, 0, 0, 0, 0, 1]
-    assert targets[1:7, 0].tolist() == [1.0] * 6
+    scene = Scene((Shape("square", "red", Box(0, 0, 28), (220, 40, 40)),))
+    targets = token_targets([image], scene, (1, 4, 8), merge=2)
+    assert {k: tuple(v.shape) for k, v in targets.items()} == {k: (8, n) for k, n in HEADS.items()}
+    assert targets["colour"][0].tolist() == [0, 1, 0, 0, 0, 0]
+    assert targets["colour"][7].tolist() == [0, 0, 0, 0, 0, 1]
+    assert targets["kind"][0].tolist() == [0, 0, 1, 0] and targets["kind"][1, 0] == 1
     blank = Image.new("RGB", (112, 56), (255, 255, 255))
-    video = token_targets([image, blank, blank], (2, 4, 8), merge=2, patch=14)
-    assert video.shape == (16, CLASSES)
-    assert video[0, 1] == 0.5 and video[8, 0] == 1.0  # the third frame is repeated to fill the pair
+    video = token_targets([image, blank, blank], Scene(), (2, 4, 8), merge=2)
+    assert video["colour"].shape == (16, HEADS["colour"])
+    assert video["colour"][0, 1] == 0.5 and video["colour"][8, 0] == 1.0  # the last frame fills the pair
+    read = draw(3, "read", 5)
+    digits = token_targets([read.image], read.scene, (1, 16, 16), merge=2)["digit"]
+    seen = {int(c) for c in digits[:, 1:].argmax(-1)[digits[:, 0] < 1]}  # class k + 1 is digit k
+    assert seen == {int(ch) for ch in read.answer}
 
 
 def test_prefetched_batches_equal_direct_ones(tmp_path):
