@@ -110,15 +110,25 @@ def collate(examples: list[Example], pad_id: int, image_id: int, video_id: int) 
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
         positions[:, i, :n] = e.positions
-    images = [m for e in examples for m, v in zip(e.media, e.is_video, strict=True) if not v]
-    videos = [m for e in examples for m, v in zip(e.media, e.is_video, strict=True) if v]
+    media = [m for e in examples for m in e.media]
+    is_video = [v for e in examples for v in e.is_video]
     out = dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions)
     # The model encodes a batch's images first, then its videos: the probe's targets in that order.
     ordered = [e for e in examples if not e.is_video[0]] + [e for e in examples if e.is_video[0]]
     for name in HEADS:
         out[f"visual_{name}"] = torch.cat([e.targets[name] for e in ordered])
     out["scene_targets"] = torch.cat([e.scene.expand(len(e.targets["colour"]), -1) for e in ordered])
-    out["mm_token_type_ids"] = (ids == image_id).int() + 2 * (ids == video_id).int()
+    return out | hf_media_kwargs(ids, media, is_video, image_id, video_id)
+
+
+def hf_media_kwargs(
+    ids: torch.Tensor, media: list[ProcessedImage], is_video: list[bool], image_id: int, video_id: int
+) -> dict[str, torch.Tensor]:
+    """`transformers`' Qwen2-VL media arguments for token ids and their media in prompt order: images
+    and videos each packed in order, and the token types it needs beside grids (1 image, 2 video)."""
+    out = {"mm_token_type_ids": (ids == image_id).int() + 2 * (ids == video_id).int()}
+    images = [m for m, v in zip(media, is_video, strict=True) if not v]
+    videos = [m for m, v in zip(media, is_video, strict=True) if v]
     if images:
         out["pixel_values"] = torch.cat([m.pixel_values for m in images])
         out["image_grid_thw"] = torch.tensor([m.grid_thw for m in images])

@@ -47,12 +47,21 @@ def test_generate_json_matches_engine(tiny_model, engine, tmp_path):
     assert out == {"token_ids": expected.token_ids, "text": expected.text, "finish_reason": "length"}
 
 
-def test_generate_builds_default_model_when_missing(tmp_path):
-    env = dict(os.environ, EPD_CACHE_DIR=str(tmp_path))
-    result = run_epd("generate", "--prompt", "hi", "--max-tokens", "3", "--json", env=env)
+def test_generate_defaults_to_the_shipped_shapes_model(tmp_path):
+    """No --model: the shipped, trained epd-shapes answers (nothing is built into the cache)."""
+    from serving.evals.tasks import item
+
+    it = item(2027, "colour", 0)
+    image = tmp_path / "shape.png"
+    image.write_bytes(it.media)
+    env = dict(os.environ, EPD_CACHE_DIR=str(tmp_path / "cache"))
+    result = run_epd(
+        "generate", "--prompt", it.prompt, "--image", str(image), "--max-tokens", "8", "--json", env=env
+    )
     assert result.returncode == 0, result.stderr
-    assert len(json.loads(result.stdout)["token_ids"]) == 3
-    assert (tmp_path / "models" / "epd-tiny" / "config.json").exists()
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["text"] == it.answer and out["finish_reason"] == "stop"
+    assert not (tmp_path / "cache" / "models").exists()
 
 
 def test_bad_model_dir_is_a_clear_error(tmp_path):

@@ -10,6 +10,7 @@ from transformers import Qwen2VLForConditionalGeneration
 from serving.config import EngineConfig
 from serving.engine.inputs import Prompt
 from serving.engine.llm import LLMEngine
+from serving.training.batches import hf_media_kwargs
 from serving.types import SamplingParams
 from tests.conftest import make_image
 
@@ -30,17 +31,7 @@ def clip(frames: int, width: int, height: int, seed: int):
 def reference_tokens(model, engine: LLMEngine, prompt: Prompt, is_video: list[bool]) -> list[int]:
     cfg = engine.model_config
     ids = torch.tensor([prompt.token_ids])
-    kwargs: dict = {
-        "mm_token_type_ids": (ids == cfg.image_token_id).int() + 2 * (ids == cfg.video_token_id).int()
-    }
-    images = [m for m, v in zip(prompt.images, is_video, strict=True) if not v]
-    videos = [m for m, v in zip(prompt.images, is_video, strict=True) if v]
-    if images:
-        kwargs["pixel_values"] = torch.cat([m.pixel_values for m in images])
-        kwargs["image_grid_thw"] = torch.tensor([m.grid_thw for m in images])
-    if videos:
-        kwargs["pixel_values_videos"] = torch.cat([m.pixel_values for m in videos])
-        kwargs["video_grid_thw"] = torch.tensor([m.grid_thw for m in videos])
+    kwargs = hf_media_kwargs(ids, prompt.images, is_video, cfg.image_token_id, cfg.video_token_id)
     with torch.no_grad():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False, **kwargs
