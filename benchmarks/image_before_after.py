@@ -18,7 +18,7 @@ from types import SimpleNamespace
 from loadgen.cli import bench
 from loadgen.server import start_server, stop_server
 
-# The tree before issue 13's speed work (and before issues 10-12, which did not touch the engine).
+# The tree before the speed work against vLLM-CPU (the changes just before it did not touch the engine).
 BEFORE = "7fa17e0"
 
 
