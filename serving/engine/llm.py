@@ -373,7 +373,7 @@ class LLMEngine:
             if seq.image_embeds is None
             and seq.images
             and not (
-                seq.num_prefix_hit and not any(t in pads for t in seq.prompt_token_ids[seq.num_cached :])
+                seq.num_prefix_hit and not any(p in seq.prompt_token_ids[seq.num_cached :] for p in pads)
             )
             for im in seq.images
         ]

@@ -125,9 +125,9 @@ class ModelRunner:
                 # Outputs replayed after a migration are text whatever their ids: only prompt pads take
                 # visual embeddings, the rows of this chunk's pads in prompt order.
                 pads = cfg.media_pad_ids
-                is_pad = torch.tensor([t in pads for t in tokens], dtype=torch.bool)
+                is_pad = torch.isin(torch.tensor(tokens), torch.tensor(pads))
                 is_pad[prompt_len - start :] = False
-                before = sum(1 for t in seq.prompt_token_ids[:start] if t in pads)
+                before = sum(seq.prompt_token_ids[:start].count(p) for p in pads)
                 image_rows.append(seq.image_embeds[before : before + int(is_pad.sum())])
             else:
                 is_pad = torch.zeros(len(tokens), dtype=torch.bool)

@@ -32,6 +32,7 @@ from serving.evals.prompts import SHAPE_NAMES as SHAPES
 TASKS = tuple(PROMPTS)
 VIDEO_FRAMES = 8
 STEP = (8, 14)  # pixels a video's shape moves per frame
+MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) of each direction
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def motion_frames(rng: np.random.Generator) -> tuple[list[Image.Image], Shape, s
     step = int(rng.integers(STEP[0], STEP[1] + 1))
     size = int(rng.integers(36, 85))
     travel = step * (VIDEO_FRAMES - 1)
-    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+    dx, dy = MOVES[direction]
     # The start is drawn from where the whole path stays inside the frame.
     x_lo = travel if dx < 0 else 0
     x_hi = background.width - size - (travel if dx > 0 else 0)

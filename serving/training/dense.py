@@ -18,7 +18,7 @@ from torch import nn
 
 from serving.evals.drawing import COLOURS, Box, Shape, draw_shape
 from serving.evals.prompts import DIRECTIONS, SHAPE_NAMES
-from serving.evals.tasks import Scene
+from serving.evals.tasks import MOVES, Scene
 
 # Per-token heads and their classes (0 is always "nothing of it here"): the colour under the token
 # (the four colours, 5 = black ink), the kind of shape, the digit, the direction the shape moves.
@@ -26,7 +26,6 @@ HEADS = {"colour": 6, "kind": 4, "digit": 11, "motion": 5}
 CLASSES = HEADS["colour"]
 _NEAR = 45  # per channel: the jitter plus room for resizing and the video codec
 SAMPLES = 7  # pixels sampled along each side of a merged token (of its 28): cheap, and shares to 1/49
-_MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
 def class_map(image: Image.Image) -> np.ndarray:
@@ -45,7 +44,7 @@ def scene_maps(scene: Scene, size: tuple[int, int], frame: int) -> dict[str, np.
     for shape in scene.shapes:
         box = shape.box
         if scene.direction is not None and scene.step is not None:
-            dx, dy = _MOVES[scene.direction]
+            dx, dy = MOVES[scene.direction]
             box = Box(box.x + dx * scene.step * frame, box.y + dy * scene.step * frame, box.size)
         k = 1 + SHAPE_NAMES.index(shape.kind)
         draw_shape(kind, Shape(shape.kind, shape.colour, box, (k, k, k)))
@@ -84,7 +83,7 @@ def token_targets(
     size = (gw * SAMPLES, gh * SAMPLES)
     per_frame = []
     for i, frame in enumerate(frames):
-        maps = {name: m for name, m in scene_maps(scene, frame.size, i).items()}
+        maps = scene_maps(scene, frame.size, i)
         shares = {
             "colour": _shares(
                 class_map(frame.resize(size, resample=Image.Resampling.NEAREST)), CLASSES, gh, gw

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -224,7 +223,3 @@ def train(out: str | Path, recipe: Recipe, max_minutes: float | None = None) -> 
     trainer = Trainer(out, recipe)
     trainer.run(max_minutes)
     return out
-
-
-def remove(out: str | Path) -> None:
-    shutil.rmtree(out, ignore_errors=True)
