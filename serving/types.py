@@ -85,7 +85,9 @@ class SamplingParams:
     temperature 0 means greedy, and so does any temperature below `GREEDY_EPSILON` (as in vLLM): dividing
     logits by 1e-300 would overflow, and such a temperature is greedy in all but name. `seed` makes
     sampling reproducible for this request alone, whatever else shares its batch. `stop` strings are
-    matched on detokenized text and cut from the output.
+    matched on detokenized text and cut from the output. The penalties, `logit_bias` and `grammar`
+    change the logits greedy decoding sees too; `min_p` (like top-k and top-p) only what is sampled.
+    Their state is the request's tokens, so it moves with the request wherever it runs.
     """
 
     max_tokens: int = 16
@@ -98,6 +100,12 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: minus this from every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # CTRL's (vLLM, transformers): prompt and output tokens damped
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    grammar: str | None = None  # an llguidance grammar the output must match (engine/structured.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -114,6 +122,19 @@ class SamplingParams:
             raise ValueError("min_tokens must be between 0 and max_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be between 0 and 20")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be between -2 and 2")
+        if not 0 < self.repetition_penalty <= 2:
+            raise ValueError("repetition_penalty must be greater than 0 and at most 2")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be between 0 and 1")
+        if any(not -100 <= bias <= 100 or token < 0 for token, bias in self.logit_bias):
+            raise ValueError("logit_bias maps token ids to values between -100 and 100")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
     @property
     def greedy(self) -> bool:

@@ -8,7 +8,8 @@ from dataclasses import replace
 from typing import Any
 
 from serving.api.errors import APIError
-from serving.api.requests import GenerateRequest, ImageInput
+from serving.api.requests import GenerateRequest, ImageInput, TextInput, logit_bias_ids
+from serving.api.tools import template_calls
 from serving.config import GatewayConfig
 from serving.types import SamplingParams
 
@@ -47,6 +48,16 @@ def chat_messages(
     images: list[tuple[str | bytes, str]] = []
     for message in request.messages:
         role = "system" if message.role == "developer" else message.role
+        if message.role == "tool" or message.tool_calls:
+            # Qwen2.5's template writes these turns' content as text: text parts are joined.
+            content = message.content
+            if isinstance(content, tuple):
+                content = "".join(p.text for p in content if isinstance(p, TextInput))
+            entry: dict[str, Any] = {"role": role, "content": content or ""}
+            if message.tool_calls:
+                entry["tool_calls"] = template_calls(message.tool_calls)
+            messages.append(entry)
+            continue
         if not isinstance(message.content, tuple):
             messages.append({"role": role, "content": message.content or ""})
             continue
@@ -66,10 +77,15 @@ def chat_messages(
 
 
 def sampling_params(
-    cfg: GatewayConfig, request: GenerateRequest, prompt_len: int, max_model_len: int
+    cfg: GatewayConfig,
+    request: GenerateRequest,
+    prompt_len: int,
+    max_model_len: int,
+    vocab_size: int,
+    grammar: str | None = None,
 ) -> SamplingParams:
     """The request's sampling parameters for a prompt of `prompt_len` tokens (400 when the prompt and
-    max_tokens do not fit the model)."""
+    max_tokens do not fit the model); `grammar` is the checked grammar its output must match."""
     s = request.sampling
     room = max_model_len - prompt_len
     max_tokens = s.max_tokens if s.max_tokens is not None else min(cfg.default_max_tokens, room)
@@ -94,6 +110,12 @@ def sampling_params(
             ignore_eos=s.ignore_eos,
             min_tokens=s.min_tokens,
             logprobs=s.logprobs,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty,
+            logit_bias=logit_bias_ids(s.logit_bias, vocab_size),
+            min_p=s.min_p,
+            grammar=grammar,
         )
     except ValueError as exc:
         raise APIError(400, str(exc), None) from None

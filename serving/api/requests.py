@@ -8,8 +8,11 @@ messages); gRPC gets its types from protobuf. Either way the request arrives her
 
 from __future__ import annotations
 
+import enum
 import math
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from serving.api.errors import invalid_value
 from serving.engine.stop import MAX_STOP_LENGTH, MAX_STOP_STRINGS
@@ -18,7 +21,11 @@ MAX_INT32 = 2**31 - 1
 MAX_SEED = 2**63 - 1
 MAX_N = 16
 MAX_LOGPROBS = 20
-ROLES = ("system", "developer", "user", "assistant")
+MAX_TOOLS = 128
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+TOOL_MODES = ("none", "auto", "required", "function")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -43,9 +50,56 @@ Part = TextInput | ImageInput
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made: `arguments` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Message:
     role: str
     content: str | tuple[Part, ...] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call; `parameters` is its arguments' JSON schema."""
+
+    name: str
+    parameters: dict = field(default_factory=lambda: {"type": "object", "properties": {}})
+    description: str | None = None
+    strict: bool = False
+
+
+class OutputKind(enum.StrEnum):
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"
+    REGEX = "regex"
+    CHOICE = "choice"
+    GRAMMAR = "grammar"  # a Lark grammar (llguidance's dialect)
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """What the output must match: `spec` is the schema (a dict), the regex, the choices (a tuple of
+    strings) or the grammar's text; `param` names the field it came from in error messages."""
+
+    kind: OutputKind
+    spec: Any = None
+    param: str = "response_format"
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """`none`, `auto`, `required`, or `function` with the name of the one function to call."""
+
+    mode: str = "auto"
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +115,11 @@ class Sampling:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None: no logprobs; k: each token's logprob and k alternatives
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[str, float], ...] = ()  # token ids as the client wrote them (strings)
+    min_p: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +132,10 @@ class GenerateRequest:
     sampling: Sampling = field(default_factory=Sampling)
     n: int = 1
     prompt_param: str = "prompt"  # the field a refused prompt is named by
+    output: OutputFormat | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
 
     @property
     def is_chat(self) -> bool:
@@ -96,6 +159,16 @@ def check_bounds(request: GenerateRequest) -> None:
     _range("min_tokens", s.min_tokens, 0, MAX_INT32)
     if s.logprobs is not None:
         _range("logprobs", s.logprobs, 0, MAX_LOGPROBS)
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        if not (math.isfinite(value) and -2 <= value <= 2):
+            raise invalid_value(name, "must be between -2 and 2")
+    if not (math.isfinite(s.repetition_penalty) and 0 < s.repetition_penalty <= 2):
+        raise invalid_value("repetition_penalty", "must be greater than 0 and at most 2")
+    if not (math.isfinite(s.min_p) and 0 <= s.min_p <= 1):
+        raise invalid_value("min_p", "must be between 0 and 1")
+    _check_logit_bias(s.logit_bias)
+    _check_tools(request)
     if len(s.stop) > MAX_STOP_STRINGS:
         raise invalid_value("stop", f"at most {MAX_STOP_STRINGS} stop strings")
     for i, stop in enumerate(s.stop):
@@ -111,6 +184,53 @@ def check_bounds(request: GenerateRequest) -> None:
         for j, part in enumerate(message.content if isinstance(message.content, tuple) else ()):
             if isinstance(part, ImageInput) and part.data is None and not part.url:
                 raise invalid_value(part.param or f"messages.{i}.content.{j}", "an image needs data or a url")
+
+
+def _check_logit_bias(entries: tuple[tuple[str, float], ...]) -> None:
+    """Keys are token ids written as strings; whether each is in the vocabulary is checked where the
+    vocabulary is known (`logit_bias_ids`)."""
+    if len(entries) > MAX_LOGIT_BIAS:
+        raise invalid_value("logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
+    for key, bias in entries:
+        if not key.isdecimal():
+            raise invalid_value(f"logit_bias.{key[:40]}", "keys are token ids (strings of digits)")
+        if not (math.isfinite(bias) and -100 <= bias <= 100):
+            raise invalid_value(f"logit_bias.{key[:40]}", "must be between -100 and 100")
+
+
+def logit_bias_ids(entries: tuple[tuple[str, float], ...], vocab_size: int) -> tuple[tuple[int, float], ...]:
+    out = []
+    for key, bias in entries:
+        token = int(key)
+        if token >= vocab_size:
+            raise invalid_value(
+                f"logit_bias.{key[:40]}", f"is not a token id (the vocabulary has {vocab_size})"
+            )
+        out.append((token, bias))
+    return tuple(out)
+
+
+def _check_tools(request: GenerateRequest) -> None:
+    if len(request.tools) > MAX_TOOLS:
+        raise invalid_value("tools", f"at most {MAX_TOOLS} tools")
+    names = set()
+    for i, tool in enumerate(request.tools):
+        if not TOOL_NAME.fullmatch(tool.name):
+            raise invalid_value(f"tools.{i}.function.name", "must be 1 to 64 letters, digits, '_' or '-'")
+        if tool.name in names:
+            raise invalid_value(f"tools.{i}.function.name", f"'{tool.name}' is defined twice")
+        names.add(tool.name)
+        if not isinstance(tool.parameters, dict):
+            raise invalid_value(f"tools.{i}.function.parameters", "must be a JSON schema object")
+    choice = request.tool_choice
+    if choice.mode not in TOOL_MODES:
+        raise invalid_value("tool_choice", 'must be "none", "auto", "required" or a named function')
+    if choice.mode in ("required", "function") and not request.tools:
+        raise invalid_value("tool_choice", f"{choice.mode!r} needs tools")
+    if choice.mode == "function" and choice.name not in names:
+        raise invalid_value("tool_choice", f"there is no tool named '{str(choice.name)[:64]}'")
+    if request.output is not None and request.tools and choice.mode in ("required", "function"):
+        raise invalid_value("response_format", "a forced tool call and a response format cannot both apply")
 
 
 def _range(name: str, value: int, low: int, high: int) -> None:

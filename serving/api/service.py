@@ -12,10 +12,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from jinja2.exceptions import TemplateError
 from prometheus_client import generate_latest
 
 from serving.api.admission import Admission
 from serving.api.errors import APIError
+from serving.api.grammars import GrammarChecker
 from serving.api.media import MediaFetcher
 from serving.api.prepare import (
     chat_messages,
@@ -26,6 +28,7 @@ from serving.api.prepare import (
 )
 from serving.api.requests import GenerateRequest, check_bounds
 from serving.api.run import Choice, Generation, Usage
+from serving.api.tools import template_tools
 from serving.config import GatewayConfig
 from serving.control.plane import ControlPlane
 from serving.engine.inputs import InputProcessor
@@ -74,6 +77,9 @@ class GenerationService:
         self.cfg, self.model_id, self.plane, self.max_model_len = cfg, model_id, plane, max_model_len
         self.pipeline = plane.pipeline
         self.inputs = InputProcessor.from_dir(model_dir)
+        model = self.inputs.model_config
+        self.vocab_size = model.text.vocab_size
+        self.grammars = GrammarChecker(model_dir, self.vocab_size, model.eos_token_ids)
         self.media = MediaFetcher(cfg)
         self.admission = Admission(
             cfg.max_concurrent_requests, cfg.max_queued_requests, cfg.max_image_pixels_in_flight
@@ -129,9 +135,12 @@ class GenerationService:
         self.check_model(request.model)
         limit = self.cfg.request_timeout_s
         timeout_s = limit if timeout_s is None else max(min(timeout_s, limit), 0.0)
+        # Checked before admission: a schema that cannot compile is a 400 that costs no slot.
+        grammar = await asyncio.to_thread(self.grammars.grammar_for, request)
         if request.is_chat:
             check_sequences(self.cfg, request)
             messages, images = chat_messages(self.cfg, request)
+            tools = template_tools(request.tools) if request.tools else None
             for _ in range(request.n):  # demand, counted before admission (a 429 is load too)
                 self.metrics.arrive(arrival, bool(images))
             # Admitted before any image is fetched or decoded: the request's images are charged to it.
@@ -139,9 +148,11 @@ class GenerationService:
             queue_s = time.perf_counter() - arrival
             try:
                 arrays = await self.media.load_all(images, ticket)
-                spec, arrays = await self._chat_spec(messages, arrays)
+                spec, arrays = await self._chat_spec(messages, arrays, tools)
                 check_tokens(self.cfg, len(spec.token_ids) * request.n, "messages")
-                params = sampling_params(self.cfg, request, len(spec.token_ids), self.max_model_len)
+                params = sampling_params(
+                    self.cfg, request, len(spec.token_ids), self.max_model_len, self.vocab_size, grammar
+                )
                 seed = request.sampling.seed
                 choices = [Choice(i, spec, seeded(params, seed, i), arrays) for i in range(request.n)]
             except BaseException:
@@ -158,7 +169,9 @@ class GenerationService:
             check_tokens(self.cfg, sum(len(s.token_ids) for s in specs) * request.n, request.prompt_param)
             choices = []
             for p, spec in enumerate(specs):
-                params = sampling_params(self.cfg, request, len(spec.token_ids), self.max_model_len)
+                params = sampling_params(
+                    self.cfg, request, len(spec.token_ids), self.max_model_len, self.vocab_size, grammar
+                )
                 choices += [
                     Choice(p * request.n + i, spec, seeded(params, request.sampling.seed, i))
                     for i in range(request.n)
@@ -189,17 +202,21 @@ class GenerationService:
         ticket = await self.admission.acquire(1) if images else None
         try:
             arrays = await self.media.load_all(images, ticket)
-            spec, _ = await self._chat_spec(messages, arrays)
+            tools = template_tools(request.tools) if request.tools else None
+            spec, _ = await self._chat_spec(messages, arrays, tools)
         finally:
             if ticket is not None:
                 ticket.release()
         return Tokenized(list(spec.token_ids), self._image_tokens(spec))
 
-    async def _chat_spec(self, messages: list, images: list) -> tuple[PromptSpec, list]:
+    async def _chat_spec(
+        self, messages: list, images: list, tools: list | None = None
+    ) -> tuple[PromptSpec, list]:
         try:
-            return await asyncio.to_thread(self.inputs.spec_from_messages, messages, images)
-        except ValueError:
-            raise APIError(400, "The messages could not be turned into a prompt.", "messages") from None
+            return await asyncio.to_thread(self.inputs.spec_from_messages, messages, images, tools)
+        except (ValueError, TemplateError) as exc:  # ours, or the chat template's raise_exception
+            message = f"The messages could not be turned into a prompt: {str(exc)[:300]}."
+            raise APIError(400, message, "messages") from None
 
     def _image_tokens(self, spec: PromptSpec) -> int:
         return sum(self.inputs.model_config.num_image_tokens(g) for g in spec.grids)

@@ -88,13 +88,17 @@ class InputProcessor:
         return Prompt(self.expand(self.tokenizer.encode(text), processed), processed)
 
     def spec_from_messages(
-        self, messages: list[dict[str, Any]], images: list[Image.Image] | list[np.ndarray]
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Image.Image] | list[np.ndarray],
+        tools: list[dict[str, Any]] | None = None,
     ) -> tuple[PromptSpec, list[np.ndarray]]:
         """For a remote encode stage: the tokenized prompt with grids (from image sizes alone, no
         preprocessing here) and the images as RGB arrays to ship to it."""
         arrays = [im if isinstance(im, np.ndarray) else np.asarray(to_rgb(im)) for im in images]
         grids = [self.image_processor.grid(a.shape[1], a.shape[0]) for a in arrays]
-        return PromptSpec(self.expand(self.tokenizer.encode_chat(messages), grids), grids), arrays
+        token_ids = self.tokenizer.encode_chat(messages, tools=tools)
+        return PromptSpec(self.expand(token_ids, grids), grids), arrays
 
     def spec_from_text(self, prompt: str) -> PromptSpec:
         """A raw completions prompt: client text, so special-token text in it is plain text."""

@@ -25,10 +25,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from serving.config import EngineConfig
+from serving.engine import structured
 from serving.engine.image_processor import ImageProcessor, ImageProcessorConfig
 from serving.engine.inputs import InputProcessor, Prompt
 from serving.engine.kv_cache import KVExport, content_key, prompt_block_hashes
@@ -88,6 +90,7 @@ class LLMEngine:
         self.prefill_tokens_computed = 0  # prompt (and resumed) tokens run through the model
         # Called with (stage, request ids) before each batch runs; tests inject faults through it.
         self.fault_hook: Callable[[str, list[str]], None] | None = None
+        self._ll_tokenizer: Any = None
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -110,9 +113,20 @@ class LLMEngine:
             num_image_tokens=sum(self.model_config.num_image_tokens(g) for g in prompt.grids),
             prefill_only=prefill_only,
         )
+        if params.grammar is not None:
+            seq.matcher = structured.new_matcher(self._grammar_tokenizer(), params.grammar)
         if self.runner.pool.blocks_for(seq.max_len) > self.runner.pool.num_blocks:
             raise ValueError("request needs more KV cache than this worker has")
         return seq
+
+    def _grammar_tokenizer(self) -> Any:
+        """llguidance's tokenizer, built on the first request with a grammar (tens of milliseconds)."""
+        if self._ll_tokenizer is None:
+            cfg = self.model_config
+            self._ll_tokenizer = structured.load_tokenizer(
+                self.cfg.model, cfg.text.vocab_size, cfg.eos_token_ids
+            )
+        return self._ll_tokenizer
 
     def add_request(
         self,

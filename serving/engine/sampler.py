@@ -1,4 +1,11 @@
-"""Token sampling for a batch: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+"""Token sampling for a batch: greedy, temperature, min-p, top-k, top-p, per-request seeds, logprobs;
+and what changes the logits before any of it: penalties, logit bias and the grammar's token mask.
+
+Order per step, as vLLM's: stop tokens suppressed under min_tokens; repetition, frequency and presence
+penalties; logit bias; the grammar's mask; then greedy argmax, or temperature, min-p, top-k and top-p
+before drawing. Logprobs report the model's distribution (after min_tokens' suppression), not the
+processed one, as vLLM's default does. Each processor is one batched tensor operation over the rows
+that use it, built on the host and copied to the logits' device once per step.
 
 No request's parameters or logits can make sampling raise: NaN logits count as -inf, +inf as the
 largest finite value, top-k is clamped to the vocabulary, logits are shifted by their row maximum
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from serving.engine import structured
 from serving.engine.sequence import Sequence
 
 LOGPROB_FLOOR = -9999.0  # what a -inf logprob is reported as (JSON has no infinities), as vLLM does
@@ -23,9 +31,18 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     """
     logits = sanitize(logits.float())
     vocab = logits.shape[-1]
+    constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    unsuppressed = logits[constrained].clone() if constrained else None
     for i, seq in enumerate(seqs):
         if suppressed := [t for t in seq.suppressed_token_ids if 0 <= t < vocab]:
             logits[i, suppressed] = float("-inf")
+    reported = logits
+    if constrained or any(s.params.penalized or s.params.logit_bias for s in seqs):
+        logits = logits.clone()
+        _penalize(logits, seqs)
+        _bias(logits, seqs)
+    if constrained:
+        _mask(logits, [seqs[i] for i in constrained], constrained, unsuppressed)
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if sampled:
@@ -36,7 +53,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             if usable[row]:
                 tokens[i] = torch.multinomial(probs[row], 1, generator=seqs[i].generator)[0]
     token_list = tokens.tolist()
-    return token_list, _logprobs(logits, token_list, seqs)
+    return token_list, _logprobs(reported, token_list, seqs)
 
 
 def sanitize(logits: torch.Tensor) -> torch.Tensor:
@@ -44,6 +61,61 @@ def sanitize(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(
         logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf")
     )
+
+
+def _counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """(len(rows), vocab) float: how often each token occurs in each row (ids past vocab ignored)."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), vocab, dtype=torch.long)  # vocab: a spare column, cut below
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long).clamp(max=vocab)
+    ids = ids.to(device)
+    counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(
+        1, ids, torch.ones_like(ids, dtype=torch.float)
+    )
+    return counts[:, :vocab]
+
+
+def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Repetition penalty over prompt and output (a positive logit divided by it, a negative one
+    multiplied), then frequency and presence over the output, as OpenAI defines them."""
+    rows = [i for i, s in enumerate(seqs) if s.params.penalized]
+    if not rows:
+        return
+    vocab, device = logits.shape[-1], logits.device
+    params = [seqs[i].params for i in rows]
+    out = _counts([seqs[i].output_token_ids for i in rows], vocab, device)
+    sub = logits[rows]
+    rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    if (rep != 1).any():
+        seen = (_counts([seqs[i].prompt_token_ids for i in rows], vocab, device) + out) > 0
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+    logits[rows] = sub - freq * out - presence * (out > 0)
+
+
+def _bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    vocab = logits.shape[-1]
+    entries = [(i, t, b) for i, s in enumerate(seqs) for t, b in s.params.logit_bias if t < vocab]
+    if not entries:
+        return
+    rows, cols, values = zip(*entries, strict=True)
+    index = torch.tensor([rows, cols], device=logits.device)
+    logits.index_put_((index[0], index[1]), torch.tensor(values, device=logits.device), accumulate=True)
+
+
+def _mask(
+    logits: torch.Tensor, seqs: list[Sequence], rows: list[int], unsuppressed: torch.Tensor | None
+) -> None:
+    """Tokens the grammar does not allow next become -inf. A row that min_tokens left with nothing
+    the grammar allows (the grammar can only end) takes the grammar's choice: it wins."""
+    allowed = structured.allowed_mask([s.matcher for s in seqs], logits.shape[-1]).to(logits.device)
+    masked = logits[rows].masked_fill(~allowed, float("-inf"))
+    if unsuppressed is not None:
+        empty = ~torch.isfinite(masked).any(dim=-1, keepdim=True)
+        masked = torch.where(empty, unsuppressed.masked_fill(~allowed, float("-inf")), masked)
+    logits[rows] = masked
 
 
 def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -56,6 +128,11 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     row_max = logits.max(dim=-1, keepdim=True).values
     shifted = torch.where(torch.isfinite(row_max), logits - row_max, logits)
     logits = torch.nan_to_num(shifted / temps, nan=float("-inf"))
+    min_p = torch.tensor([s.params.min_p for s in seqs], dtype=logits.dtype)[:, None]
+    if (min_p > 0).any():
+        # After the temperature: a token stays when its probability is at least min_p times the top one's.
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     ranked, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(vocab)[None, :]
     top_k = torch.tensor([min(s.params.top_k, vocab) or vocab for s in seqs])[:, None]

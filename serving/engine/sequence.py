@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from serving.engine import structured
 from serving.engine.image_processor import ProcessedImage
 from serving.engine.stop import StopMatcher
 from serving.engine.tokenizer import Detokenizer
@@ -39,6 +41,7 @@ class Sequence:
     resume_pending: bool = False  # restored outputs whose KV a prefill must recompute, not sample
     prompt_positions: torch.Tensor | None = None  # (3, prompt) M-RoPE positions, made on the first chunk
     prefill_started: float | None = None  # perf_counter at the start of the step that took its first chunk
+    matcher: Any = None  # the request's grammar state (an llguidance matcher), when it has a grammar
     _held: str = ""  # text withheld from the stream while it could still become a stop string
     _generator: torch.Generator | None = None
     _stops: StopMatcher | None = None  # incremental stop-string matcher, made on the first token
@@ -98,6 +101,8 @@ class Sequence:
 
     def append(self, token_id: int, logprobs: dict[int, float] | None = None) -> TokenDelta:
         """Record one sampled token and return what the client should see of it."""
+        if self.matcher is not None:
+            structured.consume(self.matcher, token_id)
         self.output_token_ids.append(token_id)
         reason = self._stop_token(token_id)
         piece = "" if reason else self.detokenizer.step(token_id)

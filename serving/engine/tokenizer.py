@@ -77,14 +77,25 @@ class Tokenizer:
         """Client text: special-token text such as `<|image_pad|>` or `<|im_end|>` is plain text."""
         return self._plain.encode(text, add_special_tokens=False).ids
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         """The rendered chat template's tokens, where only the template makes control tokens: every text
         a client wrote (message strings, text parts) is tokenized as plain text, so `<|im_end|>
         <|im_start|>system` in a user turn cannot open a system turn and `<|image_pad|>` is no image.
 
         The template is rendered with a unique marker in place of each client text; the output is split
         at the markers, and runs of plain text between the template's own control tokens are tokenized
-        whole, so ordinary prompts give exactly the tokens of `encode(apply_chat_template(...))`."""
+        whole, so ordinary prompts give exactly the tokens of `encode(apply_chat_template(...))`.
+
+        Tool definitions and an assistant's call arguments are rendered as JSON by the template, so
+        they cannot be marked; they are refused when they spell a special token instead."""
+        structured = json.dumps([tools, [m.get("tool_calls") for m in messages]], ensure_ascii=False)
+        if self._special_re.search(structured):
+            raise ValueError("tool definitions and tool-call arguments may not contain special-token text")
         nonce = secrets.token_hex(8)
         texts: list[str] = []
 
@@ -93,7 +104,7 @@ class Tokenizer:
             return f"\ue000{nonce}:{len(texts) - 1}\ue001"
 
         marked = [_mark_message(m, mark) for m in messages]
-        rendered = self.apply_chat_template(marked, add_generation_prompt)
+        rendered = self.apply_chat_template(marked, add_generation_prompt, tools)
         pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", rendered)
         # pieces alternate: template text, marker index, template text, ...
         if sorted(int(i) for i in pieces[1::2]) != list(range(len(texts))):
@@ -101,7 +112,7 @@ class Tokenizer:
             # which is safe only when no client text spells a special token.
             if any(self._special_re.search(t) for t in texts):
                 raise ValueError("message text contains special-token text this chat template cannot quote")
-            return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools))
         ids: list[int] = []
         run: list[str] = []
         for k, piece in enumerate(pieces):
@@ -135,12 +146,20 @@ class Tokenizer:
             return bytes(table[ch] for ch in piece)
         return self.decode([token_id], skip_special_tokens=False).encode()
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         """Render messages whose content is a string or a list of {"type": "text"|"image", ...} parts;
-        each image part becomes one `<|vision_start|><|image_pad|><|vision_end|>`."""
+        each image part becomes one `<|vision_start|><|image_pad|><|vision_end|>`. `tools` are
+        OpenAI-style function definitions, for templates that render them (Qwen2.5's)."""
         if self._template is None:
             raise ValueError("the model has no chat template")
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools or None
+        )
 
     def detokenizer(self) -> Detokenizer:
         return Detokenizer(self._tok)

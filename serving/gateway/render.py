@@ -8,7 +8,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from serving.api import tools
+from serving.api.requests import ToolCall
 from serving.api.run import Choice, Usage
+from serving.types import FinishReason
 
 Decode = Callable[..., str]
 
@@ -61,6 +64,20 @@ def logprobs_body(
     }
 
 
+def call_body(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    """A tool call as OpenAI writes it; with `index`, as a streamed delta (the whole call at once)."""
+    body: dict[str, Any] = {"id": call.id, "type": "function"}
+    body["function"] = {"name": call.name, "arguments": call.arguments}
+    return body if index is None else {"index": index} | body
+
+
+def finish_reason(reason: FinishReason | None, made_calls: bool) -> str | None:
+    """OpenAI's reason: `tool_calls` when the answer ended by itself after making calls."""
+    if reason is None:
+        return None
+    return "tool_calls" if made_calls and reason == FinishReason.STOP else str(reason)
+
+
 def final_body(
     kind: str,
     request_id: str,
@@ -69,17 +86,24 @@ def final_body(
     usage: Usage,
     decode: Decode,
     token_bytes: Callable[[int], bytes] | None = None,
+    parse_calls: bool = False,
 ) -> dict[str, Any]:
+    """`parse_calls`: the request offered tools, so tool calls are read out of each answer."""
     out = []
     for c in sorted(choices, key=lambda c: c.index):
         text = "".join(c.text)
+        calls: list[ToolCall] = []
+        if parse_calls:
+            text, calls = tools.parse(text)
         entry: dict[str, Any] = {
             "index": c.index,
-            "finish_reason": str(c.finish_reason),
+            "finish_reason": finish_reason(c.finish_reason, bool(calls)),
             "logprobs": logprobs_body(kind, c.logprobs, decode, c.params.logprobs or 0, token_bytes),
         }
         if kind == "chat":
-            entry["message"] = {"role": "assistant", "content": text}
+            entry["message"] = {"role": "assistant", "content": text or (None if calls else "")}
+            if calls:
+                entry["message"]["tool_calls"] = [call_body(call) for call in calls]
         else:
             entry["text"] = text
         out.append(entry)
@@ -101,11 +125,20 @@ class Chunks:
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-    def chunk(self, index: int, content: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(
+        self,
+        index: int,
+        content: str | None,
+        finish: str | None,
+        role: bool = False,
+        tool_calls: list[dict[str, Any]] | None = None,
+    ) -> str:
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if content:
                 delta["content"] = content
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice: dict[str, Any] = {
                 "index": index,
                 "delta": delta,
@@ -124,3 +157,20 @@ class Chunks:
 
     def _envelope(self) -> dict[str, Any]:
         return {"id": self.request_id, "object": self.object, "created": self.created, "model": self.model}
+
+
+def call_chunks(
+    chunks: Chunks, stream: tools.CallStream, index: int, text: str, reason: FinishReason | None
+) -> str:
+    """The SSE events for one streamed delta of an answer that may make tool calls: the text that
+    cannot be part of a call, each call once complete, and the finish (`tool_calls` after calls)."""
+    content, calls = stream.feed(text)
+    if reason is not None:
+        rest, _ = stream.finish()
+        content += rest
+    first = stream.calls - len(calls)
+    deltas = [call_body(call, first + k) for k, call in enumerate(calls)]
+    out = chunks.chunk(index, content, None, tool_calls=deltas) if content or deltas else ""
+    if reason is not None:
+        out += chunks.chunk(index, None, finish_reason(reason, stream.calls > 0))
+    return out

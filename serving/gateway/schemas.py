@@ -19,6 +19,11 @@ Bounds, as documented for clients:
 | `seed` | 0 … 2**63 − 1 |
 | `stop` | up to 16 strings of 1 … 1024 characters |
 | `logprobs` (completions) / `top_logprobs` (chat) | 0 … 5 / 0 … 20 |
+| `presence_penalty`, `frequency_penalty` | −2 … 2 |
+| `repetition_penalty` | (0, 2] |
+| `min_p` | 0 … 1 |
+| `logit_bias` | up to 300 token ids (as strings) → −100 … 100 |
+| `tools` | up to 128, names of 1 … 64 letters, digits, `_`, `-` |
 """
 
 from __future__ import annotations
@@ -55,11 +60,67 @@ class ImagePart(_Body):
 Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallBody(_Body):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Part] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None  # refused unless empty: no tool calling here
+    tool_calls: list[ToolCallBody] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
+
+
+class FunctionDefinition(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JSONSchemaFormat(_Body):
+    name: str = "schema"
+    description: str | None = None
+    # "schema" shadows a BaseModel attribute in pydantic: read under another name.
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's extension: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class StreamOptions(_Body):
@@ -69,7 +130,7 @@ class StreamOptions(_Body):
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 
 
-class _Sampling(_Body):
+class SamplingFields(_Body):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -83,16 +144,18 @@ class _Sampling(_Body):
     user: str | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, le=MAX_INT32)
-    # Not implemented: accepted only at their neutral value (see refusal()).
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=2)
+    min_p: float | None = Field(None, ge=0, le=1)
     logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older names for structured_outputs' fields
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    guided_grammar: str | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -106,28 +169,17 @@ class _Sampling(_Body):
         """(field, message) for the first field asking for something this server does not do."""
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true."
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                return name, f"{name} is not supported; leave it out or set it to 0."
-        if self.repetition_penalty not in (None, 1):
-            return "repetition_penalty", "repetition_penalty is not supported; leave it out or set it to 1."
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported."
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            return "response_format", 'Only response_format {"type": "text"} is supported.'
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-            if getattr(self, name) is not None:
-                return name, f"{name} (structured output) is not supported."
         return None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
@@ -140,18 +192,10 @@ class ChatCompletionRequest(_Sampling):
             return found
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "logprobs must be true when top_logprobs is given."
-        if self.tools:
-            return "tools", "tools (function calling) are not supported."
         if self.functions:
-            return "functions", "functions (function calling) are not supported."
-        # With no tools, "none" and "auto" both mean no tool call: the answer is the same.
-        if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice", 'tool_choice is not supported; leave it out or set it to "none".'
+            return "functions", "functions are deprecated and not supported; use tools."
         if self.function_call not in (None, "none", "auto"):
-            return "function_call", 'function_call is not supported; leave it out or set it to "none".'
-        for i, message in enumerate(self.messages):
-            if message.tool_calls:
-                return f"messages.{i}.tool_calls", "tool_calls in messages are not supported."
+            return "function_call", "function_call is deprecated and not supported; use tool_choice."
         if self.modalities not in (None, ["text"]):
             return "modalities", "Only the text output modality is supported."
         for name in ("audio", "prediction", "web_search_options"):
@@ -160,7 +204,7 @@ class ChatCompletionRequest(_Sampling):
         return None
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)

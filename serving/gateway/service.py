@@ -16,16 +16,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from serving.api.errors import APIError, internal_error
-from serving.api.requests import GenerateRequest, ImageInput, Message, Sampling, TextInput
 from serving.api.run import Generation, failed_stage
 from serving.api.service import GenerationService
+from serving.api.tools import CallStream
 from serving.config import GatewayConfig
 from serving.control.plane import ControlPlane
 from serving.gateway.admin import AdminAPI
+from serving.gateway.bodies import chat_request, completion_request
 from serving.gateway.errors import error_body, error_response
 from serving.gateway.jsonbody import parse_body
-from serving.gateway.render import Chunks, final_body, sse
-from serving.gateway.schemas import ChatCompletionRequest, CompletionRequest, ImagePart
+from serving.gateway.render import Chunks, call_chunks, final_body, sse
+from serving.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from serving.types import FinishReason
 
 _TYPE_WORDS = re.compile(r"[A-Z]|[\[\]-]")  # pydantic's union-member labels in error locations
@@ -49,52 +50,6 @@ def _validation_message(error: dict[str, Any]) -> str:
     if "instance of" in message or error.get("type") in ("model_type", "model_attributes_type", "dict_type"):
         message = "Input should be a JSON object"
     return message[:300]
-
-
-def _stop(body: Any) -> tuple[str, ...]:
-    return (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-
-
-def chat_request(body: ChatCompletionRequest) -> GenerateRequest:
-    messages = []
-    for i, message in enumerate(body.messages):
-        content: Any = message.content
-        if isinstance(content, list):
-            content = tuple(
-                ImageInput(url=part.image_url.url, param=f"messages.{i}.content.{j}.image_url")
-                if isinstance(part, ImagePart)
-                else TextInput(part.text)
-                for j, part in enumerate(content)
-            )
-        messages.append(Message(message.role, content))
-    sampling = Sampling(
-        max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=_stop(body),
-        ignore_eos=body.ignore_eos,
-        min_tokens=body.min_tokens,
-        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-    )
-    return GenerateRequest(body.model, messages=tuple(messages), sampling=sampling, n=body.n)
-
-
-def completion_request(body: CompletionRequest) -> GenerateRequest:
-    prompts = (body.prompt,) if isinstance(body.prompt, str) else tuple(body.prompt)
-    sampling = Sampling(
-        max_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=_stop(body),
-        ignore_eos=body.ignore_eos,
-        min_tokens=body.min_tokens,
-        logprobs=body.logprobs,
-    )
-    return GenerateRequest(body.model, prompts=prompts, sampling=sampling, n=body.n)
 
 
 class GatewayService:
@@ -125,8 +80,10 @@ class GatewayService:
         with self.core.errors_counted():
             self.core.authorize(request.headers.get("authorization"))
             body = await self._parse(request, ChatCompletionRequest)
-            generation = await self.core.generate(chat_request(body), arrival, "chatcmpl")
-            return await self._respond("chat", body, generation)
+            typed = chat_request(body)
+            generation = await self.core.generate(typed, arrival, "chatcmpl")
+            parse_calls = bool(typed.tools) and typed.tool_choice.mode != "none"
+            return await self._respond("chat", body, generation, parse_calls)
 
     async def completions(self, request: Request) -> Response:
         arrival = time.perf_counter()
@@ -212,11 +169,13 @@ class GatewayService:
 
     # -- answering --------------------------------------------------------------------------------
 
-    async def _respond(self, kind: str, body: Any, generation: Generation) -> Response:
+    async def _respond(
+        self, kind: str, body: Any, generation: Generation, parse_calls: bool = False
+    ) -> Response:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                self._stream_events(kind, generation, include_usage),
+                self._stream_events(kind, generation, include_usage, parse_calls),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Request-Id": generation.request_id},
             )
@@ -243,13 +202,15 @@ class GatewayService:
                 usage,
                 tokenizer.decode,
                 tokenizer.token_bytes,
+                parse_calls,
             )
         )
 
     async def _stream_events(
-        self, kind: str, generation: Generation, include_usage: bool
+        self, kind: str, generation: Generation, include_usage: bool, parse_calls: bool = False
     ) -> AsyncIterator[str]:
         chunks = Chunks(kind, generation.request_id, self.model_id, include_usage)
+        calls = {c.index: CallStream() for c in generation.choices} if parse_calls else {}
         try:
             if kind == "chat":
                 for c in generation.choices:
@@ -261,6 +222,11 @@ class GatewayService:
                     message = f"The request failed: {delta.error or 'aborted'}."
                     yield sse(error_body(APIError(500, message, code="stage_failed")))
                     break
+                if parse_calls:
+                    stream = calls[choice.index]
+                    if events := call_chunks(chunks, stream, choice.index, delta.text, delta.finish_reason):
+                        yield events
+                    continue
                 finished = str(delta.finish_reason) if delta.finish_reason else None
                 if delta.text or finished:
                     yield chunks.chunk(choice.index, delta.text, finished)

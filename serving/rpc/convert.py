@@ -4,13 +4,25 @@ number rather than ignored, as the OpenAI routes refuse unsupported parameters b
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from serving.api import tools
 from serving.api.errors import APIError, invalid_value
-from serving.api.requests import GenerateRequest, ImageInput, Sampling, TextInput
+from serving.api.requests import (
+    GenerateRequest,
+    ImageInput,
+    OutputFormat,
+    OutputKind,
+    Sampling,
+    TextInput,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
 from serving.api.requests import Message as ChatMessage
 from serving.api.run import Choice, Usage
 from serving.rpc.proto import generate_pb2 as pb
@@ -93,16 +105,76 @@ def generate_request(request: pb.GenerateRequest | pb.TokenizeRequest) -> Genera
         ignore_eos=s.ignore_eos,
         min_tokens=s.min_tokens,
         logprobs=opt("logprobs"),
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=1.0 if opt("repetition_penalty") is None else s.repetition_penalty,
+        logit_bias=tuple((str(token), bias) for token, bias in sorted(s.logit_bias.items())),
+        min_p=s.min_p,
     )
     n = request.n if request.HasField("n") else 1
-    return GenerateRequest(request.model, messages=messages, prompts=prompts, sampling=sampling, n=n)
+    offered = tuple(_tool(i, t) for i, t in enumerate(request.tools))
+    return GenerateRequest(
+        request.model,
+        messages=messages,
+        prompts=prompts,
+        sampling=sampling,
+        n=n,
+        output=_output(request.output) if request.HasField("output") else None,
+        tools=offered,
+        tool_choice=_tool_choice(request, offered),
+        parallel_tool_calls=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
+    )
+
+
+def _json(text: str, param: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise invalid_value(param, "must be JSON text") from None
+
+
+def _output(output: pb.OutputFormat) -> OutputFormat:
+    kind = output.WhichOneof("format")
+    param = f"output.{kind}"
+    if kind == "json_schema":
+        schema = _json(output.json_schema, param)
+        if not isinstance(schema, dict):
+            raise invalid_value(param, "must be a JSON schema object")
+        return OutputFormat(OutputKind.JSON_SCHEMA, schema, param)
+    if kind == "json_object" and output.json_object:
+        return OutputFormat(OutputKind.JSON_OBJECT, None, param)
+    if kind == "regex":
+        return OutputFormat(OutputKind.REGEX, output.regex, param)
+    if kind == "choice" and len(output.choice.choices):
+        return OutputFormat(OutputKind.CHOICE, tuple(output.choice.choices), param)
+    if kind == "grammar":
+        return OutputFormat(OutputKind.GRAMMAR, output.grammar, param)
+    raise invalid_value("output", "set one of json_schema, json_object, regex, choice (non-empty), grammar")
+
+
+def _tool(i: int, tool: pb.Tool) -> Tool:
+    parameters = {"type": "object", "properties": {}}
+    if tool.parameters:
+        parameters = _json(tool.parameters, f"tools.{i}.parameters")
+    return Tool(tool.name, parameters, tool.description or None)
+
+
+def _tool_choice(request: pb.GenerateRequest, offered: tuple[Tool, ...]) -> ToolChoice:
+    kind = request.tool_choice.WhichOneof("choice") if request.HasField("tool_choice") else None
+    if kind == "function":
+        return ToolChoice("function", request.tool_choice.function)
+    if kind == "mode":
+        return ToolChoice(request.tool_choice.mode)
+    return ToolChoice("auto" if offered else "none")
 
 
 def _message(i: int, message: pb.Message) -> ChatMessage:
     if message.text and len(message.parts):
         raise invalid_value(f"messages.{i}", "give text or parts, not both")
+    calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in message.tool_calls)
+    call_id = message.tool_call_id or None
     if not len(message.parts):
-        return ChatMessage(message.role, message.text)
+        return ChatMessage(message.role, message.text, calls, call_id)
     parts: list[TextInput | ImageInput] = []
     for j, part in enumerate(message.parts):
         param = f"messages.{i}.parts.{j}"
@@ -117,12 +189,14 @@ def _message(i: int, message: pb.Message) -> ChatMessage:
             raise invalid_value(f"{param}.image", "an image needs data or a url")
         else:
             raise invalid_value(param, "a part needs text or an image")
-    return ChatMessage(message.role, tuple(parts))
+    return ChatMessage(message.role, tuple(parts), calls, call_id)
 
 
 def generate_response(
-    request_id: str, choice: Choice, delta: TokenDelta, usage: Usage | None = None
+    request_id: str, choice: Choice, delta: TokenDelta, usage: Usage | None = None, parse_calls: bool = False
 ) -> pb.GenerateResponse:
+    """One streamed message. With `parse_calls` (the request offered tools), a choice's last message
+    carries the calls read out of its whole text (which streamed as it was generated)."""
     out = pb.GenerateResponse(
         request_id=request_id, index=choice.index, token_ids=delta.token_ids, text=delta.text
     )
@@ -136,6 +210,11 @@ def generate_response(
         out.logprobs.append(pb.TokenLogprob(token_id=token_id, logprob=logprob, top=top))
     if delta.finish_reason is not None:
         out.finish_reason = _FINISH.get(delta.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+        calls = tools.parse("".join(choice.text))[1] if parse_calls else []
+        for call in calls:
+            out.tool_calls.append(pb.ToolCall(id=call.id, name=call.name, arguments=call.arguments))
+        if calls and delta.finish_reason == FinishReason.STOP:
+            out.finish_reason = pb.FINISH_REASON_TOOL_CALLS
         out.timings.CopyFrom(stage_timings(delta.timings or choice.timings))
     if usage is not None:
         out.usage.CopyFrom(

@@ -43,11 +43,12 @@ class GenerationServicer:
         except Exception:  # noqa: BLE001 - counted above; the client gets a status that says nothing inside
             log.exception("Generate failed before its stream began")
             await abort(context, internal_error())
-        async for response in self._stream(generation, context):
+        parse_calls = bool(typed.tools) and typed.tool_choice.mode != "none"
+        async for response in self._stream(generation, context, parse_calls):
             yield response
 
     async def _stream(
-        self, generation: Generation, context: grpc.aio.ServicerContext
+        self, generation: Generation, context: grpc.aio.ServicerContext, parse_calls: bool
     ) -> AsyncIterator[pb.GenerateResponse]:
         metrics, finished = self.core.metrics, 0
         try:
@@ -62,7 +63,7 @@ class GenerationServicer:
                     continue
                 last = delta.finished and finished == len(generation.choices)
                 usage = self.core.usage(generation.choices) if last else None
-                yield generate_response(generation.request_id, choice, delta, usage)
+                yield generate_response(generation.request_id, choice, delta, usage, parse_calls)
         except APIError as exc:  # a timeout, or no worker for a later choice
             metrics.observe_error(exc.error_type, exc.stage)
             await abort(context, exc)

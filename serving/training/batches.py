@@ -80,11 +80,9 @@ def task_schedule(weights: dict[str, float], data_seed: int, step: int, batch_si
 
 def step_batch(inputs: InputProcessor, recipe: Recipe, step: int) -> dict[str, torch.Tensor]:
     """One training step's batch: a pure function of the recipe and the step."""
-    tasks = task_schedule(recipe.task_weights, recipe.data_seed, step, recipe.batch_size)
-    examples = [
-        draw_example(inputs, recipe.data_seed, task, step * recipe.batch_size + j)
-        for j, task in enumerate(tasks)
-    ]
+    size, first = recipe.batch_at(step)
+    tasks = task_schedule(recipe.task_weights, recipe.data_seed, step, size)
+    examples = [draw_example(inputs, recipe.data_seed, task, first + j) for j, task in enumerate(tasks)]
     cfg = inputs.model_config
     return collate(
         examples, inputs.tokenizer.token_id("<|endoftext|>"), cfg.image_token_id, cfg.video_token_id

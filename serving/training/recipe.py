@@ -25,18 +25,29 @@ class Recipe:
     preset: str = "shapes"
     seed: int = 0  # weight init and nothing else: the data order is a function of the step
     data_seed: int = TRAIN_SEED
-    steps: int = 1800
+    steps: int = 3700  # both stages together
     batch_size: int = 24
+    # The first stage trains the vision tower alone on the probes' targets (serving/training/dense.py):
+    # no decoder pass, so about twice the images a second, while the decoder has nothing to read yet.
+    tower_steps: int = 1800
+    tower_batch_size: int = 16
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup: int = 60
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    checkpoint_every: int = 50
+    checkpoint_every: int = 100
     probe_weight: float = 1.0  # the merger probe's loss (serving/training/dense.py); 0 turns it off
     threads: int = 2
     prefetch: bool = True  # draw batches in a worker process, ahead of the optimiser
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
+
+    def batch_at(self, step: int) -> tuple[int, int]:
+        """(examples in this step's batch, index of its first item): items are never drawn twice."""
+        if step < self.tower_steps:
+            return self.tower_batch_size, step * self.tower_batch_size
+        first = self.tower_steps * self.tower_batch_size + (step - self.tower_steps) * self.batch_size
+        return self.batch_size, first
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

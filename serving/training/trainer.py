@@ -36,10 +36,13 @@ CHECK_ITEMS = 8
 
 
 def lr_at(recipe: Recipe, step: int) -> float:
-    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak."""
+    """Per stage (the tower alone, then the whole model): linear warm-up, then cosine decay to
+    `min_lr_ratio` of the peak. The second stage warms up again: its decoder starts from nothing."""
+    start, end = (0, recipe.tower_steps) if step < recipe.tower_steps else (recipe.tower_steps, recipe.steps)
+    step -= start
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    progress = (step - recipe.warmup) / max(1, end - start - recipe.warmup)
     floor = recipe.min_lr_ratio
     return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
@@ -119,9 +122,13 @@ class Trainer:
         batch = self.batch(self.step)
         targets, scene = pop_probe_targets(batch)
         self.probe.outputs.clear()
-        loss = self.model(**batch).loss
-        if r.probe_weight:
-            loss = loss + r.probe_weight * self.probe.loss(targets, scene)
+        if self.step < r.tower_steps:
+            self._encode_media(batch)
+            loss = self.probe.loss(targets, scene)
+        else:
+            loss = self.model(**batch).loss
+            if r.probe_weight:
+                loss = loss + r.probe_weight * self.probe.loss(targets, scene)
         self.probe.outputs.clear()
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,6 +136,15 @@ class Trainer:
         self.optim.step()
         self.step += 1
         return loss.item()
+
+    def _encode_media(self, batch: dict[str, torch.Tensor]) -> None:
+        """The vision tower alone over a batch's images, then its videos: the order the model encodes
+        them in, so the probe's hook sees the outputs its targets are laid out for."""
+        visual = self.model.model.visual
+        if "pixel_values" in batch:
+            visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        if "pixel_values_videos" in batch:
+            visual(batch["pixel_values_videos"], grid_thw=batch["video_grid_thw"])
 
     @torch.no_grad()
     def check(self) -> dict[str, float]:

@@ -29,10 +29,36 @@ SPECIAL_TOKENS = (
 
 # Qwen2-VL's chat template: a default system turn, image parts as vision_start/image_pad/vision_end,
 # video parts as vision_start/video_pad/vision_end.
+# Qwen2-VL's template, with Qwen2.5's tool calling (Hermes style): the tools in the system turn, an
+# assistant's calls as <tool_call> blocks, tool results in a user turn. Without tools it renders
+# exactly as Qwen2-VL's. Newlines right after a block tag are written as {{ '\n' }}: chat templates
+# render with trim_blocks, which drops them.
 CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
-    "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% set image_count = namespace(value=0) %}"
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' and messages[0]['content'] is string %}"
+    "{{ messages[0]['content'] }}{% else %}You are a helpful assistant.{% endif %}"
+    "{{ '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}"
+    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, '
+    '\\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}{% endif %}'
+    "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' and message['content'] is string %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ '\\n<tool_response>\\n' }}{{ message['content'] }}{{ '\\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}<|im_start|>assistant"
+    "{% if message['content'] %}{{ '\\n' }}{{ message['content'] }}{% endif %}"
+    "{% for tool_call in message['tool_calls'] %}"
+    "{% if tool_call['function'] is defined %}{% set tool_call = tool_call['function'] %}{% endif %}"
+    "{{ '\\n<tool_call>\\n{\\\"name\\\": \\\"' }}{{ tool_call['name'] }}{{ '\\\", \\\"arguments\\\": ' }}"
+    "{{ tool_call['arguments'] | tojson }}{{ '}\\n</tool_call>' }}{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{% else %}"
+    "{% if loop.first and message['role'] != 'system' and not tools %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
@@ -42,7 +68,7 @@ CHAT_TEMPLATE = (
     "{% elif content['type'] == 'video' or 'video' in content or 'video_url' in content %}"
     "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% endif %}{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 _WORDS = (

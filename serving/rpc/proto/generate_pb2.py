@@ -25,39 +25,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65pd/v1/generate.proto\x12\x06\x65pd.v1\"0\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"E\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x1e\n\x05image\x18\x02 \x01(\x0b\x32\r.epd.v1.ImageH\x00\x42\x06\n\x04part\"I\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\"\n\x05parts\x18\x03 \x03(\x0b\x32\x13.epd.v1.ContentPart\"\x94\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x15\n\x08logprobs\x18\t \x01(\rH\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x93\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x08messages\x18\x02 \x03(\x0b\x32\x0f.epd.v1.Message\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.epd.v1.SamplingParams\x12\x0e\n\x01n\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x04\n\x02_n\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"R\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x1f\n\x03top\x18\x03 \x03(\x0b\x32\x12.epd.v1.TopLogprob\"e\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x14\n\x0cimage_tokens\x18\x04 \x01(\r\"\xbc\x03\n\x0cStageTimings\x12\x15\n\x08\x65ncode_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x65ncode_queue_s\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0e\x65\x32p_transfer_s\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\te2p_bytes\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\tprefill_s\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1c\n\x0fprefill_queue_s\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1b\n\x0ep2d_transfer_s\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x16\n\tp2d_bytes\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x15\n\x08\x64\x65\x63ode_s\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x12\n\x05\x65\x32\x65_s\x18\n \x01(\x01H\t\x88\x01\x01\x12\x12\n\nmigrations\x18\x0b \x01(\rB\x0b\n\t_encode_sB\x11\n\x0f_encode_queue_sB\x11\n\x0f_e2p_transfer_sB\x0c\n\n_e2p_bytesB\x0c\n\n_prefill_sB\x12\n\x10_prefill_queue_sB\x11\n\x0f_p2d_transfer_sB\x0c\n\n_p2d_bytesB\x0b\n\t_decode_sB\x08\n\x06_e2e_s\"\xf0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12&\n\x08logprobs\x18\x05 \x03(\x0b\x32\x14.epd.v1.TokenLogprob\x12+\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x14.epd.v1.FinishReason\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.epd.v1.StageTimings\x12\x1c\n\x05usage\x18\x08 \x01(\x0b\x32\r.epd.v1.Usage\"S\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x08messages\x18\x02 \x03(\x0b\x32\x0f.epd.v1.Message\x12\x0e\n\x06prompt\x18\x03 \x01(\t\"R\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x8c\x01\n\nGeneration\x12?\n\x08Generate\x12\x17.epd.v1.GenerateRequest\x1a\x18.epd.v1.GenerateResponse0\x01\x12=\n\x08Tokenize\x12\x17.epd.v1.TokenizeRequest\x1a\x18.epd.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65pd/v1/generate.proto\x12\x06\x65pd.v1\"0\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"E\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x1e\n\x05image\x18\x02 \x01(\x0b\x32\r.epd.v1.ImageH\x00\x42\x06\n\x04part\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x85\x01\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\"\n\x05parts\x18\x03 \x03(\x0b\x32\x13.epd.v1.ContentPart\x12$\n\ntool_calls\x18\x04 \x03(\x0b\x32\x10.epd.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x8d\x01\n\x0cOutputFormat\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12!\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x0f.epd.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\xfd\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x15\n\x08logprobs\x18\t \x01(\rH\x05\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x01H\x06\x88\x01\x01\x12\r\n\x05min_p\x18\r \x01(\x01\x12\x39\n\nlogit_bias\x18\x0e \x03(\x0b\x32%.epd.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"\xb9\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x08messages\x18\x02 \x03(\x0b\x32\x0f.epd.v1.Message\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.epd.v1.SamplingParams\x12\x0e\n\x01n\x18\x05 \x01(\rH\x00\x88\x01\x01\x12$\n\x06output\x18\x06 \x01(\x0b\x32\x14.epd.v1.OutputFormat\x12\x1b\n\x05tools\x18\x07 \x03(\x0b\x32\x0c.epd.v1.Tool\x12\'\n\x0btool_choice\x18\x08 \x01(\x0b\x32\x12.epd.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\t \x01(\x08H\x01\x88\x01\x01\x42\x04\n\x02_nB\x16\n\x14_parallel_tool_calls\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"R\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x1f\n\x03top\x18\x03 \x03(\x0b\x32\x12.epd.v1.TopLogprob\"e\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x14\n\x0cimage_tokens\x18\x04 \x01(\r\"\xbc\x03\n\x0cStageTimings\x12\x15\n\x08\x65ncode_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x65ncode_queue_s\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0e\x65\x32p_transfer_s\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\te2p_bytes\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\tprefill_s\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1c\n\x0fprefill_queue_s\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1b\n\x0ep2d_transfer_s\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x16\n\tp2d_bytes\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x15\n\x08\x64\x65\x63ode_s\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x12\n\x05\x65\x32\x65_s\x18\n \x01(\x01H\t\x88\x01\x01\x12\x12\n\nmigrations\x18\x0b \x01(\rB\x0b\n\t_encode_sB\x11\n\x0f_encode_queue_sB\x11\n\x0f_e2p_transfer_sB\x0c\n\n_e2p_bytesB\x0c\n\n_prefill_sB\x12\n\x10_prefill_queue_sB\x11\n\x0f_p2d_transfer_sB\x0c\n\n_p2d_bytesB\x0b\n\t_decode_sB\x08\n\x06_e2e_s\"\x96\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12&\n\x08logprobs\x18\x05 \x03(\x0b\x32\x14.epd.v1.TokenLogprob\x12+\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x14.epd.v1.FinishReason\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.epd.v1.StageTimings\x12\x1c\n\x05usage\x18\x08 \x01(\x0b\x32\r.epd.v1.Usage\x12$\n\ntool_calls\x18\t \x03(\x0b\x32\x10.epd.v1.ToolCall\"S\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x08messages\x18\x02 \x03(\x0b\x32\x0f.epd.v1.Message\x12\x0e\n\x06prompt\x18\x03 \x01(\t\"R\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\x8c\x01\n\nGeneration\x12?\n\x08Generate\x12\x17.epd.v1.GenerateRequest\x1a\x18.epd.v1.GenerateResponse0\x01\x12=\n\x08Tokenize\x12\x17.epd.v1.TokenizeRequest\x1a\x18.epd.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epd.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1753
-  _globals['_FINISHREASON']._serialized_end=1848
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2603
+  _globals['_FINISHREASON']._serialized_end=2728
   _globals['_IMAGE']._serialized_start=33
   _globals['_IMAGE']._serialized_end=81
   _globals['_CONTENTPART']._serialized_start=83
   _globals['_CONTENTPART']._serialized_end=152
-  _globals['_MESSAGE']._serialized_start=154
-  _globals['_MESSAGE']._serialized_end=227
-  _globals['_SAMPLINGPARAMS']._serialized_start=230
-  _globals['_SAMPLINGPARAMS']._serialized_end=506
-  _globals['_GENERATEREQUEST']._serialized_start=509
-  _globals['_GENERATEREQUEST']._serialized_end=656
-  _globals['_TOPLOGPROB']._serialized_start=658
-  _globals['_TOPLOGPROB']._serialized_end=705
-  _globals['_TOKENLOGPROB']._serialized_start=707
-  _globals['_TOKENLOGPROB']._serialized_end=789
-  _globals['_USAGE']._serialized_start=791
-  _globals['_USAGE']._serialized_end=892
-  _globals['_STAGETIMINGS']._serialized_start=895
-  _globals['_STAGETIMINGS']._serialized_end=1339
-  _globals['_GENERATERESPONSE']._serialized_start=1342
-  _globals['_GENERATERESPONSE']._serialized_end=1582
-  _globals['_TOKENIZEREQUEST']._serialized_start=1584
-  _globals['_TOKENIZEREQUEST']._serialized_end=1667
-  _globals['_TOKENIZERESPONSE']._serialized_start=1669
-  _globals['_TOKENIZERESPONSE']._serialized_end=1751
-  _globals['_GENERATION']._serialized_start=1851
-  _globals['_GENERATION']._serialized_end=1991
+  _globals['_TOOLCALL']._serialized_start=154
+  _globals['_TOOLCALL']._serialized_end=209
+  _globals['_MESSAGE']._serialized_start=212
+  _globals['_MESSAGE']._serialized_end=345
+  _globals['_TOOL']._serialized_start=347
+  _globals['_TOOL']._serialized_end=408
+  _globals['_TOOLCHOICE']._serialized_start=410
+  _globals['_TOOLCHOICE']._serialized_end=468
+  _globals['_CHOICES']._serialized_start=470
+  _globals['_CHOICES']._serialized_end=496
+  _globals['_OUTPUTFORMAT']._serialized_start=499
+  _globals['_OUTPUTFORMAT']._serialized_end=640
+  _globals['_SAMPLINGPARAMS']._serialized_start=643
+  _globals['_SAMPLINGPARAMS']._serialized_end=1152
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1008
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1056
+  _globals['_GENERATEREQUEST']._serialized_start=1155
+  _globals['_GENERATEREQUEST']._serialized_end=1468
+  _globals['_TOPLOGPROB']._serialized_start=1470
+  _globals['_TOPLOGPROB']._serialized_end=1517
+  _globals['_TOKENLOGPROB']._serialized_start=1519
+  _globals['_TOKENLOGPROB']._serialized_end=1601
+  _globals['_USAGE']._serialized_start=1603
+  _globals['_USAGE']._serialized_end=1704
+  _globals['_STAGETIMINGS']._serialized_start=1707
+  _globals['_STAGETIMINGS']._serialized_end=2151
+  _globals['_GENERATERESPONSE']._serialized_start=2154
+  _globals['_GENERATERESPONSE']._serialized_end=2432
+  _globals['_TOKENIZEREQUEST']._serialized_start=2434
+  _globals['_TOKENIZEREQUEST']._serialized_end=2517
+  _globals['_TOKENIZERESPONSE']._serialized_start=2519
+  _globals['_TOKENIZERESPONSE']._serialized_end=2601
+  _globals['_GENERATION']._serialized_start=2731
+  _globals['_GENERATION']._serialized_end=2871
 # @@protoc_insertion_point(module_scope)

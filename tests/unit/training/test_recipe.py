@@ -17,6 +17,7 @@ from serving.training.trainer import Trainer, lr_at
 RECIPE = Recipe(
     preset="shapes-tiny",
     steps=40,
+    tower_steps=0,
     batch_size=8,
     lr=3e-3,
     warmup=5,

@@ -1,0 +1,67 @@
+"""Constrained decoding: a request's grammar (llguidance) as a matcher that follows its sequence, and
+the token mask it puts on each step's logits.
+
+The gateway turns `response_format`, `structured_outputs` and forced tool calls into one llguidance
+grammar string and checks that it compiles; the string travels in `SamplingParams`, so every worker a
+request reaches (prefill for the first token, decode for the rest, a new decode worker after a
+migration) builds its own matcher from it. llguidance's default parser limits bound the work of one
+step (a few milliseconds at most), so no grammar a client sends can stall a worker: a step past them
+puts the matcher in an error state and the request fails alone. A matcher's state is a function of
+the tokens it consumed: `Sequence.restore` replays the streamed outputs through it, which is how it
+survives a migration or a role switch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher, LLTokenizer
+
+
+def load_tokenizer(model_dir: str | Path, vocab_size: int, eos_token_ids: tuple[int, ...]) -> LLTokenizer:
+    """llguidance's view of the model's tokenizer: `vocab_size` is the logits' width (it may exceed the
+    tokenizer's), and a grammar's end is any of the model's end-of-sequence tokens."""
+    from llguidance import LLTokenizer
+
+    text = (Path(model_dir) / "tokenizer.json").read_text()
+    return LLTokenizer(text, n_vocab=vocab_size, eos_token=list(eos_token_ids))
+
+
+def grammar_error(tokenizer: LLTokenizer, grammar: str) -> str | None:
+    """Why `grammar` cannot be used with this tokenizer, or None when it can."""
+    from llguidance import LLMatcher
+
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+    return messages[0] if is_error else None
+
+
+def new_matcher(tokenizer: LLTokenizer, grammar: str) -> LLMatcher:
+    from llguidance import LLMatcher
+
+    matcher = LLMatcher(tokenizer, grammar, log_level=0)
+    if matcher.is_error():
+        raise ValueError(f"the grammar does not compile: {matcher.get_error()}")
+    return matcher
+
+
+def consume(matcher: LLMatcher, token_id: int) -> None:
+    """Advance the matcher by a sampled (or replayed) token; a token it does not allow is an error."""
+    if not matcher.consume_token(token_id) or matcher.is_error():
+        raise ValueError(f"token {token_id} breaks the request's grammar: {matcher.get_error()}")
+
+
+def allowed_mask(matchers: list[LLMatcher], vocab_size: int) -> torch.Tensor:
+    """(len(matchers), vocab_size) bool on the CPU: the tokens each matcher allows next. One call per
+    step for the whole batch; the caller moves it to the logits' device in one copy."""
+    from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+    bitmask = allocate_token_bitmask(len(matchers), vocab_size)
+    for i, matcher in enumerate(matchers):
+        fill_next_token_bitmask(matcher, bitmask, i)
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+    return torch.from_numpy(bits.astype(bool))
