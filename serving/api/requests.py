@@ -25,6 +25,11 @@ MAX_TOOLS = 128
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 TOOL_MODES = ("none", "auto", "required", "function")
+NO_ARGUMENTS = {
+    "type": "object",
+    "properties": {},
+    "additionalProperties": False,
+}  # a tool without parameters
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -71,7 +76,7 @@ class Tool:
     """A function the model may call; `parameters` is its arguments' JSON schema."""
 
     name: str
-    parameters: dict = field(default_factory=lambda: {"type": "object", "properties": {}})
+    parameters: dict = field(default_factory=lambda: dict(NO_ARGUMENTS))
     description: str | None = None
     strict: bool = False
 

@@ -50,7 +50,11 @@ def new_matcher(tokenizer: LLTokenizer, grammar: str) -> LLMatcher:
 
 
 def consume(matcher: LLMatcher, token_id: int) -> None:
-    """Advance the matcher by a sampled (or replayed) token; a token it does not allow is an error."""
+    """Advance the matcher by a sampled (or replayed) token; a token it does not allow is an error.
+    Once the grammar is complete it allows only the end of the sequence, and a request that ignores
+    EOS goes on emitting it: nothing is left to check."""
+    if matcher.is_stopped():
+        return
     if not matcher.consume_token(token_id) or matcher.is_error():
         raise ValueError(f"token {token_id} breaks the request's grammar: {matcher.get_error()}")
 

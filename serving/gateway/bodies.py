@@ -8,6 +8,7 @@ from typing import Any
 
 from serving.api.errors import APIError
 from serving.api.requests import (
+    NO_ARGUMENTS,
     GenerateRequest,
     ImageInput,
     Message,
@@ -132,9 +133,7 @@ def chat_request(body: ChatCompletionRequest) -> GenerateRequest:
     tools = tuple(
         Tool(
             t.function.name,
-            t.function.parameters
-            if t.function.parameters is not None
-            else {"type": "object", "properties": {}},
+            t.function.parameters if t.function.parameters is not None else dict(NO_ARGUMENTS),
             t.function.description,
             bool(t.function.strict),
         )

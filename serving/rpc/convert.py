@@ -13,6 +13,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from serving.api import tools
 from serving.api.errors import APIError, invalid_value
 from serving.api.requests import (
+    NO_ARGUMENTS,
     GenerateRequest,
     ImageInput,
     OutputFormat,
@@ -153,7 +154,7 @@ def _output(output: pb.OutputFormat) -> OutputFormat:
 
 
 def _tool(i: int, tool: pb.Tool) -> Tool:
-    parameters = {"type": "object", "properties": {}}
+    parameters = dict(NO_ARGUMENTS)
     if tool.parameters:
         parameters = _json(tool.parameters, f"tools.{i}.parameters")
     return Tool(tool.name, parameters, tool.description or None)
