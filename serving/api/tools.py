@@ -69,14 +69,21 @@ def parse(text: str) -> tuple[str, list[ToolCall]]:
     stream = CallStream()
     content, calls = stream.feed(text)
     rest, more = stream.finish()
-    return (content + rest).strip(), calls + more
+    return content + rest, calls + more
 
 
 @dataclass
 class CallStream:
-    """Feed text as it is generated; get back the text to send now and the calls completed."""
+    """Feed text as it is generated; get back the text to send now and the calls completed.
+
+    Whitespace around calls is layout (the template writes a newline between calls), and so are
+    leading and trailing whitespace: none of it is content. Trailing whitespace is held until more
+    text shows it is inside the content, so any split of an answer gives the same content."""
 
     _pending: str = ""  # text held back: a call being written, or what may begin one
+    _space: str = ""  # whitespace held back: it may end the content or precede a call
+    _started: bool = False  # some content went out
+    _after_call: bool = False
     calls: int = 0
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -87,34 +94,45 @@ class CallStream:
             start = self._pending.find(OPEN)
             if start < 0:
                 keep = _partial_suffix(self._pending, OPEN)
-                out.append(self._pending[: len(self._pending) - keep])
+                out.append(self._text(self._pending[: len(self._pending) - keep]))
                 self._pending = self._pending[len(self._pending) - keep :]
                 break
             end = self._pending.find(CLOSE, start + len(OPEN))
             if end < 0:
-                out.append(self._pending[:start])
+                out.append(self._text(self._pending[:start]))
                 self._pending = self._pending[start:]
                 break
-            body = self._pending[start + len(OPEN) : end]
-            call = _call(body.strip())
+            call = _call(self._pending[start + len(OPEN) : end].strip())
             if call is None:  # not a call after all: it is text
-                out.append(self._pending[: end + len(CLOSE)])
+                out.append(self._text(self._pending[: end + len(CLOSE)]))
             else:
-                out.append(self._pending[:start])
+                out.append(self._text(self._pending[:start]))
                 calls.append(call)
+                self._space, self._after_call = "", True
             self._pending = self._pending[end + len(CLOSE) :]
         self.calls += len(calls)
-        return _between_calls("".join(out), self.calls), calls
+        return "".join(out), calls
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """The end of the answer: whatever was held back is text (an unfinished call included)."""
         rest, self._pending = self._pending, ""
-        return rest, []
+        out = self._text(rest)
+        self._space = ""
+        return out, []
 
-
-def _between_calls(text: str, calls: int) -> str:
-    # The newline the template writes between calls is layout, not content.
-    return text.strip("\n") if calls and not text.strip() else text
+    def _text(self, text: str) -> str:
+        if self._after_call or not self._started:
+            text = text.lstrip()
+        if not text:
+            return ""
+        text = self._space + text
+        body = text.rstrip()
+        if not body:
+            self._space = text
+            return ""
+        self._space = text[len(body) :]
+        self._started, self._after_call = True, False
+        return body
 
 
 def _partial_suffix(text: str, tag: str) -> int:
