@@ -6,12 +6,15 @@ or KV block is left on any surviving worker (checked well inside the lease TTL, 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
 
 import pytest
 
+from serving.api.grammars import output_grammar
+from serving.api.requests import OutputFormat, OutputKind
 from serving.cluster import Cluster
 from serving.config import ControlConfig
 from serving.pipeline import Request
@@ -39,12 +42,32 @@ def cluster(tiny_model):
     c.shutdown()
 
 
-def prepared(engine, index: int, images: int = 1, max_tokens: int = 24, seed: int | None = None):
+# A JSON schema whose answers, from random weights, run to a few dozen tokens: long enough to be
+# decoding when a worker is killed or switched under it.
+RECORD = {
+    "type": "object",
+    "properties": {
+        "names": {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 4, "maxItems": 4},
+        "count": {"type": "integer", "minimum": 0, "maximum": 999},
+    },
+    "required": ["names", "count"],
+    "additionalProperties": False,
+}
+
+
+def prepared(
+    engine, index: int, images: int = 1, max_tokens: int = 24, seed: int | None = None, schema: bool = False
+):
     pics = [make_image(56 + 14 * i, 42, seed=index * 7 + i) for i in range(images)]
     text = f"Request {index}: describe it."
     spec, arrays = engine.inputs.spec_from_user_prompt(text, pics)
+    grammar = output_grammar(OutputFormat(OutputKind.JSON_SCHEMA, RECORD)) if schema else None
     params = SamplingParams(
-        max_tokens=max_tokens, ignore_eos=True, temperature=0.8 if seed else 0.0, seed=seed
+        max_tokens=max_tokens,
+        ignore_eos=not schema,  # a schema ends its answer; the stop is part of what is compared
+        temperature=0.8 if seed else 0.0,
+        seed=seed,
+        grammar=grammar,
     )
     expected = engine.generate([(engine.inputs.from_user_prompt(text, pics), params)])[0]
     return spec, arrays, params, expected
@@ -100,11 +123,19 @@ def test_one_worker_walked_through_every_role_gives_the_inproc_tokens(cluster, e
             if role in roles:
                 cluster.plane.run(cluster.actuator.drain(name))
         try:
-            for images in (0, 1, 2):
-                spec, arrays, params, expected = prepared(engine, 10 * step + images, images, max_tokens=10)
-                request = Request(f"walk-{step}-{images}", spec, params, arrays)
+            for images, schema in ((0, False), (1, False), (2, False), (1, True)):
+                max_tokens = 120 if schema else 10
+                spec, arrays, params, expected = prepared(
+                    engine,
+                    10 * step + images,
+                    images,
+                    max_tokens=max_tokens,
+                    seed=7 if schema else None,
+                    schema=schema,
+                )
+                request = Request(f"walk-{step}-{images}-{schema}", spec, params, arrays)
                 tokens, last = asyncio.run(collect(cluster, request))
-                assert tokens == expected.token_ids, f"{role} / {images} images"
+                assert tokens == expected.token_ids, f"{role} / {images} images / schema {schema}"
                 assert last.finish_reason == expected.finish_reason
         finally:
             for name, roles in others.items():
@@ -116,10 +147,23 @@ def test_one_worker_walked_through_every_role_gives_the_inproc_tokens(cluster, e
     assert_idle(cluster)
 
 
-@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
-def test_killing_a_decode_worker_mid_stream_migrates_with_the_same_tokens(cluster, engine, seeded):
+@pytest.mark.parametrize(
+    ("seeded", "schema"),
+    [(False, False), (True, False), (True, True)],
+    ids=["greedy", "seeded", "json-schema"],
+)
+def test_killing_a_decode_worker_mid_stream_migrates_with_the_same_tokens(cluster, engine, seeded, schema):
+    """With a JSON schema, the new decode worker rebuilds the grammar's state from the streamed tokens:
+    the migrated answer is the undisturbed one, and valid."""
     cases = [
-        prepared(engine, 40 + i, images=i % 2, max_tokens=48, seed=100 + i if seeded else None)
+        prepared(
+            engine,
+            40 + i,
+            images=i % 2,
+            max_tokens=120 if schema else 48,
+            seed=100 + i if seeded else None,
+            schema=schema,
+        )
         for i in range(6)
     ]
     migrations = cluster.pipeline.counters.migrations
@@ -140,7 +184,7 @@ def test_killing_a_decode_worker_mid_stream_migrates_with_the_same_tokens(cluste
             spec, arrays, params, _ = case
             await asyncio.sleep(0.05 * i)
             hook = kill_the_busiest_decode_worker if i == 3 else None
-            return await collect(cluster, Request(f"kill-{seeded}-{i}", spec, params, arrays), hook)
+            return await collect(cluster, Request(f"kill-{seeded}-{schema}-{i}", spec, params, arrays), hook)
 
         return await asyncio.gather(*(one(i, c) for i, c in enumerate(cases)))
 
@@ -148,6 +192,8 @@ def test_killing_a_decode_worker_mid_stream_migrates_with_the_same_tokens(cluste
     for (tokens, last), (*_, expected) in zip(results, cases, strict=True):
         assert last.finish_reason == expected.finish_reason, last.error
         assert tokens == expected.token_ids
+        if schema:
+            assert set(json.loads(expected.text)) == {"names", "count"}
     assert cluster.pipeline.counters.migrations > migrations
     wait_until(
         lambda: cluster.actuator.counters.restarts > restarts and len(workers_with(cluster, Role.DECODE)) == 2
