@@ -74,19 +74,20 @@ def tool_call_grammar(tools: tuple[Tool, ...], parallel: bool) -> str:
 def request_grammar(request: GenerateRequest) -> tuple[str, str] | None:
     """(grammar, the field it came from) the request's output must match, or None."""
     choice = request.tool_choice
-    if request.tools and choice.mode in ("required", "function"):
-        tools = (
-            request.tools
-            if choice.mode == "required"
-            else tuple(t for t in request.tools if t.name == choice.name)
-        )
-        return tool_call_grammar(tools, request.parallel_tool_calls and choice.mode == "required"), "tools"
-    if request.output is None:
+    forced = bool(request.tools) and choice.mode in ("required", "function")
+    if not forced and request.output is None:
         return None
+    param = "tools" if forced else request.output.param  # type: ignore[union-attr]
     try:
-        return output_grammar(request.output), request.output.param
-    except (ValueError, TypeError) as exc:  # llguidance: the schema is not a JSON object
-        raise APIError(400, f"Invalid {request.output.param}: {exc}", request.output.param) from None
+        if forced:
+            tools = request.tools
+            if choice.mode == "function":
+                tools = tuple(t for t in tools if t.name == choice.name)
+            parallel = request.parallel_tool_calls and choice.mode == "required"
+            return tool_call_grammar(tools, parallel), param
+        return output_grammar(request.output), param  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - whatever the library says of a client's schema is a 400
+        raise APIError(400, f"Invalid {param}: {str(exc)[:300]}", param, "invalid_grammar") from None
 
 
 class GrammarChecker:
@@ -102,7 +103,10 @@ class GrammarChecker:
         return structured.load_tokenizer(*self._args)
 
     def _compile(self, grammar: str) -> str | None:
-        return structured.grammar_error(self.tokenizer, grammar)
+        try:
+            return structured.grammar_error(self.tokenizer, grammar)
+        except Exception as exc:  # noqa: BLE001 - a grammar the library cannot even check is unusable
+            return str(exc) or type(exc).__name__
 
     def grammar_for(self, request: GenerateRequest) -> str | None:
         """The request's grammar, checked; a 400 naming the field when it cannot be used."""
