@@ -33,11 +33,17 @@ def load_tokenizer(model_dir: str | Path, vocab_size: int, eos_token_ids: tuple[
 
 
 def grammar_error(tokenizer: LLTokenizer, grammar: str) -> str | None:
-    """Why `grammar` cannot be used with this tokenizer, or None when it can."""
+    """Why `grammar` cannot be used with this tokenizer, or None when it can. A grammar that compiles
+    but matches nothing (a regex's empty class) shows it at its first mask: refused too."""
     from llguidance import LLMatcher
 
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-    return messages[0] if is_error else None
+    if is_error:
+        return messages[0]
+    matcher = LLMatcher(tokenizer, grammar, log_level=0)
+    if not matcher.is_error():
+        allowed_mask([matcher], tokenizer.vocab_size)
+    return matcher.get_error() or "it matches no text" if matcher.is_error() else None
 
 
 def new_matcher(tokenizer: LLTokenizer, grammar: str) -> LLMatcher:

@@ -127,6 +127,7 @@ def checker(tiny_model):
         (fmt(OutputKind.JSON_SCHEMA, {"$ref": "#/nowhere"}, "response_format"), "response_format"),
         (fmt(OutputKind.REGEX, "(unclosed", "structured_outputs.regex"), "structured_outputs.regex"),
         (fmt(OutputKind.GRAMMAR, "start: undefined_rule", "guided_grammar"), "guided_grammar"),
+        (fmt(OutputKind.REGEX, r"a[^\s\S]", "guided_regex"), "guided_regex"),  # matches nothing
         (dict(tools=(Tool("f", {"type": "object", "properties": {"a": {"type": "bogus"}}}),),
               tool_choice=ToolChoice("required")), "tools"),
     ],
