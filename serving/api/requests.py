@@ -186,6 +186,12 @@ def check_bounds(request: GenerateRequest) -> None:
     for i, message in enumerate(request.messages):
         if message.role not in ROLES:
             raise invalid_value(f"messages.{i}.role", f"must be one of {', '.join(ROLES)}")
+        answered = request.messages[i - 1] if i else None
+        if message.role == "tool" and not (answered and (answered.tool_calls or answered.role == "tool")):
+            # As OpenAI: a tool result answers the calls of the assistant message before it.
+            raise invalid_value(
+                f"messages.{i}.role", "a tool message must follow an assistant message's tool_calls"
+            )
         for j, part in enumerate(message.content if isinstance(message.content, tuple) else ()):
             if isinstance(part, ImageInput) and part.data is None and not part.url:
                 raise invalid_value(part.param or f"messages.{i}.content.{j}", "an image needs data or a url")
