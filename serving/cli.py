@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from serving.config import DEFAULT_PRESET, ControllerConfig, EngineConfig, default_model, default_model_dir
+from serving.config import (
+    DEFAULT_PRESET,
+    ControllerConfig,
+    EngineConfig,
+    GatewayConfig,
+    default_model,
+    default_model_dir,
+)
 
 
 def _model_dir(arg: str | None) -> str:
@@ -187,6 +194,9 @@ def serve_settings(
         max_queued_requests=args.max_queued,
         max_concurrent_requests=args.max_concurrent,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        video_fps=args.video_fps,
+        video_max_frames=args.video_max_frames,
+        video_max_seconds=args.video_max_seconds,
         shutdown_grace_s=args.shutdown_grace,
         expose_openapi=args.openapi,
         grpc_port=args.grpc_port,
@@ -348,6 +358,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--pin-cpus", help="pin worker pools to CPUs, e.g. 'e=0;p=0;d=1' or 'epd=0,1'")
     srv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, MiB (413 above)")
+    video = GatewayConfig.model_fields
+    srv.add_argument(
+        "--video-fps",
+        type=float,
+        default=video["video_fps"].default,
+        help="frames sampled per second of video, unless a request says",
+    )
+    srv.add_argument(
+        "--video-max-frames",
+        type=int,
+        default=video["video_max_frames"].default,
+        help="most frames sampled from one video",
+    )
+    srv.add_argument(
+        "--video-max-seconds",
+        type=float,
+        default=video["video_max_seconds"].default,
+        help="longest video accepted",
+    )
     srv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     srv.add_argument(

@@ -195,7 +195,15 @@ class GatewayConfig(BaseModel):
     max_image_pixels: int = Field(
         6000 * 6000, ge=1, description="Largest width×height decoded; checked before decoding."
     )
-    max_images_per_request: int = Field(8, ge=0)
+    max_images_per_request: int = Field(8, ge=0, description="Images and videos one request may bring.")
+    max_videos_per_request: int = Field(2, ge=0)
+    max_video_bytes: int = Field(64 * 2**20, ge=1024, description="Largest encoded video, inline or fetched.")
+    video_fps: float = Field(2.0, gt=0, le=60, description="Frames sampled per second of video by default.")
+    video_max_frames: int = Field(32, ge=2, le=1024, description="Most frames sampled from one video.")
+    video_max_seconds: float = Field(
+        600.0, gt=0, description="Longest video accepted (its declared duration)."
+    )
+    video_decode_timeout_s: float = Field(20.0, gt=0, description="Decoding one video past this is 422.")
     max_image_frames: int = Field(
         256, ge=1, description="Most frames an animated image may declare (only the first is decoded)."
     )

@@ -25,11 +25,13 @@ from PIL import Image, UnidentifiedImageError
 
 from serving.api.admission import Ticket
 from serving.api.errors import APIError
+from serving.api.video import VideoSampling, decode_video, frame_indices, probe_video
 from serving.config import GatewayConfig
 from serving.engine.image_processor import to_rgb
 
 FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
 _DATA_URL = re.compile(r"^data:image/([a-zA-Z0-9.+-]+);base64,(.*)$", re.DOTALL)
+_VIDEO_DATA_URL = re.compile(r"^data:(?:video|application)/([a-zA-Z0-9.+-]+);base64,(.*)$", re.DOTALL)
 # Characters no host name may hold (spaces, controls, percent escapes, backslashes): refused before they
 # reach the resolver or the HTTP client.
 _BAD_HOST = re.compile(r"[\s\x00-\x1f\x7f%\\]")
@@ -49,6 +51,15 @@ class RequestMedia:
                 413, "The request's images are larger in total than the server accepts.", param,
                 "media_too_large",
             )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    """One image or video of a request: a URL or inline bytes, and the field naming it in errors."""
+
+    source: str | bytes
+    param: str
+    video: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,70 +83,96 @@ class MediaFetcher:
         self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
 
     async def load_all(
-        self, urls: list[tuple[str | bytes, str]], ticket: Ticket | None = None
+        self,
+        refs: list[MediaRef],
+        ticket: Ticket | None = None,
+        sampling: VideoSampling | None = None,
     ) -> list[np.ndarray]:
-        """A request's images (URLs, or encoded bytes given inline, with the `param` naming each) → RGB
-        uint8 arrays (H, W, 3).
+        """A request's images and videos → RGB uint8 arrays: (H, W, 3) for an image, (T, H, W, 3) for
+        a video's sampled frames (`sampling`, or the server's defaults).
 
         Every fetch runs under one deadline and one byte budget for the request; every header is then
-        checked (pixels, frames, aspect ratio) and the request's declared pixels are checked against its
-        own budget (413) and charged to the gateway's in-flight budget on `ticket` (429) before any
-        image is decoded."""
-        if not urls:
+        checked (pixels, frames, aspect ratio, a video's duration and codec) and the request's declared
+        pixels (a video's: its sampled frames') are checked against its own budget (413) and charged to
+        the gateway's in-flight budget on `ticket` (429) before anything is decoded."""
+        if not refs:
             return []
         media = RequestMedia(self.cfg.max_request_media_bytes)
         try:
             async with asyncio.timeout(self.cfg.media_total_timeout_s):
-                raws = await _all_or_none([self._bytes(url, param, media) for url, param in urls])
+                raws = await _all_or_none([self._bytes(r.source, r.param, media, r.video) for r in refs])
         except TimeoutError:
-            message = "Fetching the request's images took longer than the server allows."
-            raise APIError(422, message, urls[0][1], "media_fetch_timeout") from None
-        probes = [
-            await asyncio.to_thread(probe_image, raw, self.cfg, param)
-            for raw, (_, param) in zip(raws, urls, strict=True)
-        ]
-        if sum(p.pixels for p in probes) > self.cfg.max_request_image_pixels:
-            message = "The request's images have more pixels in total than the server accepts."
+            message = "Fetching the request's media took longer than the server allows."
+            raise APIError(422, message, refs[0].param, "media_fetch_timeout") from None
+        sampling = sampling or VideoSampling()
+        plans: list[list[int] | None] = []
+        pixels = 0
+        for raw, ref in zip(raws, refs, strict=True):
+            if ref.video:
+                video = await asyncio.to_thread(probe_video, raw, self.cfg, ref.param)
+                indices = frame_indices(video, sampling, self.cfg)
+                plans.append(indices)
+                pixels += video.width * video.height * len(indices)
+            else:
+                pixels += (await asyncio.to_thread(probe_image, raw, self.cfg, ref.param)).pixels
+                plans.append(None)
+        if pixels > self.cfg.max_request_image_pixels:
+            message = "The request's images and videos have more pixels in total than the server accepts."
             raise APIError(413, message, "messages", "image_too_large")
         if ticket is not None:
-            ticket.charge_pixels(sum(p.pixels for p in probes))
+            ticket.charge_pixels(pixels)
         return list(
             await asyncio.gather(
                 *(
-                    asyncio.to_thread(decode_image, raw, self.cfg.max_image_pixels, param)
-                    for raw, (_, param) in zip(raws, urls, strict=True)
+                    asyncio.to_thread(decode_image, raw, self.cfg.max_image_pixels, ref.param)
+                    if plan is None
+                    else asyncio.to_thread(decode_video, raw, plan, self.cfg, ref.param)
+                    for raw, ref, plan in zip(raws, refs, plans, strict=True)
                 )
             )
         )
 
     async def load(self, url: str, param: str) -> np.ndarray:
         """One image URL (data: or http(s)) → RGB uint8 array (H, W, 3), under the request budgets."""
-        return (await self.load_all([(url, param)]))[0]
+        return (await self.load_all([MediaRef(url, param)]))[0]
 
-    async def _bytes(self, url: str | bytes, param: str, media: RequestMedia) -> bytes:
+    def _limit(self, video: bool) -> tuple[int, str]:
+        return (self.cfg.max_video_bytes, "video") if video else (self.cfg.max_image_bytes, "image")
+
+    async def _bytes(self, url: str | bytes, param: str, media: RequestMedia, video: bool = False) -> bytes:
+        limit, noun = self._limit(video)
         if isinstance(url, bytes):  # inline bytes (gRPC): the same caps as a data URL
-            if len(url) > self.cfg.max_image_bytes:
-                raise APIError(400, "The image is larger than the server accepts.", param, "image_too_large")
+            if len(url) > limit:
+                raise APIError(
+                    400, f"The {noun} is larger than the server accepts.", param, f"{noun}_too_large"
+                )
             media.charge(len(url), param)
             return url
         if url.startswith("data:"):
-            data = self._from_data_url(url, param)
+            data = self._from_data_url(url, param, video)
             media.charge(len(data), param)
             return data
-        return await self._fetch(url, param, media)
+        return await self._fetch(url, param, media, video)
 
-    def _from_data_url(self, url: str, param: str) -> bytes:
-        match = _DATA_URL.match(url)
+    def _from_data_url(self, url: str, param: str, video: bool = False) -> bytes:
+        limit, noun = self._limit(video)
+        match = (_VIDEO_DATA_URL if video else _DATA_URL).match(url)
         if not match:
-            raise APIError(400, "Image data URLs must look like data:image/<type>;base64,<data>.", param)
-        if len(match.group(2)) > self.cfg.max_image_bytes * 4 // 3 + 4:
-            raise APIError(400, "The image is larger than the server accepts.", param, "image_too_large")
+            kind = "video" if video else "image"
+            raise APIError(
+                400, f"{noun.title()} data URLs must look like data:{kind}/<type>;base64,<data>.", param
+            )
+        if len(match.group(2)) > limit * 4 // 3 + 4:
+            raise APIError(400, f"The {noun} is larger than the server accepts.", param, f"{noun}_too_large")
         try:
             return base64.b64decode(match.group(2), validate=True)
         except (binascii.Error, ValueError):
-            raise APIError(400, "The image data URL is not valid base64.", param, "invalid_image") from None
+            raise APIError(
+                400, f"The {noun} data URL is not valid base64.", param, f"invalid_{noun}"
+            ) from None
 
-    async def _fetch(self, url: str, param: str, media: RequestMedia) -> bytes:
+    async def _fetch(self, url: str, param: str, media: RequestMedia, video: bool = False) -> bytes:
+        limit, noun = self._limit(video)
         for _ in range(self.cfg.media_max_redirects + 1):
             await self._check_url(url, param)
             try:
@@ -144,23 +181,31 @@ class MediaFetcher:
                         url = urljoin(url, response.headers.get("location", ""))
                         continue
                     if response.status_code != 200:
-                        message = f"Fetching the image failed with HTTP {response.status_code}."
+                        message = f"Fetching the {noun} failed with HTTP {response.status_code}."
                         raise APIError(422, message, param, "media_fetch_failed")
                     kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
-                    if not kind.startswith("image/"):
-                        raise APIError(422, "The URL did not return an image.", param, "media_not_image")
-                    return await self._read_capped(response, param, media)
+                    accepted = ("video/", "application/octet-stream") if video else ("image/",)
+                    if not kind.startswith(accepted):
+                        raise APIError(
+                            422,
+                            f"The URL did not return {'a' if video else 'an'} {noun}.",
+                            param,
+                            f"media_not_{noun}",
+                        )
+                    return await self._read_capped(response, param, media, limit, noun)
             except (httpx.HTTPError, httpx.InvalidURL, ValueError):
-                raise APIError(422, "Fetching the image failed.", param, "media_fetch_failed") from None
-        raise APIError(422, "Fetching the image failed: too many redirects.", param, "media_fetch_failed")
+                raise APIError(422, f"Fetching the {noun} failed.", param, "media_fetch_failed") from None
+        raise APIError(422, f"Fetching the {noun} failed: too many redirects.", param, "media_fetch_failed")
 
-    async def _read_capped(self, response: httpx.Response, param: str, media: RequestMedia) -> bytes:
+    async def _read_capped(
+        self, response: httpx.Response, param: str, media: RequestMedia, limit: int, noun: str
+    ) -> bytes:
         chunks, size = [], 0
         async for chunk in response.aiter_bytes():
             size += len(chunk)
-            if size > self.cfg.max_image_bytes:
+            if size > limit:
                 raise APIError(
-                    422, "The fetched image is larger than the server accepts.", param, "image_too_large"
+                    422, f"The fetched {noun} is larger than the server accepts.", param, f"{noun}_too_large"
                 )
             media.charge(len(chunk), param)
             chunks.append(chunk)

@@ -8,7 +8,8 @@ from dataclasses import replace
 from typing import Any
 
 from serving.api.errors import APIError
-from serving.api.requests import GenerateRequest, ImageInput, TextInput, logit_bias_ids
+from serving.api.media import MediaRef
+from serving.api.requests import GenerateRequest, ImageInput, TextInput, VideoInput, logit_bias_ids
 from serving.api.tools import template_calls
 from serving.config import GatewayConfig
 from serving.types import SamplingParams
@@ -42,10 +43,11 @@ def check_tokens(cfg: GatewayConfig, tokens: int, param: str) -> None:
 
 def chat_messages(
     cfg: GatewayConfig, request: GenerateRequest
-) -> tuple[list[dict[str, Any]], list[tuple[str | bytes, str]]]:
-    """Messages in chat-template form, and the images (counted here, before any is fetched)."""
+) -> tuple[list[dict[str, Any]], list[MediaRef]]:
+    """Messages in chat-template form, and the images and videos (counted here, before any is
+    fetched)."""
     messages: list[dict[str, Any]] = []
-    images: list[tuple[str | bytes, str]] = []
+    images: list[MediaRef] = []
     for message in request.messages:
         role = "system" if message.role == "developer" else message.role
         if message.role == "tool" or message.tool_calls:
@@ -64,8 +66,11 @@ def chat_messages(
         parts = []
         for part in message.content:
             if isinstance(part, ImageInput):
-                images.append((part.source, part.param))
+                images.append(MediaRef(part.source, part.param))
                 parts.append({"type": "image"})
+            elif isinstance(part, VideoInput):
+                images.append(MediaRef(part.source, part.param, video=True))
+                parts.append({"type": "video"})
             else:
                 parts.append({"type": "text", "text": part.text})
         messages.append({"role": role, "content": parts})
@@ -73,6 +78,9 @@ def chat_messages(
         raise APIError(
             400, f"At most {cfg.max_images_per_request} images per request.", "messages", "too_many_images"
         )
+    if sum(m.video for m in images) > cfg.max_videos_per_request:
+        message = f"At most {cfg.max_videos_per_request} videos per request."
+        raise APIError(400, message, "messages", "too_many_videos")
     return messages, images
 
 

@@ -51,7 +51,20 @@ class ImageInput:
         return self.data if self.data is not None else self.url
 
 
-Part = TextInput | ImageInput
+@dataclass(frozen=True)
+class VideoInput:
+    """A video by URL (data: or http(s)) or as encoded bytes (MP4, WebM, MKV, …)."""
+
+    url: str = ""
+    data: bytes | None = None
+    param: str = "video"
+
+    @property
+    def source(self) -> str | bytes:
+        return self.data if self.data is not None else self.url
+
+
+Part = TextInput | ImageInput | VideoInput
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,8 @@ class GenerateRequest:
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     parallel_tool_calls: bool = True
+    video_fps: float | None = None  # media_io_kwargs.video: frames sampled per second of video …
+    video_num_frames: int | None = None  # … or how many, spread evenly (not both)
 
     @property
     def is_chat(self) -> bool:
@@ -173,6 +188,14 @@ def check_bounds(request: GenerateRequest) -> None:
     if not (math.isfinite(s.min_p) and 0 <= s.min_p <= 1):
         raise invalid_value("min_p", "must be between 0 and 1")
     _check_logit_bias(s.logit_bias)
+    if request.video_fps is not None and request.video_num_frames is not None:
+        raise invalid_value("media_io_kwargs.video", "give fps or num_frames, not both")
+    if request.video_fps is not None and not (
+        math.isfinite(request.video_fps) and 0 < request.video_fps <= 60
+    ):
+        raise invalid_value("media_io_kwargs.video.fps", "must be greater than 0 and at most 60")
+    if request.video_num_frames is not None:
+        _range("media_io_kwargs.video.num_frames", request.video_num_frames, 1, 1024)
     _check_tools(request)
     if len(s.stop) > MAX_STOP_STRINGS:
         raise invalid_value("stop", f"at most {MAX_STOP_STRINGS} stop strings")
@@ -193,8 +216,8 @@ def check_bounds(request: GenerateRequest) -> None:
                 f"messages.{i}.role", "a tool message must follow an assistant message's tool_calls"
             )
         for j, part in enumerate(message.content if isinstance(message.content, tuple) else ()):
-            if isinstance(part, ImageInput) and part.data is None and not part.url:
-                raise invalid_value(part.param or f"messages.{i}.content.{j}", "an image needs data or a url")
+            if isinstance(part, ImageInput | VideoInput) and part.data is None and not part.url:
+                raise invalid_value(part.param or f"messages.{i}.content.{j}", "media needs data or a url")
 
 
 def _check_logit_bias(entries: tuple[tuple[str, float], ...]) -> None:

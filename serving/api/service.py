@@ -29,6 +29,7 @@ from serving.api.prepare import (
 from serving.api.requests import GenerateRequest, check_bounds
 from serving.api.run import Choice, Generation, Usage
 from serving.api.tools import template_tools
+from serving.api.video import VideoSampling
 from serving.config import GatewayConfig
 from serving.control.plane import ControlPlane
 from serving.engine.inputs import InputProcessor
@@ -36,6 +37,10 @@ from serving.telemetry.control_metrics import ControlCollector
 from serving.telemetry.controller_metrics import ControllerCollector
 from serving.telemetry.metrics import Metrics, WorkerCollector
 from serving.types import PromptSpec, Role
+
+
+def video_sampling(request: GenerateRequest) -> VideoSampling:
+    return VideoSampling(request.video_fps, request.video_num_frames)
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,7 @@ class GenerationService:
             ticket = await self.admission.acquire(request.n)
             queue_s = time.perf_counter() - arrival
             try:
-                arrays = await self.media.load_all(images, ticket)
+                arrays = await self.media.load_all(images, ticket, video_sampling(request))
                 spec, arrays = await self._chat_spec(messages, arrays, tools)
                 check_tokens(self.cfg, len(spec.token_ids) * request.n, "messages")
                 params = sampling_params(
@@ -201,7 +206,7 @@ class GenerationService:
         messages, images = chat_messages(self.cfg, request)
         ticket = await self.admission.acquire(1) if images else None
         try:
-            arrays = await self.media.load_all(images, ticket)
+            arrays = await self.media.load_all(images, ticket, video_sampling(request))
             tools = template_tools(request.tools) if request.tools else None
             spec, _ = await self._chat_spec(messages, arrays, tools)
         finally:

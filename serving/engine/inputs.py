@@ -60,7 +60,11 @@ class InputProcessor:
         video = VideoProcessor(video_config(model_dir))
         return cls(load_model_config(model_dir), Tokenizer(model_dir), processor, video)
 
-    def process(self, media: Media) -> ProcessedImage:
+    def process(self, media: Media | np.ndarray) -> ProcessedImage:
+        """An image, or a video as its frames (PIL images, or a (T, H, W, 3) array as the encode
+        stage receives them)."""
+        if isinstance(media, np.ndarray):
+            media = [Image.fromarray(f) for f in media] if media.ndim == 4 else Image.fromarray(media)
         if not isinstance(media, list):
             return self.image_processor(media)
         if self.model_config.family != "qwen2_vl":
@@ -93,10 +97,18 @@ class InputProcessor:
         images: list[Image.Image] | list[np.ndarray],
         tools: list[dict[str, Any]] | None = None,
     ) -> tuple[PromptSpec, list[np.ndarray]]:
-        """For a remote encode stage: the tokenized prompt with grids (from image sizes alone, no
-        preprocessing here) and the images as RGB arrays to ship to it."""
+        """For a remote encode stage: the tokenized prompt with grids (from media sizes alone, no
+        preprocessing here) and the media as RGB arrays to ship to it: (H, W, 3) for an image,
+        (T, H, W, 3) for a video's frames."""
         arrays = [im if isinstance(im, np.ndarray) else np.asarray(to_rgb(im)) for im in images]
-        grids = [self.image_processor.grid(a.shape[1], a.shape[0]) for a in arrays]
+        if any(a.ndim == 4 for a in arrays) and self.model_config.family != "qwen2_vl":
+            raise ValueError("video input is supported for Qwen2-VL models only")
+        grids = [
+            self.video_processor.grid(a.shape[0], a.shape[2], a.shape[1])
+            if a.ndim == 4
+            else self.image_processor.grid(a.shape[1], a.shape[0])
+            for a in arrays
+        ]
         token_ids = self.tokenizer.encode_chat(messages, tools=tools)
         return PromptSpec(self.expand(token_ids, grids), grids), arrays
 

@@ -19,8 +19,15 @@ from serving.api.requests import (
     Tool,
     ToolCall,
     ToolChoice,
+    VideoInput,
 )
-from serving.gateway.schemas import ChatCompletionRequest, CompletionRequest, ImagePart, SamplingFields
+from serving.gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ImagePart,
+    SamplingFields,
+    VideoPart,
+)
 
 
 def _stop(body: Any) -> tuple[str, ...]:
@@ -114,10 +121,12 @@ def _content(message: Any, i: int) -> Any:
         return content
     parts = []
     for j, part in enumerate(content):
+        if isinstance(part, ImagePart | VideoPart) and message.role == "tool":
+            raise APIError(400, "Tool results are text.", f"messages.{i}.content.{j}")
         if isinstance(part, ImagePart):
-            if message.role == "tool":
-                raise APIError(400, "Tool results are text.", f"messages.{i}.content.{j}")
             parts.append(ImageInput(url=part.image_url.url, param=f"messages.{i}.content.{j}.image_url"))
+        elif isinstance(part, VideoPart):
+            parts.append(VideoInput(url=part.video_url.url, param=f"messages.{i}.content.{j}.video_url"))
         else:
             parts.append(TextInput(part.text))
     return tuple(parts)
@@ -139,6 +148,7 @@ def chat_request(body: ChatCompletionRequest) -> GenerateRequest:
         )
         for t in body.tools or ()
     )
+    video = body.media_io_kwargs.video if body.media_io_kwargs else None
     choice = body.tool_choice
     if choice is None:
         tool_choice = ToolChoice("auto" if tools else "none")
@@ -159,6 +169,8 @@ def chat_request(body: ChatCompletionRequest) -> GenerateRequest:
         tools=tools,
         tool_choice=tool_choice,
         parallel_tool_calls=body.parallel_tool_calls,
+        video_fps=video.fps if video else None,
+        video_num_frames=video.num_frames if video else None,
     )
 
 

@@ -57,7 +57,27 @@ class ImagePart(_Body):
     image_url: ImageURL
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Body):
+    url: str = Field(min_length=1)
+
+
+class VideoPart(_Body):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+
+
+class VideoIO(_Body):
+    fps: float | None = Field(None, gt=0, le=60)
+    num_frames: int | None = Field(None, ge=1, le=1024)
+
+
+class MediaIO(_Body):
+    """vLLM's `media_io_kwargs`: how a video's frames are sampled."""
+
+    video: VideoIO | None = None
 
 
 class FunctionCall(_Body):
@@ -177,6 +197,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    media_io_kwargs: MediaIO | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True

@@ -23,6 +23,7 @@ from serving.api.requests import (
     Tool,
     ToolCall,
     ToolChoice,
+    VideoInput,
 )
 from serving.api.requests import Message as ChatMessage
 from serving.api.run import Choice, Usage
@@ -124,6 +125,8 @@ def generate_request(request: pb.GenerateRequest | pb.TokenizeRequest) -> Genera
         tools=offered,
         tool_choice=_tool_choice(request, offered),
         parallel_tool_calls=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
+        video_fps=request.video_fps if request.HasField("video_fps") else None,
+        video_num_frames=request.video_num_frames if request.HasField("video_num_frames") else None,
     )
 
 
@@ -176,7 +179,7 @@ def _message(i: int, message: pb.Message) -> ChatMessage:
     call_id = message.tool_call_id or None
     if not len(message.parts):
         return ChatMessage(message.role, message.text, calls, call_id)
-    parts: list[TextInput | ImageInput] = []
+    parts: list[TextInput | ImageInput | VideoInput] = []
     for j, part in enumerate(message.parts):
         param = f"messages.{i}.parts.{j}"
         kind = part.WhichOneof("part")
@@ -188,6 +191,12 @@ def _message(i: int, message: pb.Message) -> ChatMessage:
             parts.append(ImageInput(url=part.image.url, param=f"{param}.image.url"))
         elif kind == "image":
             raise invalid_value(f"{param}.image", "an image needs data or a url")
+        elif kind == "video" and part.video.WhichOneof("source") == "data":
+            parts.append(VideoInput(data=part.video.data, param=f"{param}.video.data"))
+        elif kind == "video" and part.video.WhichOneof("source") == "url":
+            parts.append(VideoInput(url=part.video.url, param=f"{param}.video.url"))
+        elif kind == "video":
+            raise invalid_value(f"{param}.video", "a video needs data or a url")
         else:
             raise invalid_value(param, "a part needs text or an image")
     return ChatMessage(message.role, tuple(parts), calls, call_id)

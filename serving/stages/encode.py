@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from serving.stages.embeddings import image_key
 from serving.types import EmbeddingRef, RequestFailed, Role, StageTimings, WorkerUnavailable
@@ -48,8 +47,7 @@ class EncodePath:
         missing = [i for i, hit in enumerate(found) if hit is None]
         run_s = 0.0
         if missing:
-            processor = self.engine.inputs.image_processor
-            processed = [processor(Image.fromarray(images[i])) for i in missing]
+            processed = [self.engine.inputs.process(images[i]) for i in missing]
             t0 = time.perf_counter()
             try:
                 fresh = self.loop.encode(request_id, processed)

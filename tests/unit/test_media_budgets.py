@@ -17,7 +17,7 @@ from PIL import Image
 from serving.api import media as media_module
 from serving.api.admission import Admission
 from serving.api.errors import APIError
-from serving.api.media import MediaFetcher, probe_image
+from serving.api.media import MediaFetcher, MediaRef, probe_image
 from serving.config import GatewayConfig
 from tests.conftest import make_image
 
@@ -57,7 +57,7 @@ def load(cfg: GatewayConfig, urls: list[str], admission: Admission | None = None
             ticket = await admission.acquire() if admission else None
             TICKETS.append(ticket)
             return await fetcher.load_all(
-                [(u, f"messages.0.content.{i}") for i, u in enumerate(urls)], ticket
+                [MediaRef(u, f"messages.0.content.{i}") for i, u in enumerate(urls)], ticket
             )
         finally:
             await fetcher.close()

@@ -1,0 +1,63 @@
+"""Video files for the end-to-end tests, written with PyAV: a valid clip and the hostile ones."""
+
+from __future__ import annotations
+
+import base64
+import io
+from fractions import Fraction
+
+import av
+import numpy as np
+from PIL import Image
+
+from serving.evals.clips import encode_mp4
+
+
+def data_url(raw: bytes, mime: str = "video/mp4") -> str:
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+def clip(frames: int = 8, size: tuple[int, int] = (64, 48)) -> bytes:
+    images = [Image.new("RGB", size, (40 * i % 255, 80, 160)) for i in range(frames)]
+    return encode_mp4(images)
+
+
+def audio_only() -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), dtype=np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def lossless(frames: int = 4) -> bytes:
+    """FFV1 in Matroska: a real video in a codec the server does not take."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def long_clip(seconds: int) -> bytes:
+    """One tiny frame a second for `seconds`: cheap to send, long by its header."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(1, 1))
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), dtype=np.uint8), format="rgb24")
+        for _ in range(seconds):
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
