@@ -227,3 +227,41 @@ def test_get_slo_counts_requests_of_both_front_ends(server, channel, client):
     assert after.goodput_rps == pytest.approx(after.met / after.window_s)
     metrics = httpx.get(f"{server}/metrics", timeout=30).text
     assert f'epd:slo_requests_total{{model_name="epd-tiny"}} {float(after.requests)}' in metrics
+
+
+def test_a_video_over_grpc_and_http_gives_the_engines_tokens(channel, client, engine):
+    """The same clip as bytes over gRPC and as a data URL over HTTP, sampled to 4 frames by the
+    request: both give the tokens of the engine run on those 4 frames."""
+    from PIL import Image
+
+    from serving.api.video import VideoSampling, decode_video, frame_indices, probe_video
+    from serving.config import GatewayConfig
+    from tests.e2e import videos
+
+    clip = videos.clip(frames=8, size=(56, 42))
+    parts = [pb.ContentPart(video=pb.Video(data=clip)), pb.ContentPart(text="Which way?")]
+    request = pb.GenerateRequest(
+        messages=[pb.Message(role="user", parts=parts)],
+        sampling=pb.SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0),
+        video_num_frames=4,
+    )
+    (messages,) = by_choice(generate(channel, request)).values()
+    content = [
+        {"type": "video_url", "video_url": {"url": videos.data_url(clip)}},
+        {"type": "text", "text": "Which way?"},
+    ]
+    http = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0,
+        extra_body={"ignore_eos": True, "media_io_kwargs": {"video": {"num_frames": 4}}},
+    )  # fmt: skip
+    cfg = GatewayConfig()
+    frames = decode_video(
+        clip, frame_indices(probe_video(clip, cfg, "v"), VideoSampling(num_frames=4), cfg), cfg, "v"
+    )
+    from PIL import Image
+
+    prompt = engine.inputs.from_user_prompt("Which way?", [[Image.fromarray(f) for f in frames]])
+    want = engine.generate([(prompt, SamplingParams(max_tokens=8, ignore_eos=True))])[0]
+    assert [t for m in messages for t in m.token_ids] == want.token_ids
+    assert http.choices[0].message.content == want.text
+    assert http.usage.prompt_tokens == len(prompt.token_ids)
