@@ -258,7 +258,6 @@ def test_a_video_over_grpc_and_http_gives_the_engines_tokens(channel, client, en
     frames = decode_video(
         clip, frame_indices(probe_video(clip, cfg, "v"), VideoSampling(num_frames=4), cfg), cfg, "v"
     )
-    from PIL import Image
 
     prompt = engine.inputs.from_user_prompt("Which way?", [[Image.fromarray(f) for f in frames]])
     want = engine.generate([(prompt, SamplingParams(max_tokens=8, ignore_eos=True))])[0]
