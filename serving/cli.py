@@ -197,6 +197,7 @@ def serve_settings(
         video_fps=args.video_fps,
         video_max_frames=args.video_max_frames,
         video_max_seconds=args.video_max_seconds,
+        max_visual_tokens=args.max_visual_tokens,
         shutdown_grace_s=args.shutdown_grace,
         expose_openapi=args.openapi,
         grpc_port=args.grpc_port,
@@ -370,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=video["video_max_frames"].default,
         help="most frames sampled from one video",
+    )
+    srv.add_argument(
+        "--max-visual-tokens",
+        type=int,
+        default=None,
+        help="image and video tokens one request may bring (400 above)",
     )
     srv.add_argument(
         "--video-max-seconds",

@@ -197,6 +197,9 @@ class GatewayConfig(BaseModel):
     )
     max_images_per_request: int = Field(8, ge=0, description="Images and videos one request may bring.")
     max_videos_per_request: int = Field(2, ge=0)
+    max_visual_tokens: int | None = Field(
+        None, ge=1, description="Image and video tokens one request may bring; None: only the model length."
+    )
     max_video_bytes: int = Field(64 * 2**20, ge=1024, description="Largest encoded video, inline or fetched.")
     video_fps: float = Field(2.0, gt=0, le=60, description="Frames sampled per second of video by default.")
     video_max_frames: int = Field(32, ge=2, le=1024, description="Most frames sampled from one video.")

@@ -60,6 +60,7 @@ class MediaRef:
     source: str | bytes
     param: str
     video: bool = False
+    detail: str | None = None
 
 
 @dataclass(frozen=True)

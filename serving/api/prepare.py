@@ -66,7 +66,7 @@ def chat_messages(
         parts = []
         for part in message.content:
             if isinstance(part, ImageInput):
-                images.append(MediaRef(part.source, part.param))
+                images.append(MediaRef(part.source, part.param, detail=part.detail))
                 parts.append({"type": "image"})
             elif isinstance(part, VideoInput):
                 images.append(MediaRef(part.source, part.param, video=True))

@@ -45,6 +45,7 @@ class ImageInput:
     url: str = ""
     data: bytes | None = None
     param: str = "image"
+    detail: str | None = None  # "low", "high", "auto" (serving/api/budgets.py)
 
     @property
     def source(self) -> str | bytes:
@@ -156,6 +157,8 @@ class GenerateRequest:
     parallel_tool_calls: bool = True
     video_fps: float | None = None  # media_io_kwargs.video: frames sampled per second of video …
     video_num_frames: int | None = None  # … or how many, spread evenly (not both)
+    min_pixels: int | None = None  # mm_processor_kwargs: each image's pixel budget (budgets.py)
+    max_pixels: int | None = None
 
     @property
     def is_chat(self) -> bool:

@@ -16,9 +16,10 @@ from jinja2.exceptions import TemplateError
 from prometheus_client import generate_latest
 
 from serving.api.admission import Admission
+from serving.api.budgets import PixelBudget, check_visual_tokens, detail_budget, fit, request_budget
 from serving.api.errors import APIError
 from serving.api.grammars import GrammarChecker
-from serving.api.media import MediaFetcher
+from serving.api.media import MediaFetcher, MediaRef
 from serving.api.prepare import (
     chat_messages,
     check_sequences,
@@ -145,6 +146,7 @@ class GenerationService:
         if request.is_chat:
             check_sequences(self.cfg, request)
             messages, images = chat_messages(self.cfg, request)
+            budget = request_budget(self.inputs.image_processor.cfg, request.min_pixels, request.max_pixels)
             tools = template_tools(request.tools) if request.tools else None
             for _ in range(request.n):  # demand, counted before admission (a 429 is load too)
                 self.metrics.arrive(arrival, bool(images))
@@ -153,7 +155,9 @@ class GenerationService:
             queue_s = time.perf_counter() - arrival
             try:
                 arrays = await self.media.load_all(images, ticket, video_sampling(request))
+                arrays = await asyncio.to_thread(self._fit, images, arrays, budget)
                 spec, arrays = await self._chat_spec(messages, arrays, tools)
+                check_visual_tokens(self._image_tokens(spec), self.cfg.max_visual_tokens)
                 check_tokens(self.cfg, len(spec.token_ids) * request.n, "messages")
                 params = sampling_params(
                     self.cfg, request, len(spec.token_ids), self.max_model_len, self.vocab_size, grammar
@@ -204,9 +208,11 @@ class GenerationService:
             spec = await asyncio.to_thread(self.inputs.spec_from_text, prompt)
             return Tokenized(list(spec.token_ids), 0)
         messages, images = chat_messages(self.cfg, request)
+        budget = request_budget(self.inputs.image_processor.cfg, request.min_pixels, request.max_pixels)
         ticket = await self.admission.acquire(1) if images else None
         try:
             arrays = await self.media.load_all(images, ticket, video_sampling(request))
+            arrays = await asyncio.to_thread(self._fit, images, arrays, budget)
             tools = template_tools(request.tools) if request.tools else None
             spec, _ = await self._chat_spec(messages, arrays, tools)
         finally:
@@ -222,6 +228,14 @@ class GenerationService:
         except (ValueError, TemplateError) as exc:  # ours, or the chat template's raise_exception
             message = f"The messages could not be turned into a prompt: {str(exc)[:300]}."
             raise APIError(400, message, "messages") from None
+
+    def _fit(self, refs: list[MediaRef], arrays: list, budget: PixelBudget) -> list:
+        """Each image at the size its budget gives (its `detail`, else the request's); videos as they are."""
+        cfg = self.inputs.image_processor.cfg
+        return [
+            a if ref.video else fit(a, cfg, detail_budget(cfg, ref.detail, budget))
+            for ref, a in zip(refs, arrays, strict=True)
+        ]
 
     def _image_tokens(self, spec: PromptSpec) -> int:
         return sum(self.inputs.model_config.num_image_tokens(g) for g in spec.grids)

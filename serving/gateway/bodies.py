@@ -124,7 +124,8 @@ def _content(message: Any, i: int) -> Any:
         if isinstance(part, ImagePart | VideoPart) and message.role == "tool":
             raise APIError(400, "Tool results are text.", f"messages.{i}.content.{j}")
         if isinstance(part, ImagePart):
-            parts.append(ImageInput(url=part.image_url.url, param=f"messages.{i}.content.{j}.image_url"))
+            param = f"messages.{i}.content.{j}.image_url"
+            parts.append(ImageInput(url=part.image_url.url, param=param, detail=part.image_url.detail))
         elif isinstance(part, VideoPart):
             parts.append(VideoInput(url=part.video_url.url, param=f"messages.{i}.content.{j}.video_url"))
         else:
@@ -149,6 +150,7 @@ def chat_request(body: ChatCompletionRequest) -> GenerateRequest:
         for t in body.tools or ()
     )
     video = body.media_io_kwargs.video if body.media_io_kwargs else None
+    budget = body.mm_processor_kwargs
     choice = body.tool_choice
     if choice is None:
         tool_choice = ToolChoice("auto" if tools else "none")
@@ -171,6 +173,8 @@ def chat_request(body: ChatCompletionRequest) -> GenerateRequest:
         parallel_tool_calls=body.parallel_tool_calls,
         video_fps=video.fps if video else None,
         video_num_frames=video.num_frames if video else None,
+        min_pixels=budget.min_pixels if budget else None,
+        max_pixels=budget.max_pixels if budget else None,
     )
 
 

@@ -44,7 +44,7 @@ class _Body(BaseModel):
 
 class ImageURL(_Body):
     url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high"] | None = None  # accepted, ignored: the pixel budget decides
+    detail: Literal["auto", "low", "high"] | None = None  # the image's pixel budget (api/budgets.py)
 
 
 class TextPart(_Body):
@@ -72,6 +72,13 @@ Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 class VideoIO(_Body):
     fps: float | None = Field(None, gt=0, le=60)
     num_frames: int | None = Field(None, ge=1, le=1024)
+
+
+class ProcessorKwargs(_Body):
+    """vLLM's `mm_processor_kwargs`: each image's pixel budget, inside the model's range."""
+
+    min_pixels: int | None = Field(None, ge=1, le=2**31 - 1)
+    max_pixels: int | None = Field(None, ge=1, le=2**31 - 1)
 
 
 class MediaIO(_Body):
@@ -198,6 +205,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     media_io_kwargs: MediaIO | None = None
+    mm_processor_kwargs: ProcessorKwargs | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
