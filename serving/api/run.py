@@ -53,7 +53,8 @@ class Choice:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
-    image_tokens: int
+    image_tokens: int  # images' and videos' tokens together
+    video_tokens: int = 0  # of which videos'
 
     @property
     def total_tokens(self) -> int:

@@ -246,6 +246,7 @@ class GenerationService:
             prompt_tokens=sum(len(s.token_ids) for s in prompts),
             completion_tokens=sum(len(c.token_ids) for c in choices),
             image_tokens=sum(self._image_tokens(s) for s in prompts),
+            video_tokens=sum(s.token_ids.count(self.inputs.model_config.video_token_id) for s in prompts),
         )
 
     # -- state ------------------------------------------------------------------------------------

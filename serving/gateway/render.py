@@ -25,7 +25,11 @@ def usage_body(usage: Usage) -> dict[str, Any]:
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": usage.image_tokens},
+        "prompt_tokens_details": {
+            "cached_tokens": 0,
+            "image_tokens": usage.image_tokens,  # images' and videos' tokens
+            "video_tokens": usage.video_tokens,  # of which videos'
+        },
     }
 
 

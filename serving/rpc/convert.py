@@ -233,6 +233,7 @@ def generate_response(
                 completion_tokens=usage.completion_tokens,
                 total_tokens=usage.total_tokens,
                 image_tokens=usage.image_tokens,
+                video_tokens=usage.video_tokens,
             )
         )
     return out

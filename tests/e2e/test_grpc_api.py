@@ -264,3 +264,7 @@ def test_a_video_over_grpc_and_http_gives_the_engines_tokens(channel, client, en
     assert [t for m in messages for t in m.token_ids] == want.token_ids
     assert http.choices[0].message.content == want.text
     assert http.usage.prompt_tokens == len(prompt.token_ids)
+    video_tokens = prompt.token_ids.count(engine.model_config.video_token_id)
+    assert http.usage.prompt_tokens_details.model_extra["video_tokens"] == video_tokens > 0
+    (last,) = [m for m in messages if m.HasField("usage")]
+    assert last.usage.video_tokens == video_tokens == last.usage.image_tokens

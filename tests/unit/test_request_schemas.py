@@ -111,8 +111,17 @@ def test_unimplemented_fields_refused_by_name(fields, param):
         {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a+"}},
         {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
         {"tool_choice": {"type": "function", "function": {"name": "f"}}},
-        {"messages": [{"role": "assistant", "tool_calls": [{"id": "x", "type": "function",
-                       "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "content": "1"}]},
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "x", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                    ],
+                },
+                {"role": "tool", "content": "1"},
+            ]
+        },
         {"tools": [], "tool_choice": "none"},
         {"tool_choice": "auto", "function_call": "none", "functions": []},
         {"stream": True, "stream_options": {"include_usage": True}},
