@@ -185,6 +185,9 @@ class PromptSpec:
 
     token_ids: list[int]
     grids: list[tuple[int, int, int]] = field(default_factory=list)
+    # Per video, in prompt order: seconds of video per temporal patch (Qwen2.5-VL's positions need it;
+    # missing entries are 1.0, transformers' default: 2 frames at 2 fps).
+    video_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

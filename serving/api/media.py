@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from serving.api.admission import Ticket
 from serving.api.errors import APIError
-from serving.api.video import VideoSampling, decode_video, frame_indices, probe_video
+from serving.api.video import VideoSampling, decode_video, frame_indices, probe_video, seconds_per_patch
 from serving.config import GatewayConfig
 from serving.engine.image_processor import to_rgb
 
@@ -64,6 +64,15 @@ class MediaRef:
 
 
 @dataclass(frozen=True)
+class Loaded:
+    """A request's media, decoded: arrays in prompt order, and per video (in order) the seconds one
+    temporal patch of its sampled frames spans."""
+
+    arrays: list[np.ndarray]
+    video_seconds: list[float]
+
+
+@dataclass(frozen=True)
 class Probe:
     """What an image's header declares, read without decoding its pixels."""
 
@@ -88,16 +97,17 @@ class MediaFetcher:
         refs: list[MediaRef],
         ticket: Ticket | None = None,
         sampling: VideoSampling | None = None,
-    ) -> list[np.ndarray]:
+    ) -> Loaded:
         """A request's images and videos → RGB uint8 arrays: (H, W, 3) for an image, (T, H, W, 3) for
-        a video's sampled frames (`sampling`, or the server's defaults).
+        a video's sampled frames (`sampling`, or the server's defaults), and per video the seconds
+        each temporal patch of its frames spans.
 
         Every fetch runs under one deadline and one byte budget for the request; every header is then
         checked (pixels, frames, aspect ratio, a video's duration and codec) and the request's declared
         pixels (a video's: its sampled frames') are checked against its own budget (413) and charged to
         the gateway's in-flight budget on `ticket` (429) before anything is decoded."""
         if not refs:
-            return []
+            return Loaded([], [])
         media = RequestMedia(self.cfg.max_request_media_bytes)
         try:
             async with asyncio.timeout(self.cfg.media_total_timeout_s):
@@ -107,12 +117,14 @@ class MediaFetcher:
             raise APIError(422, message, refs[0].param, "media_fetch_timeout") from None
         sampling = sampling or VideoSampling()
         plans: list[list[int] | None] = []
+        seconds: list[float] = []
         pixels = 0
         for raw, ref in zip(raws, refs, strict=True):
             if ref.video:
                 video = await asyncio.to_thread(probe_video, raw, self.cfg, ref.param)
                 indices = frame_indices(video, sampling, self.cfg)
                 plans.append(indices)
+                seconds.append(seconds_per_patch(video, len(indices)))
                 pixels += video.width * video.height * len(indices)
             else:
                 pixels += (await asyncio.to_thread(probe_image, raw, self.cfg, ref.param)).pixels
@@ -122,7 +134,7 @@ class MediaFetcher:
             raise APIError(413, message, "messages", "image_too_large")
         if ticket is not None:
             ticket.charge_pixels(pixels)
-        return list(
+        arrays = list(
             await asyncio.gather(
                 *(
                     asyncio.to_thread(decode_image, raw, self.cfg.max_image_pixels, ref.param)
@@ -132,10 +144,11 @@ class MediaFetcher:
                 )
             )
         )
+        return Loaded(arrays, seconds)
 
     async def load(self, url: str, param: str) -> np.ndarray:
         """One image URL (data: or http(s)) → RGB uint8 array (H, W, 3), under the request budgets."""
-        return (await self.load_all([MediaRef(url, param)]))[0]
+        return (await self.load_all([MediaRef(url, param)])).arrays[0]
 
     def _limit(self, video: bool) -> tuple[int, str]:
         return (self.cfg.max_video_bytes, "video") if video else (self.cfg.max_image_bytes, "image")

@@ -154,9 +154,9 @@ class GenerationService:
             ticket = await self.admission.acquire(request.n)
             queue_s = time.perf_counter() - arrival
             try:
-                arrays = await self.media.load_all(images, ticket, video_sampling(request))
-                arrays = await asyncio.to_thread(self._fit, images, arrays, budget)
-                spec, arrays = await self._chat_spec(messages, arrays, tools)
+                loaded = await self.media.load_all(images, ticket, video_sampling(request))
+                arrays = await asyncio.to_thread(self._fit, images, loaded.arrays, budget)
+                spec, arrays = await self._chat_spec(messages, arrays, tools, loaded.video_seconds)
                 check_visual_tokens(self._image_tokens(spec), self.cfg.max_visual_tokens)
                 check_tokens(self.cfg, len(spec.token_ids) * request.n, "messages")
                 params = sampling_params(
@@ -211,8 +211,8 @@ class GenerationService:
         budget = request_budget(self.inputs.image_processor.cfg, request.min_pixels, request.max_pixels)
         ticket = await self.admission.acquire(1) if images else None
         try:
-            arrays = await self.media.load_all(images, ticket, video_sampling(request))
-            arrays = await asyncio.to_thread(self._fit, images, arrays, budget)
+            loaded = await self.media.load_all(images, ticket, video_sampling(request))
+            arrays = await asyncio.to_thread(self._fit, images, loaded.arrays, budget)
             tools = template_tools(request.tools) if request.tools else None
             spec, _ = await self._chat_spec(messages, arrays, tools)
         finally:
@@ -221,10 +221,12 @@ class GenerationService:
         return Tokenized(list(spec.token_ids), self._image_tokens(spec))
 
     async def _chat_spec(
-        self, messages: list, images: list, tools: list | None = None
+        self, messages: list, images: list, tools: list | None = None, video_seconds: list | None = None
     ) -> tuple[PromptSpec, list]:
         try:
-            return await asyncio.to_thread(self.inputs.spec_from_messages, messages, images, tools)
+            return await asyncio.to_thread(
+                self.inputs.spec_from_messages, messages, images, tools, video_seconds
+            )
         except (ValueError, TemplateError) as exc:  # ours, or the chat template's raise_exception
             message = f"The messages could not be turned into a prompt: {str(exc)[:300]}."
             raise APIError(400, message, "messages") from None

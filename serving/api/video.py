@@ -96,6 +96,12 @@ def frame_indices(probe: VideoProbe, sampling: VideoSampling, cfg: GatewayConfig
     return np.linspace(0, probe.frames - 1, wanted).round().astype(int).tolist()
 
 
+def seconds_per_patch(probe: VideoProbe, frames: int) -> float:
+    """Seconds of video one temporal patch of the sampled frames spans (Qwen2.5-VL's
+    `second_per_grid_ts`: the temporal patch size over the sampling rate)."""
+    return TEMPORAL_PATCH * probe.duration_s / frames
+
+
 def decode_video(data: bytes, indices: list[int], cfg: GatewayConfig, param: str) -> np.ndarray:
     """The chosen frames as RGB uint8 (T, H, W, 3), decoding in order and stopping after the last one
     wanted; past `video_decode_timeout_s` the request is refused (422)."""

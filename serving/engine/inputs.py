@@ -30,6 +30,7 @@ class Prompt:
     token_ids: list[int]
     images: list[ProcessedImage] = field(default_factory=list)
     grids: list[tuple[int, int, int]] = field(default_factory=list)
+    video_seconds: list[float] = field(default_factory=list)  # per video: seconds per temporal patch
 
     def __post_init__(self) -> None:
         if self.images and not self.grids:
@@ -67,10 +68,6 @@ class InputProcessor:
             media = [Image.fromarray(f) for f in media] if media.ndim == 4 else Image.fromarray(media)
         if not isinstance(media, list):
             return self.image_processor(media)
-        if self.model_config.family != "qwen2_vl":
-            # Qwen2.5-VL spaces a video's temporal positions by its frame rate, which a list of frames
-            # does not carry.
-            raise ValueError("video input is supported for Qwen2-VL models only")
         return self.video_processor(media)
 
     def from_messages(self, messages: list[dict[str, Any]], media: list[Media]) -> Prompt:
@@ -96,13 +93,13 @@ class InputProcessor:
         messages: list[dict[str, Any]],
         images: list[Image.Image] | list[np.ndarray],
         tools: list[dict[str, Any]] | None = None,
+        video_seconds: list[float] | None = None,
     ) -> tuple[PromptSpec, list[np.ndarray]]:
         """For a remote encode stage: the tokenized prompt with grids (from media sizes alone, no
         preprocessing here) and the media as RGB arrays to ship to it: (H, W, 3) for an image,
-        (T, H, W, 3) for a video's frames."""
+        (T, H, W, 3) for a video's frames; `video_seconds`, per video, the seconds each temporal
+        patch spans (from the frame rate it was sampled at)."""
         arrays = [im if isinstance(im, np.ndarray) else np.asarray(to_rgb(im)) for im in images]
-        if any(a.ndim == 4 for a in arrays) and self.model_config.family != "qwen2_vl":
-            raise ValueError("video input is supported for Qwen2-VL models only")
         grids = [
             self.video_processor.grid(a.shape[0], a.shape[2], a.shape[1])
             if a.ndim == 4
@@ -110,7 +107,7 @@ class InputProcessor:
             for a in arrays
         ]
         token_ids = self.tokenizer.encode_chat(messages, tools=tools)
-        return PromptSpec(self.expand(token_ids, grids), grids), arrays
+        return PromptSpec(self.expand(token_ids, grids), grids, list(video_seconds or [])), arrays
 
     def spec_from_text(self, prompt: str) -> PromptSpec:
         """A raw completions prompt: client text, so special-token text in it is plain text."""

@@ -110,6 +110,7 @@ class LLMEngine:
             max_model_len=self.cfg.max_model_len,
             images=list(prompt.images),
             grids=list(prompt.grids),
+            video_seconds=list(prompt.video_seconds),
             num_image_tokens=sum(self.model_config.num_image_tokens(g) for g in prompt.grids),
             prefill_only=prefill_only,
         )
@@ -191,7 +192,8 @@ class LLMEngine:
         block table, or None when the pool has no room for the request yet."""
         if self.holds(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = self.make_sequence(request_id, Prompt(prompt.token_ids, grids=list(prompt.grids)), params)
+        bare = Prompt(prompt.token_ids, grids=list(prompt.grids), video_seconds=list(prompt.video_seconds))
+        seq = self.make_sequence(request_id, bare, params)
         if not self.scheduler.can_admit(seq):
             return None
         self.runner.pool.grow(seq.block_table, kv_tokens)

@@ -2,10 +2,11 @@
 
 Text tokens advance all three coordinates together. An image's (or a video's) tokens take (t, h, w)
 coordinates of its merged grid, offset by the position where it starts; the text after it resumes at
-that offset plus its largest spatial side. For a video that is Qwen2-VL's rule as `transformers`
-computes it: one temporal step per temporal patch, and the temporal extent does not move the text
-after it. The gap between the last position and the token count is the request's rope delta: every
-decoded token sits at `index + delta` on all three axes.
+that offset plus its largest spatial side (the temporal extent does not move it), as `transformers`
+computes it. A video's temporal patch k sits at k · interval: 1 for Qwen2-VL, and for Qwen2.5-VL
+`tokens_per_second` times the seconds the patch spans, truncated. The gap between the largest
+position and the token count is the request's rope delta: every decoded token sits at
+`index + delta` on all three axes.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ def mrope_positions(
     image_token_id: int,
     merge: int,
     video_token_id: int | None = None,
+    video_seconds: list[float] | None = None,
+    tokens_per_second: float | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Returns positions (3, len(token_ids)) and the rope delta. `grids` are the images' and videos'
-    grids in the order their pad runs appear in the prompt."""
+    grids in the order their pad runs appear in the prompt. With `tokens_per_second` (Qwen2.5-VL), a
+    video's temporal step is it times the video's entry in `video_seconds` (1.0 when missing);
+    without it, 1."""
     n = len(token_ids)
     positions = torch.empty(3, n, dtype=torch.long)
     ids = torch.tensor(token_ids, dtype=torch.long)
@@ -29,6 +34,7 @@ def mrope_positions(
     if video_token_id is not None:
         pads |= ids == video_token_id
     image_starts = _media_runs(pads, grids, merge)
+    seconds = iter(video_seconds or ())
     cursor = 0  # next token index to place
     pos = 0  # next text position
     for start, (t, h, w) in zip(image_starts, grids, strict=True):
@@ -36,13 +42,17 @@ def mrope_positions(
         positions[:, cursor:start] = torch.arange(pos, pos + text_len)
         pos += text_len
         gt, gh, gw = t, h // merge, w // merge
-        tt, hh, ww = torch.meshgrid(torch.arange(gt), torch.arange(gh), torch.arange(gw), indexing="ij")
+        temporal = torch.arange(gt)
+        if video_token_id is not None and token_ids[start] == video_token_id:
+            step = next(seconds, 1.0)
+            if tokens_per_second is not None:
+                temporal = (temporal * (tokens_per_second * step)).long()
+        tt, hh, ww = torch.meshgrid(temporal, torch.arange(gh), torch.arange(gw), indexing="ij")
         positions[:, start : start + gt * gh * gw] = torch.stack([tt, hh, ww]).reshape(3, -1) + pos
         cursor = start + gt * gh * gw
         pos += max(gh, gw)
     positions[:, cursor:] = torch.arange(pos, pos + n - cursor)
-    last = pos + n - cursor - 1 if n > cursor else int(positions.max())
-    return positions, last + 1 - n
+    return positions, int(positions.max()) + 1 - n if n else 0
 
 
 def _media_runs(pads: torch.Tensor, grids: list[tuple[int, int, int]], merge: int) -> list[int]:

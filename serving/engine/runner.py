@@ -165,6 +165,8 @@ class ModelRunner:
                 cfg.image_token_id,
                 cfg.vision.spatial_merge_size,
                 cfg.video_token_id,
+                seq.video_seconds,
+                cfg.vision.tokens_per_second if cfg.family == "qwen2_5_vl" else None,
             )
         if start >= prompt_len:
             return (torch.arange(start, end) + seq.rope_delta).expand(3, -1)

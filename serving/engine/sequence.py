@@ -25,6 +25,7 @@ class Sequence:
     max_model_len: int
     images: list[ProcessedImage] = field(default_factory=list)
     grids: list[tuple[int, int, int]] = field(default_factory=list)
+    video_seconds: list[float] = field(default_factory=list)  # per video: seconds per temporal patch
     image_embeds: torch.Tensor | None = None  # the images' embeddings, packed in prompt order
     num_image_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)

@@ -122,7 +122,7 @@ class RequestPaths:
         timings: StageTimings,
     ) -> tuple[Prompt, torch.Tensor | None]:
         """The prompt and its visual embeddings: pulled from an encode worker, encoded here, or none."""
-        prompt = Prompt(spec.token_ids, grids=spec.grids)
+        prompt = Prompt(spec.token_ids, grids=spec.grids, video_seconds=spec.video_seconds)
         if embeddings is not None:
             timings.merge(embeddings.timings)
             return prompt, self._pull_embeddings(request_id, embeddings, timings)
@@ -174,7 +174,7 @@ class RequestPaths:
     ) -> tuple[Any, float]:
         """Reserve blocks, pull the KV into them, join the decode batch. The sink is a new queue, or
         what `make_sink(transfer seconds)` gives."""
-        prompt = Prompt(spec.token_ids, grids=spec.grids)
+        prompt = Prompt(spec.token_ids, grids=spec.grids, video_seconds=spec.video_seconds)
 
         def reserve() -> list[int] | None:
             try:

@@ -56,9 +56,10 @@ def load(cfg: GatewayConfig, urls: list[str], admission: Admission | None = None
         try:
             ticket = await admission.acquire() if admission else None
             TICKETS.append(ticket)
-            return await fetcher.load_all(
+            loaded = await fetcher.load_all(
                 [MediaRef(u, f"messages.0.content.{i}") for i, u in enumerate(urls)], ticket
             )
+            return loaded.arrays
         finally:
             await fetcher.close()
 

@@ -26,6 +26,9 @@ class VisionConfig:
     rope_theta: float
     window_size: int = 0
     fullatt_block_indexes: tuple[int, ...] = ()
+    # Qwen2.5-VL: M-RoPE temporal positions per second of video (a video's temporal patch k sits at
+    # k · tokens_per_second · seconds per patch); Qwen2-VL steps one per patch.
+    tokens_per_second: float = 1.0
 
     @property
     def head_dim(self) -> int:
@@ -109,6 +112,7 @@ def _parse_vision(raw: dict[str, Any], family: str, text_hidden: int) -> VisionC
         out_dim=raw.get("out_hidden_size", text_hidden),
         mlp_dim=raw["intermediate_size"],
         window_size=raw.get("window_size", 112),
+        tokens_per_second=raw.get("tokens_per_second", 4),  # transformers' default
         fullatt_block_indexes=tuple(raw.get("fullatt_block_indexes", ())),
         **common,
     )
