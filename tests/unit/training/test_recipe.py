@@ -88,9 +88,35 @@ def test_only_the_answer_carries_loss(tmp_path):
 
 
 def test_warmup_then_cosine():
-    r = Recipe(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    r = Recipe(steps=100, tower_steps=0, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(r, 0) == 0.1 and lr_at(r, 9) == 1.0
     assert lr_at(r, 100) == 0.1 and 0.1 < lr_at(r, 55) < 1.0
+
+
+def test_each_stage_warms_up_and_decays_on_its_own():
+    r = Recipe(steps=300, tower_steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(r, 0) == 0.1 and lr_at(r, 9) == 1.0 and lr_at(r, 99) < 0.11
+    assert lr_at(r, 100) == 0.1 and lr_at(r, 109) == 1.0 and lr_at(r, 300) == 0.1
+
+
+def test_the_tower_stage_draws_its_own_items():
+    """Batches of either size never draw an item twice: the full stage's items follow the tower's."""
+    r = Recipe(steps=6, tower_steps=3, tower_batch_size=4, batch_size=8)
+    spans = [range(first, first + size) for size, first in map(r.batch_at, range(6))]
+    drawn = [i for span in spans for i in span]
+    assert drawn == list(range(3 * 4 + 3 * 8))
+
+
+def test_a_tower_step_trains_the_vision_tower_alone(tmp_path, one_thread):
+    recipe = replace(RECIPE, steps=2, tower_steps=1, batch_size=4, tower_batch_size=4)
+    trainer = Trainer(tmp_path / "m", recipe, log=lambda _: None)
+    decoder = {k: v.clone() for k, v in trainer.model.model.language_model.state_dict().items()}
+    tower = {k: v.clone() for k, v in trainer.model.model.visual.state_dict().items()}
+    trainer.train_step()
+    after = trainer.model.model.language_model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in decoder.items()), "the decoder is not touched"
+    visual = trainer.model.model.visual.state_dict()
+    assert any(not torch.equal(v, visual[k]) for k, v in tower.items())
 
 
 def test_probe_targets_say_what_each_token_covers():
