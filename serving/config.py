@@ -197,6 +197,9 @@ class GatewayConfig(BaseModel):
     )
     max_images_per_request: int = Field(8, ge=0, description="Images and videos one request may bring.")
     max_videos_per_request: int = Field(2, ge=0)
+    media_uuid_cache_bytes: int = Field(
+        256 * 2**20, ge=0, description="Decoded media kept by their clients' uuid for reuse (per replica)."
+    )
     max_visual_tokens: int | None = Field(
         None, ge=1, description="Image and video tokens one request may bring; None: only the model length."
     )

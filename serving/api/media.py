@@ -14,7 +14,8 @@ import io
 import ipaddress
 import re
 import socket
-from collections.abc import Coroutine
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlparse
@@ -61,6 +62,7 @@ class MediaRef:
     param: str
     video: bool = False
     detail: str | None = None
+    uuid: str | None = None  # the client's name for it: with no source, the item sent before under it
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,48 @@ class Probe:
         return self.width * self.height
 
 
+class UuidCache:
+    """Decoded media by their clients' `uuid` (and, for a video, its sampling), least recently used
+    first out past `max_bytes`. Per gateway replica: a client that spreads one uuid over replicas
+    sends its data to each once."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[tuple, tuple[np.ndarray, float | None]] = OrderedDict()
+
+    def get(self, key: tuple) -> tuple[np.ndarray, float | None] | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: tuple, item: tuple[np.ndarray, float | None]) -> None:
+        if item[0].nbytes > self.max_bytes:
+            return
+        if (old := self._items.pop(key, None)) is not None:
+            self.bytes -= old[0].nbytes
+        self._items[key] = item
+        self.bytes += item[0].nbytes
+        while self.bytes > self.max_bytes:
+            _, (array, _) = self._items.popitem(last=False)
+            self.bytes -= array.nbytes
+
+
+def _uuid_key(ref: MediaRef, sampling: VideoSampling) -> tuple:
+    """What the decoded item depends on besides its bytes: a video's frames, on its sampling."""
+    return (ref.uuid, ref.video, (sampling.fps, sampling.num_frames) if ref.video else None)
+
+
 class MediaFetcher:
-    def __init__(self, cfg: GatewayConfig) -> None:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        on_decode: Callable[[str], None] | None = None,
+        on_reuse: Callable[[], None] | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.uuids = UuidCache(cfg.media_uuid_cache_bytes)
+        self.on_decode, self.on_reuse = on_decode, on_reuse  # metrics: decodes by kind, uuid reuses
         self.allowed_hosts = {h.lower() for h in cfg.allow_media_hosts}
         timeout = httpx.Timeout(cfg.media_read_timeout_s, connect=cfg.media_connect_timeout_s)
         self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
@@ -108,43 +149,65 @@ class MediaFetcher:
         the gateway's in-flight budget on `ticket` (429) before anything is decoded."""
         if not refs:
             return Loaded([], [])
+        sampling = sampling or VideoSampling()
+        reused: dict[int, tuple[np.ndarray, float | None]] = {}
+        for i, ref in enumerate(refs):
+            if ref.uuid and not ref.source:  # vLLM's media identity: the item sent before under it
+                hit = self.uuids.get(_uuid_key(ref, sampling))
+                if hit is None:
+                    message = f"No media is known by uuid '{ref.uuid[:64]}'; send it with its data first."
+                    raise APIError(400, message, ref.param, "unknown_media_uuid")
+                reused[i] = hit
+        fetch = [i for i in range(len(refs)) if i not in reused]
         media = RequestMedia(self.cfg.max_request_media_bytes)
         try:
             async with asyncio.timeout(self.cfg.media_total_timeout_s):
-                raws = await _all_or_none([self._bytes(r.source, r.param, media, r.video) for r in refs])
+                fetched = await _all_or_none(
+                    [self._bytes(refs[i].source, refs[i].param, media, refs[i].video) for i in fetch]
+                )
         except TimeoutError:
             message = "Fetching the request's media took longer than the server allows."
             raise APIError(422, message, refs[0].param, "media_fetch_timeout") from None
-        sampling = sampling or VideoSampling()
-        plans: list[list[int] | None] = []
-        seconds: list[float] = []
-        pixels = 0
-        for raw, ref in zip(raws, refs, strict=True):
+        raws = dict(zip(fetch, fetched, strict=True))
+        plans: dict[int, list[int] | None] = {}
+        seconds: dict[int, float] = {}
+        pixels = sum(a.size // 3 for a, _ in reused.values())
+        for i, raw in raws.items():
+            ref = refs[i]
             if ref.video:
                 video = await asyncio.to_thread(probe_video, raw, self.cfg, ref.param)
-                indices = frame_indices(video, sampling, self.cfg)
-                plans.append(indices)
-                seconds.append(seconds_per_patch(video, len(indices)))
-                pixels += video.width * video.height * len(indices)
+                plans[i] = frame_indices(video, sampling, self.cfg)
+                seconds[i] = seconds_per_patch(video, len(plans[i]))
+                pixels += video.width * video.height * len(plans[i])
             else:
                 pixels += (await asyncio.to_thread(probe_image, raw, self.cfg, ref.param)).pixels
-                plans.append(None)
+                plans[i] = None
         if pixels > self.cfg.max_request_image_pixels:
             message = "The request's images and videos have more pixels in total than the server accepts."
             raise APIError(413, message, "messages", "image_too_large")
         if ticket is not None:
             ticket.charge_pixels(pixels)
-        arrays = list(
-            await asyncio.gather(
-                *(
-                    asyncio.to_thread(decode_image, raw, self.cfg.max_image_pixels, ref.param)
-                    if plan is None
-                    else asyncio.to_thread(decode_video, raw, plan, self.cfg, ref.param)
-                    for raw, ref, plan in zip(raws, refs, plans, strict=True)
-                )
+        decoded = await asyncio.gather(
+            *(
+                asyncio.to_thread(decode_image, raws[i], self.cfg.max_image_pixels, refs[i].param)
+                if plans[i] is None
+                else asyncio.to_thread(decode_video, raws[i], plans[i], self.cfg, refs[i].param)
+                for i in fetch
             )
         )
-        return Loaded(arrays, seconds)
+        items = dict(reused)
+        for i, array in zip(fetch, decoded, strict=True):
+            items[i] = (array, seconds.get(i))
+            if self.on_decode is not None:
+                self.on_decode("video" if refs[i].video else "image")
+            if refs[i].uuid:
+                self.uuids.put(_uuid_key(refs[i], sampling), items[i])
+        if self.on_reuse is not None:
+            for _ in reused:
+                self.on_reuse()
+        ordered = [items[i] for i in range(len(refs))]
+        video_seconds = [s for (_, s), ref in zip(ordered, refs, strict=True) if ref.video]
+        return Loaded([a for a, _ in ordered], [s if s is not None else 1.0 for s in video_seconds])
 
     async def load(self, url: str, param: str) -> np.ndarray:
         """One image URL (data: or http(s)) → RGB uint8 array (H, W, 3), under the request budgets."""

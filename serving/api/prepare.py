@@ -66,10 +66,10 @@ def chat_messages(
         parts = []
         for part in message.content:
             if isinstance(part, ImageInput):
-                images.append(MediaRef(part.source, part.param, detail=part.detail))
+                images.append(MediaRef(part.source, part.param, detail=part.detail, uuid=part.uuid))
                 parts.append({"type": "image"})
             elif isinstance(part, VideoInput):
-                images.append(MediaRef(part.source, part.param, video=True))
+                images.append(MediaRef(part.source, part.param, video=True, uuid=part.uuid))
                 parts.append({"type": "video"})
             else:
                 parts.append({"type": "text", "text": part.text})

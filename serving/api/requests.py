@@ -46,6 +46,7 @@ class ImageInput:
     data: bytes | None = None
     param: str = "image"
     detail: str | None = None  # "low", "high", "auto" (serving/api/budgets.py)
+    uuid: str | None = None  # the client's name for it; alone, the image sent before under it
 
     @property
     def source(self) -> str | bytes:
@@ -59,6 +60,7 @@ class VideoInput:
     url: str = ""
     data: bytes | None = None
     param: str = "video"
+    uuid: str | None = None
 
     @property
     def source(self) -> str | bytes:
@@ -219,8 +221,15 @@ def check_bounds(request: GenerateRequest) -> None:
                 f"messages.{i}.role", "a tool message must follow an assistant message's tool_calls"
             )
         for j, part in enumerate(message.content if isinstance(message.content, tuple) else ()):
-            if isinstance(part, ImageInput | VideoInput) and part.data is None and not part.url:
-                raise invalid_value(part.param or f"messages.{i}.content.{j}", "media needs data or a url")
+            if (
+                isinstance(part, ImageInput | VideoInput)
+                and part.data is None
+                and not part.url
+                and not part.uuid
+            ):
+                raise invalid_value(
+                    part.param or f"messages.{i}.content.{j}", "media needs data, a url or a uuid"
+                )
 
 
 def _check_logit_bias(entries: tuple[tuple[str, float], ...]) -> None:

@@ -86,7 +86,11 @@ class GenerationService:
         model = self.inputs.model_config
         self.vocab_size = model.text.vocab_size
         self.grammars = GrammarChecker(model_dir, self.vocab_size, model.eos_token_ids)
-        self.media = MediaFetcher(cfg)
+        self.media = MediaFetcher(
+            cfg,
+            on_decode=lambda kind: self.metrics.media_decoded.labels(model_id, kind).inc(),
+            on_reuse=lambda: self.metrics.media_uuid_hits.labels(model_id).inc(),
+        )
         self.admission = Admission(
             cfg.max_concurrent_requests, cfg.max_queued_requests, cfg.max_image_pixels_in_flight
         )

@@ -124,10 +124,19 @@ def _content(message: Any, i: int) -> Any:
         if isinstance(part, ImagePart | VideoPart) and message.role == "tool":
             raise APIError(400, "Tool results are text.", f"messages.{i}.content.{j}")
         if isinstance(part, ImagePart):
-            param = f"messages.{i}.content.{j}.image_url"
-            parts.append(ImageInput(url=part.image_url.url, param=param, detail=part.image_url.detail))
+            image = part.image_url
+            parts.append(
+                ImageInput(
+                    url=(image.url if image else None) or "",
+                    param=f"messages.{i}.content.{j}.image_url",
+                    detail=image.detail if image else None,
+                    uuid=part.uuid,
+                )
+            )
         elif isinstance(part, VideoPart):
-            parts.append(VideoInput(url=part.video_url.url, param=f"messages.{i}.content.{j}.video_url"))
+            url = (part.video_url.url if part.video_url else None) or ""
+            param = f"messages.{i}.content.{j}.video_url"
+            parts.append(VideoInput(url=url, param=param, uuid=part.uuid))
         else:
             parts.append(TextInput(part.text))
     return tuple(parts)

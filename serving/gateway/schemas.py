@@ -43,7 +43,7 @@ class _Body(BaseModel):
 
 
 class ImageURL(_Body):
-    url: str = Field(min_length=1)
+    url: str | None = Field(None, min_length=1)  # none: the part's `uuid` names an image sent before
     detail: Literal["auto", "low", "high"] | None = None  # the image's pixel budget (api/budgets.py)
 
 
@@ -52,18 +52,23 @@ class TextPart(_Body):
     text: str
 
 
+Uuid = Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class ImagePart(_Body):
     type: Literal["image_url"]
-    image_url: ImageURL
+    image_url: ImageURL | None = None
+    uuid: Uuid | None = None  # vLLM's media identity: with no url, the image sent before under it
 
 
 class VideoURL(_Body):
-    url: str = Field(min_length=1)
+    url: str | None = Field(None, min_length=1)
 
 
 class VideoPart(_Body):
     type: Literal["video_url"]
-    video_url: VideoURL
+    video_url: VideoURL | None = None
+    uuid: Uuid | None = None
 
 
 Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]

@@ -185,21 +185,26 @@ def _message(i: int, message: pb.Message) -> ChatMessage:
         kind = part.WhichOneof("part")
         if kind == "text":
             parts.append(TextInput(part.text))
-        elif kind == "image" and part.image.WhichOneof("source") == "data":
-            parts.append(ImageInput(data=part.image.data, param=f"{param}.image.data"))
-        elif kind == "image" and part.image.WhichOneof("source") == "url":
-            parts.append(ImageInput(url=part.image.url, param=f"{param}.image.url"))
-        elif kind == "image":
-            raise invalid_value(f"{param}.image", "an image needs data or a url")
-        elif kind == "video" and part.video.WhichOneof("source") == "data":
-            parts.append(VideoInput(data=part.video.data, param=f"{param}.video.data"))
-        elif kind == "video" and part.video.WhichOneof("source") == "url":
-            parts.append(VideoInput(url=part.video.url, param=f"{param}.video.url"))
-        elif kind == "video":
-            raise invalid_value(f"{param}.video", "a video needs data or a url")
+        elif kind in ("image", "video"):
+            parts.append(_media(kind, getattr(part, kind), f"{param}.{kind}"))
         else:
             raise invalid_value(param, "a part needs text or an image")
     return ChatMessage(message.role, tuple(parts), calls, call_id)
+
+
+def _media(kind: str, media: pb.Image | pb.Video, param: str) -> ImageInput | VideoInput:
+    cls = ImageInput if kind == "image" else VideoInput
+    uuid = media.uuid or None
+    source = media.WhichOneof("source")
+    if source == "data":
+        return cls(data=media.data, param=f"{param}.data", uuid=uuid)
+    if source == "url":
+        return cls(url=media.url, param=f"{param}.url", uuid=uuid)
+    if uuid is None:
+        raise invalid_value(
+            param, f"{'an image' if kind == 'image' else 'a video'} needs data, a url or a uuid"
+        )
+    return cls(param=param, uuid=uuid)
 
 
 def generate_response(

@@ -134,6 +134,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.media_decoded = Counter(
+            "epd:media_decoded",
+            "Images and videos decoded at the gateway.",
+            ["model_name", "kind"],
+            registry=r,
+        )
+        self.media_uuid_hits = Counter(
+            "epd:media_uuid_hits",
+            "Media parts served by their uuid, not fetched or decoded again.",
+            model,
+            registry=r,
+        )
         self.slo_requests = Counter("epd:slo_requests", "Requests judged against the SLO.", model, registry=r)
         self.slo_ttft_met = Counter(
             "epd:slo_ttft_met", "Requests with TTFT within the SLO.", model, registry=r
@@ -179,6 +191,9 @@ class Metrics:
             self.success.labels(model_name, reason)
         for error_type, stage in ERROR_SERIES:
             self.errors.labels(model_name, error_type, stage)
+        for kind in ("image", "video"):
+            self.media_decoded.labels(model_name, kind)
+        self.media_uuid_hits.labels(model_name)
 
     def observe_error(self, error_type: str, stage: str) -> None:
         """One request that ended in an error (`ERROR_TYPES`, `ERROR_STAGES`; others are folded in)."""
@@ -347,6 +362,8 @@ CATALOG = (
     "epd:request_success_total",
     "epd:stage_duration_seconds",
     "epd:transfer_bytes_total",
+    "epd:media_decoded_total",
+    "epd:media_uuid_hits_total",
     "epd:slo_requests_total",
     "epd:slo_ttft_met_total",
     "epd:slo_tpot_met_total",

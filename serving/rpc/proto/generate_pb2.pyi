@@ -20,20 +20,24 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_TOOL_CALLS: FinishReason
 
 class Image(_message.Message):
-    __slots__ = ("data", "url")
+    __slots__ = ("data", "url", "uuid")
     DATA_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     url: str
-    def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ...) -> None: ...
+    uuid: str
+    def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ..., uuid: _Optional[str] = ...) -> None: ...
 
 class Video(_message.Message):
-    __slots__ = ("data", "url")
+    __slots__ = ("data", "url", "uuid")
     DATA_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     url: str
-    def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ...) -> None: ...
+    uuid: str
+    def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ..., uuid: _Optional[str] = ...) -> None: ...
 
 class ContentPart(_message.Message):
     __slots__ = ("text", "image", "video")
