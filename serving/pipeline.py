@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
 
 from serving.control.directory import PoolDirectory, WorkerEntry
 from serving.types import (
@@ -43,14 +47,13 @@ from serving.types import (
 )
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from serving.stages.handles import WorkerHandle
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 _WAIT_POLL_S = 0.05
 _CANCEL_TIMEOUT_S = 5.0
+AFFINITY_PREFIX_TOKENS = 256  # the prompt tokens a prefill affinity key covers
 
 
 @dataclass
@@ -61,6 +64,25 @@ class Request:
     images: list[np.ndarray] = field(default_factory=list)
     arrival: float = field(default_factory=time.perf_counter)
     deadline_s: float = 600.0  # from arrival: how long the request may wait for a worker, in all
+
+    @functools.cached_property
+    def media_key(self) -> str | None:
+        """What the request's media are, for encode affinity: a hash of their shapes and a stride of
+        their pixels (cheap; a collision costs a cache miss, never a wrong answer)."""
+        if not self.images:
+            return None
+        digest = hashlib.blake2b(digest_size=16)
+        for pixels in self.images:
+            digest.update(str(pixels.shape).encode())
+            digest.update(np.ascontiguousarray(pixels.reshape(-1)[::61]).tobytes())
+        return digest.hexdigest()
+
+    @functools.cached_property
+    def prefix_key(self) -> str:
+        """What the prompt begins with (its first tokens and its media), for prefill affinity: the
+        same prefix meets the worker whose prefix cache holds it."""
+        head = np.asarray(self.spec.token_ids[:AFFINITY_PREFIX_TOKENS], dtype=np.int64).tobytes()
+        return hashlib.blake2b(head + (self.media_key or "").encode(), digest_size=16).hexdigest()
 
 
 @dataclass
@@ -216,9 +238,12 @@ class Pipeline:
         raise AssertionError("unreachable")
 
     async def _pick(self, role: Role, exclude: frozenset[str], request: Request) -> WorkerEntry:
-        """A worker routed for `role` now; waits for one (a replacement, a switch) until the deadline."""
+        """A worker routed for `role` now; waits for one (a replacement, a switch) until the deadline.
+        Encode and prefill prefer the worker the request's content hashes to (its caches may hold
+        it), within a bounded load (`PoolDirectory.pick`)."""
         give_up = min(request.arrival + request.deadline_s, time.perf_counter() + self.wait_for_worker_s)
-        while (entry := self.directory.pick(role, exclude)) is None:
+        key = {Role.ENCODE: request.media_key, Role.PREFILL: request.prefix_key}.get(role)
+        while (entry := self.directory.pick(role, exclude, key)) is None:
             if exclude and self.directory.pick(role) is not None:
                 exclude = frozenset()  # every able worker failed this leg once: one may have recovered
                 continue

@@ -8,6 +8,8 @@ requests already in flight finish where they are.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -35,6 +37,14 @@ class WorkerEntry:
     @property
     def routable(self) -> bool:
         return self.phase in (WorkerPhase.ACTIVE, WorkerPhase.DRAINING) and bool(self.routing)
+
+
+# A worker the key prefers takes new work while its load stays within this factor of the mean.
+AFFINITY_SLACK = 1.25
+
+
+def _weight(key: str, worker: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}\0{worker}".encode(), digest_size=8).digest(), "big")
 
 
 class PoolDirectory:
@@ -66,9 +76,24 @@ class PoolDirectory:
             ]
         return sorted(found, key=lambda e: self.outstanding.get(e.name, 0))
 
-    def pick(self, role: Role, exclude: frozenset[str] = frozenset()) -> WorkerEntry | None:
+    def pick(
+        self, role: Role, exclude: frozenset[str] = frozenset(), key: str | None = None
+    ) -> WorkerEntry | None:
+        """The least loaded worker; with a `key` (what the work is: its media, its prompt prefix),
+        the one the key hashes to among those whose load stays within `AFFINITY_SLACK` of the mean
+        (rendezvous hashing with bounded loads), so the same content meets the same worker's caches
+        while no worker takes more than its share."""
         found = self.candidates(role, exclude)
-        return found[0] if found else None
+        if not found:
+            return None
+        if key is None or len(found) == 1:
+            return found[0]
+        loads = {e.name: self.outstanding.get(e.name, 0) for e in found}
+        bound = math.ceil(AFFINITY_SLACK * (sum(loads.values()) + 1) / len(found))
+        for entry in sorted(found, key=lambda e: _weight(key, e.name), reverse=True):
+            if loads[entry.name] + 1 <= bound:
+                return entry
+        return found[0]
 
     def serving(self, role: Role) -> bool:
         """Whether some worker takes `role` work now (what /ready checks for every role)."""
