@@ -67,15 +67,18 @@ class Request:
 
     @functools.cached_property
     def media_key(self) -> str | None:
-        """What the request's media are, for encode affinity: a hash of their shapes and a stride of
-        their pixels (cheap; a collision costs a cache miss, never a wrong answer)."""
+        """What the request's media are, for encode affinity: the least of its items' hashes (of their
+        shapes and a stride of their pixels: cheap; a collision costs a cache miss, never a wrong
+        answer). The least, not all together: two requests that share an item often share it, and
+        one worker's cache serves the item whichever other items come with it."""
         if not self.images:
             return None
-        digest = hashlib.blake2b(digest_size=16)
+        keys = []
         for pixels in self.images:
-            digest.update(str(pixels.shape).encode())
+            digest = hashlib.blake2b(str(pixels.shape).encode(), digest_size=16)
             digest.update(np.ascontiguousarray(pixels.reshape(-1)[::61]).tobytes())
-        return digest.hexdigest()
+            keys.append(digest.hexdigest())
+        return min(keys)
 
     @functools.cached_property
     def prefix_key(self) -> str:
