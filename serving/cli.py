@@ -12,6 +12,7 @@ from typing import Any
 
 from serving.config import (
     DEFAULT_PRESET,
+    ControlConfig,
     ControllerConfig,
     EngineConfig,
     GatewayConfig,
@@ -396,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--wait-for-worker",
         type=float,
-        default=60.0,
-        help="seconds a request waits for a stage's worker (then 503)",
+        default=ControlConfig.model_fields["wait_for_worker_s"].default,
+        help="seconds a request waits for a stage's worker on its way, then 503 (none coming: 503 at once)",
     )
     srv.add_argument("--openapi", action="store_true", help="serve /openapi.json")
     ctl = srv.add_argument_group("SLO controller")

@@ -66,10 +66,17 @@ def pool_sizes(topology: str, encode: int, prefill: int, decode: int) -> dict[st
     """Workers per role set: a set that prefills (p, ep, pd, epd) takes the --prefill count."""
     if topology not in TOPOLOGIES:
         raise ValueError(f"unknown topology {topology!r}; choose from {sorted(TOPOLOGIES)}")
-    return {
+    sizes = {
         roles: prefill if "p" in roles else encode if roles == "e" else decode
         for roles in TOPOLOGIES[topology]
     }
+    # A pool of none could never serve its stage: refused here rather than found out by requests.
+    flags = {"e": "--encode", "d": "--decode"}
+    for roles, n in sizes.items():
+        if n < 1:
+            flag = "--prefill" if "p" in roles else flags[roles]
+            raise ValueError(f"topology {topology} needs at least one {roles!r} worker ({flag} is {n})")
+    return sizes
 
 
 def worker_cpus(cpus: list[int] | None, index: int, count: int) -> tuple[int, ...]:

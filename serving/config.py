@@ -141,7 +141,10 @@ class ControlConfig(BaseModel):
         30.0, gt=0, description="How long a drain waits for in-flight work; then decodes migrate."
     )
     wait_for_worker_s: float = Field(
-        60.0, gt=0, description="How long a request waits for a worker able to take a stage before 503."
+        10.0,
+        gt=0,
+        description="How long a request waits for a worker able to take a stage, while one is starting or "
+        "being switched to it, before 503 (with none on its way: 503 at once).",
     )
     max_leg_attempts: int = Field(3, ge=1, description="Tries of an E or P leg, each on another worker.")
     max_migrations: int = Field(2, ge=0, description="Times one request's decode may move to another worker.")

@@ -113,7 +113,7 @@ class Pipeline:
         on_worker_died: Callable[[str], None] | None = None,
         max_leg_attempts: int = 3,
         max_migrations: int = 2,
-        wait_for_worker_s: float = 60.0,
+        wait_for_worker_s: float = 10.0,
     ) -> None:
         self.directory = directory
         self._on_worker_died = on_worker_died or (lambda name: None)
@@ -250,7 +250,8 @@ class Pipeline:
             if exclude and self.directory.pick(role) is not None:
                 exclude = frozenset()  # every able worker failed this leg once: one may have recovered
                 continue
-            if time.perf_counter() >= give_up:
+            # Nothing can take the stage and nothing that could is on its way: a 503 now, not later.
+            if time.perf_counter() >= give_up or not self.directory.coming(role):
                 self.counters.unavailable[role.name.lower()] += 1
                 raise NoWorkerAvailable(role)
             await asyncio.sleep(_WAIT_POLL_S)

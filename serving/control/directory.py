@@ -95,6 +95,16 @@ class PoolDirectory:
                 return entry
         return found[0]
 
+    def coming(self, role: Role) -> bool:
+        """Whether a worker may soon take `role` work: one starting with it, one whose roles are being
+        changed (a switch may add it), or a failed one the health monitor is about to replace."""
+        later = (WorkerPhase.STARTING, WorkerPhase.RECONFIGURING, WorkerPhase.FAILED)
+        with self._lock:
+            return any(
+                e.phase in later and (role in e.roles or e.phase is WorkerPhase.RECONFIGURING)
+                for e in self._entries.values()
+            )
+
     def serving(self, role: Role) -> bool:
         """Whether some worker takes `role` work now (what /ready checks for every role)."""
         return bool(self.candidates(role))

@@ -89,3 +89,12 @@ def test_generate_on_a_ray_topology_matches_inproc(tiny_model, tmp_path):
     assert json.loads(split.stdout.strip().splitlines()[-1]) == json.loads(
         inproc.stdout.strip().splitlines()[-1]
     )
+
+
+def test_a_topology_with_an_empty_pool_is_refused_at_start(tiny_model):
+    """Before anything starts: `epd serve` exits with the reason (every pool: a unit test)."""
+    flag, role = "--decode", "'d'"
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_model), "--topology", "e+p+d"]
+    done = subprocess.run([*cmd, flag, "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"needs at least one {role} worker ({flag} is 0)" in done.stderr

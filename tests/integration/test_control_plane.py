@@ -202,6 +202,27 @@ def test_killing_a_decode_worker_mid_stream_migrates_with_the_same_tokens(cluste
     assert_idle(cluster)
 
 
+def test_a_drained_only_encoder_is_a_503_at_once_and_text_goes_on(cluster, engine):
+    """Nothing can encode and nothing that could is on its way (the encoder drained, no replacement
+    starting): an image request is refused at once, not after the wait for a worker."""
+    (encoder,) = workers_with(cluster, Role.ENCODE)
+    image_case = prepared(engine, 80, images=1, max_tokens=4)
+    text_case = prepared(engine, 81, images=0, max_tokens=4)
+    cluster.plane.run(cluster.actuator.drain(encoder.name))
+    try:
+        spec, arrays, params, _ = image_case
+        start = time.perf_counter()
+        with pytest.raises(NoWorkerAvailable):
+            asyncio.run(collect(cluster, Request("drained-e-image", spec, params, arrays)))
+        assert time.perf_counter() - start < 1.0
+        spec, arrays, params, expected = text_case
+        tokens, _ = asyncio.run(collect(cluster, Request("drained-e-text", spec, params, arrays)))
+        assert tokens == expected.token_ids
+    finally:
+        cluster.plane.run(cluster.actuator.resume(encoder.name))
+    assert_idle(cluster)
+
+
 def test_killing_the_only_encode_worker_waits_or_503s_and_text_goes_on(cluster, engine):
     (encoder,) = workers_with(cluster, Role.ENCODE)
     image_case = prepared(engine, 70, images=1, max_tokens=8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -96,3 +97,21 @@ def test_a_placement_hook_that_raises_marks_the_engine_loop_broken() -> None:
             loop.call(lambda: 1)
     finally:
         loop.stop()
+
+
+@pytest.mark.parametrize(
+    ("topology", "counts", "message"),
+    [
+        ("e+p+d", (1, 1, 0), "needs at least one 'd' worker (--decode is 0)"),
+        ("e+p+d", (1, 0, 1), "needs at least one 'p' worker (--prefill is 0)"),
+        ("e+p+d", (0, 1, 1), "needs at least one 'e' worker (--encode is 0)"),
+        ("ep+d", (1, 1, 0), "needs at least one 'd' worker (--decode is 0)"),
+        ("epd", (1, 0, 1), "needs at least one 'epd' worker (--prefill is 0)"),
+    ],
+)
+def test_an_empty_pool_is_refused(topology, counts, message):
+    from serving.cluster import pool_sizes
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pool_sizes(topology, *counts)
+    assert pool_sizes("e+pd", 2, 1, 0) == {"e": 2, "pd": 1}, "d's count is unused without a d pool"
