@@ -198,6 +198,7 @@ class LLMEngine:
             return None
         self.runner.pool.grow(seq.block_table, kv_tokens)
         self._reserved[request_id] = seq
+        self.scheduler.reserved[request_id] = seq
         return seq.block_table
 
     def join_reserved(
@@ -213,6 +214,7 @@ class LLMEngine:
         if restored and restored[-1] != first_token:
             raise ValueError("the restored outputs must end with the handed-over token")
         seq = self._reserved.pop(request_id)
+        self.scheduler.reserved.pop(request_id, None)
         seq.num_cached = kv_tokens
         seq.rope_delta = rope_delta
         # The tokens were already streamed elsewhere; replaying them primes the stop rules and text.
@@ -250,6 +252,7 @@ class LLMEngine:
         self._prefill_only.discard(request_id)
         self.release(request_id)
         if seq := self._reserved.pop(request_id, None):
+            self.scheduler.reserved.pop(request_id, None)
             self.runner.pool.free(seq.block_table)
         if seq := self._seqs.pop(request_id, None):
             seq.finish(FinishReason.ABORT)

@@ -50,6 +50,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []  # admitted, KV partly computed (chunked prefill)
         self.running: list[Sequence] = []  # decoding
+        # Admitted by `LLMEngine.reserve`, their KV still arriving from a prefill worker: they hold the
+        # blocks for it and will grow from there once they join, so admission counts their growth too.
+        self.reserved: dict[str, Sequence] = {}
         self.prefix_queried_tokens = 0  # prompt tokens of admitted requests (vLLM's prefix_cache_queries)
         self.prefix_hit_tokens = 0  # of those, tokens whose KV came from the prefix cache
 
@@ -69,9 +72,8 @@ class Scheduler:
 
     def _growth_reserved(self) -> int:
         """Blocks promised to admitted requests that they have not allocated yet."""
-        return sum(
-            self.pool.blocks_for(s.max_len) - len(s.block_table) for s in (*self.running, *self.prefilling)
-        )
+        admitted = (*self.running, *self.prefilling, *self.reserved.values())
+        return sum(self.pool.blocks_for(s.max_len) - len(s.block_table) for s in admitted)
 
     def can_admit(self, seq: Sequence, extra_blocks: int = 0, hit: list[int] | None = None) -> bool:
         """Whether the pool can hold all `seq` may reach; `hit` are cached prefix blocks it would share
