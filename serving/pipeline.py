@@ -146,20 +146,23 @@ class Pipeline:
                         return
                 raise WorkerError("the stream ended without finishing")
             except RequestFailed as exc:
-                self.counters.failures["decode" if streamed else "prefill"] += 1
-                yield self._error(request, str(exc) or "the request failed")
+                # A stream's own failure is its prefill's until a token came out, its decode's after.
+                stage = exc.stage or (Role.DECODE if streamed else Role.PREFILL)
+                if stage is not Role.ENCODE:  # the encode leg counted its own
+                    self.counters.failures[stage.name.lower()] += 1
+                yield self._error(request, str(exc) or "the request failed", stage)
                 return
             except NoWorkerAvailable as exc:
                 if not streamed:
                     raise
-                yield self._error(request, str(exc))
+                yield self._error(request, str(exc), exc.stage)
                 return
             except WorkerError as exc:
                 # A worker streaming the request failed: continue the stream elsewhere.
                 migrations += 1
                 if migrations > self.max_migrations:
                     self.counters.failures["decode"] += 1
-                    yield self._error(request, "the decode stage failed")
+                    yield self._error(request, "the decode stage failed", Role.DECODE)
                     return
                 if streamed:
                     self.counters.migrations += 1
@@ -216,7 +219,7 @@ class Pipeline:
                 attempt.touched.clear()
                 if n == self.max_leg_attempts - 1:
                     self.counters.failures["prefill"] += 1
-                    raise RequestFailed("the prefill stage failed") from exc
+                    raise RequestFailed("the prefill stage failed", Role.PREFILL) from exc
         raise AssertionError("unreachable")
 
     async def _encode(self, request: Request, attempt: _Attempt) -> Any:
@@ -237,7 +240,7 @@ class Pipeline:
                 attempt.touched.pop(e.name, None)
                 if n == self.max_leg_attempts - 1:
                     self.counters.failures["encode"] += 1
-                    raise RequestFailed("the encode stage failed") from exc
+                    raise RequestFailed("the encode stage failed", Role.ENCODE) from exc
         raise AssertionError("unreachable")
 
     async def _pick(self, role: Role, exclude: frozenset[str], request: Request) -> WorkerEntry:
@@ -279,7 +282,7 @@ class Pipeline:
             with self._busy(worker):
                 async for delta in stream:
                     if delta.finish_reason == FinishReason.ERROR:
-                        raise RequestFailed(delta.error or "the request failed")
+                        raise RequestFailed(delta.error or "the request failed", delta.failed_stage)
                     if delta.finish_reason == FinishReason.ABORT:
                         raise WorkerError(f"worker {worker.name} aborted the request")
                     yield delta
@@ -305,9 +308,11 @@ class Pipeline:
             await asyncio.shield(asyncio.gather(*(_quiet(h.cancel(request_id)) for h in alive)))
 
     @staticmethod
-    def _error(request: Request, message: str) -> TokenDelta:
+    def _error(request: Request, message: str, stage: Role) -> TokenDelta:
         timings = StageTimings(e2e_s=time.perf_counter() - request.arrival)
-        return TokenDelta(request.request_id, [], "", FinishReason.ERROR, error=message, timings=timings)
+        return TokenDelta(
+            request.request_id, [], "", FinishReason.ERROR, error=message, timings=timings, failed_stage=stage
+        )
 
 
 @dataclass

@@ -154,6 +154,7 @@ class TokenDelta:
     num_image_tokens: int = 0
     timings: StageTimings | None = None  # per-stage timings: on the first delta of a leg and the last
     error: str | None = None  # what failed, safe to show a client, when finish_reason is ERROR
+    failed_stage: Role | None = None  # which stage failed it, when finish_reason is ERROR and known
 
     @property
     def finished(self) -> bool:
@@ -321,7 +322,15 @@ class TransferFailed(WorkerError):
 
 
 class RequestFailed(WorkerError):
-    """Something inside this one request failed on a healthy worker; redoing it would fail again."""
+    """Something inside this one request failed on a healthy worker; redoing it would fail again.
+    `stage` says which, where the failure knows it (it travels to the response and the metrics)."""
+
+    def __init__(self, message: str = "", stage: Role | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (str(self), self.stage))  # the stage survives crossing a process
 
 
 class NoWorkerAvailable(RuntimeError):

@@ -42,8 +42,9 @@ def timed_out() -> APIError:
 
 def unavailable(exc: NoWorkerAvailable) -> APIError:
     """No worker could take a stage in time: 503, with when to retry."""
-    message = f"The server has no {exc.stage.name.lower()} capacity right now; retry shortly."
-    return APIError(503, message, code="no_worker_available", headers={"Retry-After": "5"})
+    stage = exc.stage.name.lower()
+    message = f"The server has no {stage} capacity right now; retry shortly."
+    return APIError(503, message, code="no_worker_available", headers={"Retry-After": "5"}, stage=stage)
 
 
 def invalid_value(param: str, message: str) -> APIError:

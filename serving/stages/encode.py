@@ -54,7 +54,7 @@ class EncodePath:
             except WorkerUnavailable:
                 raise
             except Exception as exc:  # noqa: BLE001 - this request's images failed, alone
-                raise RequestFailed("the images could not be encoded") from exc
+                raise RequestFailed("the images could not be encoded", Role.ENCODE) from exc
             run_s = time.perf_counter() - t0
 
             def remember() -> None:

@@ -70,7 +70,7 @@ class RequestPaths:
         timings.prefill_s = self._prefill_s.pop(request_id, 0.0)
         timings.prefill_queue_s = time.perf_counter() - start - timings.prefill_s
         if delta.finish_reason == FinishReason.ERROR:
-            raise RequestFailed(delta.error or "the prefill failed")
+            raise RequestFailed(delta.error or "the prefill failed", Role.PREFILL)
         if delta.finished:
             self._quiet_free(request_id)
             return PrefillResult(delta, None, timings)
@@ -107,7 +107,7 @@ class RequestPaths:
                     prompt, params, request_id, prefill_only=prefill_only, image_embeds=embeds, resume=resume
                 )
             except ValueError as exc:
-                raise RequestFailed(str(exc)) from None
+                raise RequestFailed(str(exc), Role.PREFILL) from None
             self.ledger.update(request_id, lambda e: setattr(e, "in_engine", True))
 
         self.loop.call(add)
@@ -180,7 +180,7 @@ class RequestPaths:
             try:
                 table = self.engine.reserve(request_id, prompt, params, kv.num_tokens)
             except ValueError as exc:
-                raise RequestFailed(str(exc)) from None
+                raise RequestFailed(str(exc), Role.DECODE) from None
             if table is not None:
                 self.ledger.update(request_id, lambda e: setattr(e, "in_engine", True))
             return table

@@ -296,6 +296,7 @@ def test_a_fault_inside_one_request_fails_it_alone(cluster, engine, stage):
     results = asyncio.run(run_all())
     (_, failed), *rest = results
     assert failed.finish_reason == FinishReason.ERROR and failed.error
+    assert failed.failed_stage is role, "the failing stage travels as a type, not in the message"
     for (tokens, last), (*_, expected) in zip(rest, cases[1:], strict=True):
         assert tokens == expected.token_ids and last.finish_reason == expected.finish_reason
     spec, arrays, params, expected = prepared(engine, 99, images=1, max_tokens=8)

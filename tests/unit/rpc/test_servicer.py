@@ -25,7 +25,8 @@ REQUEST = pb.GenerateRequest(messages=[pb.Message(role="user", text="hi")], n=2)
 class FailingPipeline(FakePipeline):
     async def run(self, request):
         yield TokenDelta(request.request_id, [1], "a")
-        yield TokenDelta(request.request_id, [], "", FinishReason.ERROR, error="the prefill stage failed")
+        failed = dict(error="the prefill stage failed", failed_stage=Role.PREFILL)  # as the pipeline types it
+        yield TokenDelta(request.request_id, [], "", FinishReason.ERROR, **failed)
 
 
 @contextlib.asynccontextmanager
