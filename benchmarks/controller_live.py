@@ -67,7 +67,8 @@ def live(model: str, workers: str, trace: Path, slo_text: str, extra: list[str],
     try:
         ns = SimpleNamespace(
             base_url=f"{url}/v1", model=Path(model).name, api_key=None, workload=f"trace:{trace}",
-            image_repeat_ratio=None, rate=None, rates=None, concurrency=None, arrival="poisson",
+            image_repeat_ratio=None, mm_bucket=None, rate=None, rates=None, concurrency=None,
+            arrival="poisson",
             burstiness=1.0, num_requests=0, duration=None, warmup=0, seed=0, slo=slo_text, out=None,
             no_progress=True,
         )  # fmt: skip

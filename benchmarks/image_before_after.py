@@ -29,7 +29,7 @@ def sweep(url: str, model: str, levels: list[int], requests: int, out: Path, nam
     for c in levels:
         ns = SimpleNamespace(
             base_url=f"{url}/v1", model=Path(model).name, api_key=None, workload="image-heavy",
-            image_repeat_ratio=None, rate=None, rates=None, concurrency=c, arrival="poisson",
+            image_repeat_ratio=None, mm_bucket=None, rate=None, rates=None, concurrency=c, arrival="poisson",
             burstiness=1.0, num_requests=max(requests, 2 * c), duration=None, warmup=min(c, 2), seed=c,
             slo="ttft=3,tpot=0.2", out=str(out / f"{name}-c{c}.json"), no_progress=True,
         )  # fmt: skip

@@ -17,7 +17,15 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--model", default="epd-tiny")
     p.add_argument("--api-key")
-    p.add_argument("--workload", default="image-heavy", help="image-heavy | mixed | text | trace:PATH.jsonl")
+    p.add_argument(
+        "--workload",
+        default="image-heavy",
+        help="image-heavy | mixed | text | shapes | video | trace:PATH.jsonl",
+    )
+    p.add_argument(
+        "--mm-bucket",
+        help='image and video sizes by weight, e.g. \'{"224x224x1": 0.5, "336x336x16": 0.5}\' (WxHxFRAMES)',
+    )
     p.add_argument("--image-repeat-ratio", type=float, help="share of images reused (embedding cache hits)")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--rate", type=float, help="open loop: mean requests per second")
@@ -39,7 +47,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
     target = Target(args.base_url.rstrip("/"), args.model, args.api_key)
     slo = SLO.parse(args.slo)
     requests = workloads.load(
-        args.workload, args.num_requests + args.warmup, args.seed, args.image_repeat_ratio
+        args.workload, args.num_requests + args.warmup, args.seed, args.image_repeat_ratio, args.mm_bucket
     )
     traced = requests[0].arrival is not None
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]

@@ -27,7 +27,9 @@ class Record:
     end: float | None = None
     output_tokens: int = 0
     prompt_tokens: int = 0
-    images: int = 0
+    image_tokens: int = 0  # images' and videos' (the server's usage)
+    video_tokens: int = 0
+    images: int = 0  # media items sent, images and videos
     warmup: bool = False
     error: str | None = None
     text: str = ""
@@ -100,6 +102,9 @@ async def send(
                 if chunk.get("usage"):
                     record.output_tokens = chunk["usage"]["completion_tokens"]
                     record.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    details = chunk["usage"].get("prompt_tokens_details") or {}
+                    record.image_tokens = details.get("image_tokens") or 0
+                    record.video_tokens = details.get("video_tokens") or 0
                 texts = [c.get("delta", {}).get("content") for c in chunk.get("choices", [])]
                 if any(texts):
                     record.first_token = record.first_token or now

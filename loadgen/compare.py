@@ -44,6 +44,7 @@ def main() -> None:
                 api_key=None,
                 workload="image-heavy",
                 image_repeat_ratio=None,
+                mm_bucket=None,
                 rate=None,
                 rates=args.rates,
                 concurrency=None,

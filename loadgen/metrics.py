@@ -71,6 +71,9 @@ def summarize(records: list[Record], slo: SLO) -> dict:
         # Failed requests count against attainment: they did not meet the SLO.
         "slo_attainment": len(met) / len(measured) if measured else 0.0,
         "goodput": len(met) / window if ok else 0.0,
+        # Visual tokens as the server counted them: images' and videos' together, and videos' alone.
+        "visual_tokens": sum(r.image_tokens for r in ok),
+        "video_tokens": sum(r.video_tokens for r in ok),
         **_answers(measured),
     }
 

@@ -104,7 +104,7 @@ def sweep(url: str, traces: dict[int, Path], out: Path, name: str) -> dict[int, 
     for c, trace in traces.items():
         ns = SimpleNamespace(
             base_url=f"{url}/v1", model=MODEL_ID, api_key=None, workload=f"trace:{trace}",
-            image_repeat_ratio=None, rate=None, rates=None, concurrency=c, arrival="poisson",
+            image_repeat_ratio=None, mm_bucket=None, rate=None, rates=None, concurrency=c, arrival="poisson",
             burstiness=1.0, num_requests=0, duration=None, warmup=min(c, 4), seed=0,
             slo="ttft=2,tpot=0.2", out=str(out / f"{name}-c{c}.json"), no_progress=True,
         )  # fmt: skip

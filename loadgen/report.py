@@ -35,6 +35,11 @@ def table(summary: dict, title: str = "") -> str:
         f"SLO (TTFT <= {slo['ttft_s']} s, TPOT <= {slo['tpot_s']} s): attainment "
         f"{s['slo_attainment'] * 100:.1f} %, goodput {s['goodput']:.2f} req/s"
     )
+    if s.get("visual_tokens"):
+        lines.append(
+            f"visual tokens {s['visual_tokens']} (of which video {s.get('video_tokens', 0)}), "
+            f"{s['visual_tokens'] / max(1, s['completed']):.0f} a request"
+        )
     if answers := s.get("answers"):
         lo, hi = answers["interval"]
         lines.append(

@@ -87,8 +87,8 @@ def from_trace(path: str | Path) -> list[WorkloadRequest]:
     return out
 
 
-# The image tasks; `motion` needs video input on the server.
-SHAPES_TASKS = ("colour", "shape", "count", "count_colour", "side", "read")
+# Every task; `motion` sends its clip as a `video_url`.
+SHAPES_TASKS = ("colour", "shape", "count", "count_colour", "side", "read", "motion")
 SHAPES_SEED = 4242  # never the training seed: these items are held out
 
 
@@ -105,13 +105,75 @@ def shapes(n: int, seed: int = 0) -> list[WorkloadRequest]:
     return out
 
 
-def load(name: str, n: int, seed: int = 0, repeat_ratio: float | None = None) -> list[WorkloadRequest]:
+VIDEO_FPS = 2  # the clips' frame rate: the server's default sampling takes every frame
+VIDEO_BUCKETS = {"224x224x8": 0.5, "336x252x16": 0.5}  # the `video` workload
+
+
+def parse_buckets(spec: str | dict[str, float]) -> dict[tuple[int, int, int], float]:
+    """`{"WxHxF": weight, ...}` (vLLM's random-mm buckets): F = 1 an image, F > 1 a video of F frames."""
+    raw = json.loads(spec) if isinstance(spec, str) else spec
+    out = {}
+    for key, weight in raw.items():
+        try:
+            w, h, f = (int(v) for v in key.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"bucket {key!r} is not WIDTHxHEIGHTxFRAMES") from None
+        if min(w, h, f) < 1 or not weight > 0:
+            raise ValueError(f"bucket {key!r}: sizes, frames and weight must be positive")
+        out[(w, h, f)] = float(weight)
+    if not out:
+        raise ValueError("give at least one bucket")
+    return out
+
+
+def clip_url(width: int, height: int, frames: int, seed: int) -> str:
+    """A synthetic clip (a square moving over noise), H.264 in MP4 at `VIDEO_FPS`, as a data URL."""
+    from serving.evals.clips import encode_mp4
+
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    side = max(8, min(width, height) // 4)
+    images = []
+    for i in range(frames):
+        frame = background.copy()
+        x = (i * 7) % max(1, width - side)
+        frame[height // 3 : height // 3 + side, x : x + side] = (220, 40, 40)
+        images.append(Image.fromarray(frame))
+    return "data:video/mp4;base64," + base64.b64encode(encode_mp4(images, VIDEO_FPS)).decode()
+
+
+def buckets(spec: dict[tuple[int, int, int], float], n: int, seed: int = 0) -> list[WorkloadRequest]:
+    """One image or video a request, its bucket drawn by weight; short prompts and outputs."""
+    rng = np.random.default_rng(seed)
+    keys = list(spec)
+    p = np.array([spec[k] for k in keys])
+    out = []
+    for i in range(n):
+        w, h, f = keys[int(rng.choice(len(keys), p=p / p.sum()))]
+        words = int(rng.integers(10, 30))
+        prompt = " ".join(rng.choice(_WORDS, words)) + f" (request {i})"
+        tokens = int(rng.integers(16, 48))
+        if f == 1:
+            out.append(WorkloadRequest(prompt, ((w, h),), tokens, (3_000_000 + i,)))
+        else:
+            out.append(WorkloadRequest(prompt, (), tokens, media_urls=(clip_url(w, h, f, 3_000_000 + i),)))
+    return out
+
+
+def load(
+    name: str, n: int, seed: int = 0, repeat_ratio: float | None = None, mm_buckets: str | None = None
+) -> list[WorkloadRequest]:
+    if mm_buckets is not None:
+        return buckets(parse_buckets(mm_buckets), n, seed)
     if name.startswith("trace:"):
         return from_trace(name.removeprefix("trace:"))
     if name == "shapes":
         return shapes(n, seed)
+    if name == "video":
+        return buckets(parse_buckets(VIDEO_BUCKETS), n, seed)
     if name not in PRESETS:
-        raise ValueError(f"unknown workload {name!r}; choose {sorted([*PRESETS, 'shapes'])} or trace:PATH")
+        choices = sorted([*PRESETS, "shapes", "video"])
+        raise ValueError(f"unknown workload {name!r}; choose {choices}, trace:PATH or --mm-bucket")
     spec = PRESETS[name]
     if repeat_ratio is not None:
         spec = Synthetic(**{**spec.__dict__, "repeat_ratio": repeat_ratio})

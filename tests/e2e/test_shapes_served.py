@@ -88,6 +88,7 @@ def test_bench_shapes_workload_scores_answers(shapes_server, tmp_path, expected)
     out = tmp_path / "bench.json"
     args = SimpleNamespace(
         base_url=f"{url}/v1", model="epd-shapes", api_key=None, workload="shapes", image_repeat_ratio=None,
+        mm_bucket=None,
         rate=None, rates=None, concurrency=4, arrival="poisson", burstiness=1.0, num_requests=12,
         duration=None, warmup=0, seed=0, slo="ttft=30,tpot=5", out=str(out), no_progress=True,
     )  # fmt: skip
@@ -98,5 +99,5 @@ def test_bench_shapes_workload_scores_answers(shapes_server, tmp_path, expected)
     assert answers["scored"] == 12 == len(records)
     assert answers["right"] == sum(r["correct"] for r in records)
     assert all(r["expected"] and r["error"] is None for r in records)
-    colours = {i for i in range(12) if i % 6 == 0}  # the workload asks the six image tasks in turn
+    colours = {i for i in range(12) if i % 7 == 0}  # the workload asks the seven tasks in turn
     assert all(r["correct"] for r in records if r["index"] in colours) and answers["right"] >= len(colours)
