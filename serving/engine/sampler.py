@@ -122,23 +122,24 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     vocab = logits.shape[-1]
     # Greedy temperatures never reach here (SamplingParams normalises them); the floor keeps a
     # hand-built one from dividing by zero.
-    temps = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs], dtype=logits.dtype)[:, None]
+    on = dict(dtype=logits.dtype, device=logits.device)  # the sampling parameters, where the logits are
+    temps = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs], **on)[:, None]
     # Shift by the row maximum first: every finite entry becomes <= 0, so dividing by a small temperature
     # can only go towards -inf (probability 0), never to +inf or NaN. Rows that are all -inf stay so.
     row_max = logits.max(dim=-1, keepdim=True).values
     shifted = torch.where(torch.isfinite(row_max), logits - row_max, logits)
     logits = torch.nan_to_num(shifted / temps, nan=float("-inf"))
-    min_p = torch.tensor([s.params.min_p for s in seqs], dtype=logits.dtype)[:, None]
+    min_p = torch.tensor([s.params.min_p for s in seqs], **on)[:, None]
     if (min_p > 0).any():
         # After the temperature: a token stays when its probability is at least min_p times the top one's.
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     ranked, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab)[None, :]
-    top_k = torch.tensor([min(s.params.top_k, vocab) or vocab for s in seqs])[:, None]
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    top_k = torch.tensor([min(s.params.top_k, vocab) or vocab for s in seqs], device=logits.device)[:, None]
     ranked = ranked.masked_fill(rank >= top_k, float("-inf"))
     probs = ranked.softmax(dim=-1)
-    top_p = torch.tensor([s.params.top_p for s in seqs], dtype=logits.dtype)[:, None]
+    top_p = torch.tensor([s.params.top_p for s in seqs], **on)[:, None]
     # Drop a token once the tokens ranked above it already cover top_p (the best one always stays).
     beyond = (probs.cumsum(dim=-1) - probs) >= top_p
     beyond[:, 0] = False
