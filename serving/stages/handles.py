@@ -152,18 +152,23 @@ class LocalHandle(WorkerHandle):
         done = object()
         stop = threading.Event()
 
+        def post(item: Any) -> None:
+            # The consumer's loop may have closed already (its caller finished): nobody is listening.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(items.put_nowait, item)
+
         def produce() -> None:
             gen = getattr(self.worker, method)(*args)
             try:
                 for item in gen:
-                    loop.call_soon_threadsafe(items.put_nowait, item)
+                    post(item)
                     if stop.is_set():
                         break
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                loop.call_soon_threadsafe(items.put_nowait, exc)
+                post(exc)
             finally:
                 gen.close()
-                loop.call_soon_threadsafe(items.put_nowait, done)
+                post(done)
 
         thread = threading.Thread(target=produce, daemon=True)
         thread.start()
