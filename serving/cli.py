@@ -106,6 +106,7 @@ def _require_free_port(host: str, port: int, what: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     """Start Ray, the workers and the gateway; print the URL once ready; run until SIGINT / SIGTERM,
     then stop admitting, let in-flight requests finish (up to the grace period) and stop everything."""
+    import contextlib
     import os
     import signal
     import threading
@@ -167,7 +168,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # would drain replicas again and took ~40 s here.
         import ray
 
+        from serving.gateway.serve import deployment_workers
+
         del workers
+        # Workers the gateway started since (replacements, additions) are detached: stop them by name.
+        for name in deployment_workers(ray.util.list_named_actors(all_namespaces=True), str(os.getpid())):
+            with contextlib.suppress(Exception):
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE))
         ray.shutdown()
 
 

@@ -44,6 +44,21 @@ class GatewaySettings:
     controller: ControllerConfig = ControllerConfig()
 
 
+def deployment_workers(actors: list[dict[str, str]], cluster_id: str) -> list[str]:
+    """The live named actors of the deployment `cluster_id` in the workers' namespace (their names end
+    with it: `serving/stages/factory.py`'s `worker_name`), sorted by index."""
+    suffix = f"-{cluster_id}"
+    found = [
+        a["name"] for a in actors if a.get("namespace") == NAMESPACE and a.get("name", "").endswith(suffix)
+    ]
+    return sorted(found, key=lambda name: worker_index(name, cluster_id))
+
+
+def worker_index(name: str, cluster_id: str) -> int:
+    """The index in `<roles>-<index>-<cluster id>`."""
+    return int(name[: -len(cluster_id) - 1].rsplit("-", 1)[1])
+
+
 def build_service(settings: GatewaySettings) -> Any:
     """The service over a control plane that adopts the workers `epd serve` started."""
     import ray
@@ -53,15 +68,23 @@ def build_service(settings: GatewaySettings) -> Any:
     from serving.stages.factory import RayWorkerFactory, worker_name
     from serving.stages.handles import RayHandle
 
+    # Workers this replica starts (added, or in place of failed ones) outlive it: a replica that
+    # restarts adopts them (`deployment_workers`), and `epd serve` stops them all by the deployment's id.
     factory = RayWorkerFactory(
-        settings.worker_template, NAMESPACE, settings.gpus_per_worker, settings.role_resources
+        settings.worker_template, NAMESPACE, settings.gpus_per_worker, settings.role_resources, detached=True
     )
 
     def name_for(roles: Roles, index: int) -> str:
         return worker_name(roles, index, settings.cluster_id)
 
-    plane = ControlPlane(factory, settings.control, name_for, len(settings.workers))
-    handles = [RayHandle(ray.get_actor(name, namespace=NAMESPACE), name) for name, _ in settings.workers]
+    # The deployment's workers as they are now, found by its id: the ones `epd serve` started and any
+    # the control plane added or started in place of failed ones since (a replica that restarts after
+    # such churn adopts them all, and names new ones after the highest index in use).
+    names = deployment_workers(ray.util.list_named_actors(all_namespaces=True), settings.cluster_id)
+    names = names or [name for name, _ in settings.workers]
+    first_index = 1 + max((worker_index(n, settings.cluster_id) for n in names), default=-1)
+    plane = ControlPlane(factory, settings.control, name_for, max(first_index, len(settings.workers)))
+    handles = [RayHandle(ray.get_actor(name, namespace=NAMESPACE), name) for name in names]
     plane.adopt(handles, dict(settings.workers))
     service = GatewayService(
         settings.gateway, settings.model_dir, settings.model_id, plane, settings.max_model_len
