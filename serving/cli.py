@@ -171,10 +171,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from serving.gateway.serve import deployment_workers
 
         del workers
-        # Workers the gateway started since (replacements, additions) are detached: stop them by name.
-        for name in deployment_workers(ray.util.list_named_actors(all_namespaces=True), str(os.getpid())):
-            with contextlib.suppress(Exception):
-                ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        if args.address:
+            # On a Ray this process did not start, workers the gateway started since (replacements,
+            # additions) are detached and would outlive it: stop them by name, within a bound (the
+            # group's SIGTERM may have taken Ray's own processes down already). A local Ray ends below,
+            # and every actor with it.
+            def stop_detached() -> None:
+                for name in deployment_workers(
+                    ray.util.list_named_actors(all_namespaces=True), str(os.getpid())
+                ):
+                    with contextlib.suppress(Exception):
+                        ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+
+            stopper = threading.Thread(target=stop_detached, daemon=True)
+            stopper.start()
+            stopper.join(timeout=10)
         ray.shutdown()
 
 
