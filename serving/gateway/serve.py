@@ -69,7 +69,8 @@ def build_service(settings: GatewaySettings) -> Any:
     from serving.stages.handles import RayHandle
 
     # Workers this replica starts (added, or in place of failed ones) outlive it: a replica that
-    # restarts adopts them (`deployment_workers`), and `epd serve` stops them all by the deployment's id.
+    # restarts adopts them (`deployment_workers`); `epd serve` ends them with its Ray, or by the
+    # deployment's id on a Ray it joined.
     factory = RayWorkerFactory(
         settings.worker_template, NAMESPACE, settings.gpus_per_worker, settings.role_resources, detached=True
     )
