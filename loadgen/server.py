@@ -83,3 +83,25 @@ def stop_server(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
             except ProcessLookupError:
                 return
             time.sleep(0.1)
+
+
+def listener_pid(port: int) -> int:
+    """The process holding the TCP socket that listens on 127.0.0.1:`port` (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and int(local.split(":")[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(f"socket:[{inode}]")
+    if not inodes:
+        raise LookupError(f"nothing listens on port {port}")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
+                return int(pid)
+        except OSError:
+            continue
+    raise LookupError(f"no process owns the socket listening on {port}")

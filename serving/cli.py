@@ -217,6 +217,7 @@ def serve_settings(
         video_max_frames=args.video_max_frames,
         video_max_seconds=args.video_max_seconds,
         max_visual_tokens=args.max_visual_tokens,
+        media_decode=args.media_decode,
         shutdown_grace_s=args.shutdown_grace,
         expose_openapi=args.openapi,
         grpc_port=args.grpc_port,
@@ -396,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="image and video tokens one request may bring (400 above)",
+    )
+    srv.add_argument(
+        "--media-decode",
+        choices=["worker", "gateway"],
+        default=video["media_decode"].default,
+        help="decode images and videos on the encode worker (ships compressed bytes) or on the gateway",
     )
     srv.add_argument(
         "--video-max-seconds",

@@ -201,7 +201,7 @@ class GatewayConfig(BaseModel):
     max_images_per_request: int = Field(8, ge=0, description="Images and videos one request may bring.")
     max_videos_per_request: int = Field(2, ge=0)
     media_uuid_cache_bytes: int = Field(
-        256 * 2**20, ge=0, description="Decoded media kept by their clients' uuid for reuse (per replica)."
+        256 * 2**20, ge=0, description="Fetched media kept by their clients' uuid for reuse (per replica)."
     )
     max_visual_tokens: int | None = Field(
         None, ge=1, description="Image and video tokens one request may bring; None: only the model length."
@@ -213,6 +213,11 @@ class GatewayConfig(BaseModel):
         600.0, gt=0, description="Longest video accepted (its declared duration)."
     )
     video_decode_timeout_s: float = Field(20.0, gt=0, description="Decoding one video past this is 422.")
+    media_decode: Literal["worker", "gateway"] = Field(
+        "worker",
+        description="Where images and videos are decoded: on the worker that encodes them (the gateway "
+        "ships compressed bytes and a plan), or on the gateway (it ships pixels).",
+    )
     max_image_frames: int = Field(
         256, ge=1, description="Most frames an animated image may declare (only the first is decoded)."
     )

@@ -35,8 +35,11 @@ import numpy as np
 from serving.control.directory import PoolDirectory, WorkerEntry
 from serving.types import (
     FinishReason,
+    MediaItem,
+    MediaRejected,
     NoWorkerAvailable,
     PromptSpec,
+    Rejection,
     RequestFailed,
     Role,
     SamplingParams,
@@ -61,22 +64,26 @@ class Request:
     request_id: str
     spec: PromptSpec
     params: SamplingParams
-    images: list[np.ndarray] = field(default_factory=list)
+    images: list[MediaItem | np.ndarray] = field(default_factory=list)  # planned items, or pixels
     arrival: float = field(default_factory=time.perf_counter)
     deadline_s: float = 600.0  # from arrival: how long the request may wait for a worker, in all
 
     @functools.cached_property
     def media_key(self) -> str | None:
-        """What the request's media are, for encode affinity: the least of its items' hashes (of their
-        shapes and a stride of their pixels: cheap; a collision costs a cache miss, never a wrong
-        answer). The least, not all together: two requests that share an item often share it, and
-        one worker's cache serves the item whichever other items come with it."""
+        """What the request's media are, for encode affinity: the least of its items' keys (a planned
+        item's own; for pixels, a hash of their shape and a stride of them: cheap, and a collision
+        costs a cache miss, never a wrong answer). The least, not all together: two requests that
+        share an item often share it, and one worker's cache serves the item whichever other items
+        come with it."""
         if not self.images:
             return None
         keys = []
-        for pixels in self.images:
-            digest = hashlib.blake2b(str(pixels.shape).encode(), digest_size=16)
-            digest.update(np.ascontiguousarray(pixels.reshape(-1)[::61]).tobytes())
+        for item in self.images:
+            if isinstance(item, MediaItem):
+                keys.append(item.key)
+                continue
+            digest = hashlib.blake2b(str(item.shape).encode(), digest_size=16)
+            digest.update(np.ascontiguousarray(item.reshape(-1)[::61]).tobytes())
             keys.append(digest.hexdigest())
         return min(keys)
 
@@ -148,9 +155,10 @@ class Pipeline:
             except RequestFailed as exc:
                 # A stream's own failure is its prefill's until a token came out, its decode's after.
                 stage = exc.stage or (Role.DECODE if streamed else Role.PREFILL)
-                if stage is not Role.ENCODE:  # the encode leg counted its own
+                rejection = exc.rejection if isinstance(exc, MediaRejected) else None
+                if stage is not Role.ENCODE and rejection is None:  # the encode leg counted its own
                     self.counters.failures[stage.name.lower()] += 1
-                yield self._error(request, str(exc) or "the request failed", stage)
+                yield self._error(request, str(exc) or "the request failed", stage, rejection)
                 return
             except NoWorkerAvailable as exc:
                 if not streamed:
@@ -230,6 +238,8 @@ class Pipeline:
             attempt.touched[e.name] = e.handle
             try:
                 return await self._leg(e, e.handle.encode(request.request_id, request.images))
+            except MediaRejected:
+                raise  # the client's media, not the stage, failed
             except RequestFailed:
                 self.counters.failures["encode"] += 1
                 raise
@@ -308,10 +318,17 @@ class Pipeline:
             await asyncio.shield(asyncio.gather(*(_quiet(h.cancel(request_id)) for h in alive)))
 
     @staticmethod
-    def _error(request: Request, message: str, stage: Role) -> TokenDelta:
+    def _error(request: Request, message: str, stage: Role, rejection: Rejection | None = None) -> TokenDelta:
         timings = StageTimings(e2e_s=time.perf_counter() - request.arrival)
         return TokenDelta(
-            request.request_id, [], "", FinishReason.ERROR, error=message, timings=timings, failed_stage=stage
+            request.request_id,
+            [],
+            "",
+            FinishReason.ERROR,
+            error=message,
+            timings=timings,
+            failed_stage=stage,
+            rejection=rejection,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 
 
@@ -155,6 +156,7 @@ class TokenDelta:
     timings: StageTimings | None = None  # per-stage timings: on the first delta of a leg and the last
     error: str | None = None  # what failed, safe to show a client, when finish_reason is ERROR
     failed_stage: Role | None = None  # which stage failed it, when finish_reason is ERROR and known
+    rejection: Rejection | None = None  # the client's own fault, found past the gateway: its 4xx
 
     @property
     def finished(self) -> bool:
@@ -189,6 +191,30 @@ class PromptSpec:
     # Per video, in prompt order: seconds of video per temporal patch (Qwen2.5-VL's positions need it;
     # missing entries are 1.0, transformers' default: 2 frames at 2 fps).
     video_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    """An image or video as the gateway ships it to the worker that encodes it: its compressed bytes
+    and the plan the gateway made from their headers (the size to encode at, the frames to take), so
+    the prompt's pads and the encoder's grid cannot disagree. `key` names the result for the encode
+    cache and affinity routing: the bytes' hash and the plan, so the same picture at another budget
+    or sampling is another entry."""
+
+    data: bytes
+    video: bool
+    size: tuple[int, int]  # (height, width) to encode at: an image's budgeted size, a video's frames'
+    frames: tuple[int, ...] = ()  # a video's frames to decode, by index
+    param: str = "messages"  # the request field it came from, for a rejection
+    max_pixels: int = 0  # the server's per-image (per-frame) limit, checked again before decoding
+    timeout_s: float = 20.0  # decoding it may take no longer
+    key: str = ""
+
+    @staticmethod
+    def digest(data: bytes, video: bool, size: tuple[int, int], frames: tuple[int, ...]) -> str:
+        h = hashlib.blake2b(data, digest_size=16)
+        h.update(repr((video, size, frames)).encode())
+        return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -295,6 +321,8 @@ class WorkerStats:
     epoch: int
     prefix_cache_queried_tokens: int = 0  # prompt tokens of admitted requests, with prefix caching on
     prefix_cache_hit_tokens: int = 0  # of those, tokens whose KV the prefix cache supplied
+    images_decoded: int = 0  # media the gateway shipped compressed, decoded here
+    videos_decoded: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -331,6 +359,29 @@ class RequestFailed(WorkerError):
 
     def __reduce__(self) -> tuple:
         return (type(self), (str(self), self.stage))  # the stage survives crossing a process
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """What a client sent that a worker found it cannot use (media that do not decode): the 4xx the
+    client gets, and the request field at fault."""
+
+    status: int
+    code: str
+    param: str
+    message: str
+
+
+class MediaRejected(RequestFailed):
+    """An image or video that passed the gateway's header checks did not decode on the worker: the
+    client's fault, not the stage's (a 4xx, never counted as an encode failure)."""
+
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.message, Role.ENCODE)
+        self.rejection = rejection
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.rejection,))
 
 
 class NoWorkerAvailable(RuntimeError):

@@ -2,10 +2,10 @@
 
 `image_url.detail` picks a budget per image: `low` a small fixed one (`LOW_DETAIL_TOKENS`), `high`
 the model's maximum, `auto` (or none) the request's `mm_processor_kwargs` `min_pixels` /
-`max_pixels`, else the model's own. The gateway resizes each image to the size Qwen's rule gives
-under its budget before shipping it, which is also the smallest thing to ship; that size is a fixed
-point of the rule under the model's own budget, so the encode worker keeps it exactly and the
-prompt's pads and the encoder's grid cannot disagree. Each budgeted image is its own content: the
+`max_pixels`, else the model's own. The gateway plans each image's size by Qwen's rule under its
+budget, from its header alone, and ships the size with the compressed bytes; the encode worker
+resizes to exactly that size, a fixed point of the rule under the model's own budget, so the prompt's
+pads and the encoder's grid cannot disagree. Each budgeted image is its own content: the
 encode and prefix caches key it apart from the same picture at another budget. Videos keep the
 model's video budget.
 """
@@ -13,9 +13,6 @@ model's video budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
-from PIL import Image
 
 from serving.api.errors import APIError, invalid_value
 from serving.engine.image_processor import ImageProcessorConfig, smart_resize
@@ -55,17 +52,13 @@ def detail_budget(cfg: ImageProcessorConfig, detail: str | None, default: PixelB
     return default
 
 
-def fit(image: np.ndarray, cfg: ImageProcessorConfig, budget: PixelBudget) -> np.ndarray:
-    """The image at the size Qwen's rule gives under `budget` (unchanged when it already is). The
-    rule can round a small budget below the model's minimum; the model's own rule then applies
-    again, as the encode worker would apply it, so what is shipped is what is encoded."""
-    height, width = image.shape[:2]
+def fitted_size(height: int, width: int, cfg: ImageProcessorConfig, budget: PixelBudget) -> tuple[int, int]:
+    """(height, width) Qwen's rule gives an image under `budget`. The rule can round a small budget
+    below the model's minimum; the model's own rule then applies again, as the encode worker would
+    apply it, so the size planned is the size encoded."""
     factor = cfg.patch_size * cfg.merge_size
     h, w = smart_resize(height, width, factor, budget.min_pixels, budget.max_pixels)
-    h, w = smart_resize(h, w, factor, cfg.min_pixels, cfg.max_pixels)
-    if (h, w) == (height, width):
-        return image
-    return np.asarray(Image.fromarray(image).resize((w, h), resample=Image.Resampling.BICUBIC))
+    return smart_resize(h, w, factor, cfg.min_pixels, cfg.max_pixels)
 
 
 def check_visual_tokens(tokens: int, limit: int | None) -> None:

@@ -1,8 +1,8 @@
-"""Images from requests, safely: data URLs and http(s) fetches under byte caps and timeouts (one
-deadline and one byte budget per request), with loopback, private, link-local and metadata addresses
-refused after DNS resolution and again on every redirect hop; headers probed (pixels, frames, aspect
-ratio) and the request's pixels budgeted before anything is decoded (decompression bombs), decoding off
-the event loop.
+"""Images and videos from requests, safely: data URLs and http(s) fetches under byte caps and timeouts
+(one deadline and one byte budget per request), with loopback, private, link-local and metadata
+addresses refused after DNS resolution and again on every redirect hop; headers probed (pixels,
+frames, aspect ratio, a video's duration and codec) and the request's pixels budgeted, off the event
+loop. Nothing is decoded here: the compressed bytes go to the encode worker with their plan.
 """
 
 from __future__ import annotations
@@ -16,21 +16,20 @@ import re
 import socket
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urljoin, urlparse
 
 import httpx
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from serving.api.admission import Ticket
 from serving.api.errors import APIError
-from serving.api.video import VideoSampling, decode_video, frame_indices, probe_video, seconds_per_patch
+from serving.api.video import VideoSampling, frame_indices, probe_video, seconds_per_patch
 from serving.config import GatewayConfig
-from serving.engine.image_processor import to_rgb
+from serving.stages.decode import IMAGE_FORMATS as FORMATS
+from serving.types import MediaItem
 
-FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
 _DATA_URL = re.compile(r"^data:image/([a-zA-Z0-9.+-]+);base64,(.*)$", re.DOTALL)
 _VIDEO_DATA_URL = re.compile(r"^data:(?:video|application)/([a-zA-Z0-9.+-]+);base64,(.*)$", re.DOTALL)
 # Characters no host name may hold (spaces, controls, percent escapes, backslashes): refused before they
@@ -67,10 +66,11 @@ class MediaRef:
 
 @dataclass(frozen=True)
 class Loaded:
-    """A request's media, decoded: arrays in prompt order, and per video (in order) the seconds one
-    temporal patch of its sampled frames spans."""
+    """A request's media, fetched and their headers checked, not decoded: items in prompt order at
+    their declared sizes (the caller plans each item's size from its budget), and per video (in
+    order) the seconds one temporal patch of its sampled frames spans."""
 
-    arrays: list[np.ndarray]
+    items: list[MediaItem]
     video_seconds: list[float]
 
 
@@ -88,47 +88,42 @@ class Probe:
 
 
 class UuidCache:
-    """Decoded media by their clients' `uuid` (and, for a video, its sampling), least recently used
-    first out past `max_bytes`. Per gateway replica: a client that spreads one uuid over replicas
-    sends its data to each once."""
+    """Fetched media (compressed, with their frame plans) by their clients' `uuid` (and, for a video,
+    its sampling), least recently used first out past `max_bytes`. Per gateway replica: a client that
+    spreads one uuid over replicas sends its data to each once."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.bytes = max_bytes, 0
-        self._items: OrderedDict[tuple, tuple[np.ndarray, float | None]] = OrderedDict()
+        self._items: OrderedDict[tuple, tuple[MediaItem, float | None]] = OrderedDict()
 
-    def get(self, key: tuple) -> tuple[np.ndarray, float | None] | None:
+    def get(self, key: tuple) -> tuple[MediaItem, float | None] | None:
         item = self._items.get(key)
         if item is not None:
             self._items.move_to_end(key)
         return item
 
-    def put(self, key: tuple, item: tuple[np.ndarray, float | None]) -> None:
-        if item[0].nbytes > self.max_bytes:
+    def put(self, key: tuple, item: tuple[MediaItem, float | None]) -> None:
+        if len(item[0].data) > self.max_bytes:
             return
         if (old := self._items.pop(key, None)) is not None:
-            self.bytes -= old[0].nbytes
+            self.bytes -= len(old[0].data)
         self._items[key] = item
-        self.bytes += item[0].nbytes
+        self.bytes += len(item[0].data)
         while self.bytes > self.max_bytes:
-            _, (array, _) = self._items.popitem(last=False)
-            self.bytes -= array.nbytes
+            _, (dropped, _) = self._items.popitem(last=False)
+            self.bytes -= len(dropped.data)
 
 
 def _uuid_key(ref: MediaRef, sampling: VideoSampling) -> tuple:
-    """What the decoded item depends on besides its bytes: a video's frames, on its sampling."""
+    """What the item depends on besides its bytes: a video's frames, on its sampling."""
     return (ref.uuid, ref.video, (sampling.fps, sampling.num_frames) if ref.video else None)
 
 
 class MediaFetcher:
-    def __init__(
-        self,
-        cfg: GatewayConfig,
-        on_decode: Callable[[str], None] | None = None,
-        on_reuse: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, cfg: GatewayConfig, on_reuse: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.uuids = UuidCache(cfg.media_uuid_cache_bytes)
-        self.on_decode, self.on_reuse = on_decode, on_reuse  # metrics: decodes by kind, uuid reuses
+        self.on_reuse = on_reuse  # metrics: uuid reuses
         self.allowed_hosts = {h.lower() for h in cfg.allow_media_hosts}
         timeout = httpx.Timeout(cfg.media_read_timeout_s, connect=cfg.media_connect_timeout_s)
         self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
@@ -139,25 +134,25 @@ class MediaFetcher:
         ticket: Ticket | None = None,
         sampling: VideoSampling | None = None,
     ) -> Loaded:
-        """A request's images and videos → RGB uint8 arrays: (H, W, 3) for an image, (T, H, W, 3) for
-        a video's sampled frames (`sampling`, or the server's defaults), and per video the seconds
-        each temporal patch of its frames spans.
+        """A request's images and videos, fetched and probed, never decoded here: each an item of its
+        compressed bytes, its declared size and, for a video, the frames its sampling (`sampling`, or
+        the server's defaults) takes; and per video the seconds each temporal patch spans.
 
         Every fetch runs under one deadline and one byte budget for the request; every header is then
         checked (pixels, frames, aspect ratio, a video's duration and codec) and the request's declared
         pixels (a video's: its sampled frames') are checked against its own budget (413) and charged to
-        the gateway's in-flight budget on `ticket` (429) before anything is decoded."""
+        the gateway's in-flight budget on `ticket` (429). The encode worker decodes."""
         if not refs:
             return Loaded([], [])
         sampling = sampling or VideoSampling()
-        reused: dict[int, tuple[np.ndarray, float | None]] = {}
+        reused: dict[int, tuple[MediaItem, float | None]] = {}
         for i, ref in enumerate(refs):
             if ref.uuid and not ref.source:  # vLLM's media identity: the item sent before under it
                 hit = self.uuids.get(_uuid_key(ref, sampling))
                 if hit is None:
                     message = f"No media is known by uuid '{ref.uuid[:64]}'; send it with its data first."
                     raise APIError(400, message, ref.param, "unknown_media_uuid")
-                reused[i] = hit
+                reused[i] = (replace(hit[0], param=ref.param), hit[1])
         fetch = [i for i in range(len(refs)) if i not in reused]
         media = RequestMedia(self.cfg.max_request_media_bytes)
         try:
@@ -168,50 +163,40 @@ class MediaFetcher:
         except TimeoutError:
             message = "Fetching the request's media took longer than the server allows."
             raise APIError(422, message, refs[0].param, "media_fetch_timeout") from None
-        raws = dict(zip(fetch, fetched, strict=True))
-        plans: dict[int, list[int] | None] = {}
-        seconds: dict[int, float] = {}
-        pixels = sum(a.size // 3 for a, _ in reused.values())
-        for i, raw in raws.items():
-            ref = refs[i]
-            if ref.video:
-                video = await asyncio.to_thread(probe_video, raw, self.cfg, ref.param)
-                plans[i] = frame_indices(video, sampling, self.cfg)
-                seconds[i] = seconds_per_patch(video, len(plans[i]))
-                pixels += video.width * video.height * len(plans[i])
-            else:
-                pixels += (await asyncio.to_thread(probe_image, raw, self.cfg, ref.param)).pixels
-                plans[i] = None
+        items = dict(reused)
+        for i, raw in zip(fetch, fetched, strict=True):
+            items[i] = await asyncio.to_thread(self._probe, refs[i], raw, sampling)
+        pixels = sum(_pixels(item) for item, _ in items.values())
         if pixels > self.cfg.max_request_image_pixels:
             message = "The request's images and videos have more pixels in total than the server accepts."
             raise APIError(413, message, "messages", "image_too_large")
         if ticket is not None:
             ticket.charge_pixels(pixels)
-        decoded = await asyncio.gather(
-            *(
-                asyncio.to_thread(decode_image, raws[i], self.cfg.max_image_pixels, refs[i].param)
-                if plans[i] is None
-                else asyncio.to_thread(decode_video, raws[i], plans[i], self.cfg, refs[i].param)
-                for i in fetch
-            )
-        )
-        items = dict(reused)
-        for i, array in zip(fetch, decoded, strict=True):
-            items[i] = (array, seconds.get(i))
-            if self.on_decode is not None:
-                self.on_decode("video" if refs[i].video else "image")
+        for i in fetch:
             if refs[i].uuid:
                 self.uuids.put(_uuid_key(refs[i], sampling), items[i])
         if self.on_reuse is not None:
             for _ in reused:
                 self.on_reuse()
         ordered = [items[i] for i in range(len(refs))]
-        video_seconds = [s for (_, s), ref in zip(ordered, refs, strict=True) if ref.video]
-        return Loaded([a for a, _ in ordered], [s if s is not None else 1.0 for s in video_seconds])
+        video_seconds = [s if s is not None else 1.0 for (item, s) in ordered if item.video]
+        return Loaded([item for item, _ in ordered], video_seconds)
 
-    async def load(self, url: str, param: str) -> np.ndarray:
-        """One image URL (data: or http(s)) → RGB uint8 array (H, W, 3), under the request budgets."""
-        return (await self.load_all([MediaRef(url, param)])).arrays[0]
+    def _probe(self, ref: MediaRef, raw: bytes, sampling: VideoSampling) -> tuple[MediaItem, float | None]:
+        """An item from its header alone: its declared size and, for a video, its frame plan."""
+        cfg = self.cfg
+        limits = {
+            "param": ref.param,
+            "max_pixels": cfg.max_image_pixels,
+            "timeout_s": cfg.video_decode_timeout_s,
+        }
+        if ref.video:
+            video = probe_video(raw, cfg, ref.param)
+            frames = frame_indices(video, sampling, cfg)
+            item = MediaItem(raw, True, (video.height, video.width), tuple(frames), **limits)
+            return item, seconds_per_patch(video, len(frames))
+        image = probe_image(raw, cfg, ref.param)
+        return MediaItem(raw, False, (image.height, image.width), **limits), None
 
     def _limit(self, video: bool) -> tuple[int, str]:
         return (self.cfg.max_video_bytes, "video") if video else (self.cfg.max_image_bytes, "image")
@@ -374,26 +359,6 @@ def _animated(image: Image.Image) -> bool:
     return bool(getattr(image, "is_animated", False))
 
 
-def decode_image(data: bytes, max_pixels: int, param: str) -> np.ndarray:
-    """Bytes → RGB array of the first frame. The header is read first and the pixel count checked
-    before decoding (decompression bombs), even when the caller probed already."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in FORMATS:
-                raise APIError(400, "Images must be PNG, JPEG, WebP or GIF.", param, "invalid_image")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise APIError(
-                    400, "The image has more pixels than the server accepts.", param, "image_too_large"
-                )
-            if min(width, height) < 1 or max(width, height) / min(width, height) > 200:
-                raise APIError(
-                    400, "The image's aspect ratio is too extreme (over 200:1).", param, "invalid_image"
-                )
-            image.seek(0)  # animated images: the first frame
-            image.load()
-            return np.asarray(to_rgb(image))
-    except APIError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-        raise APIError(400, "The image could not be decoded.", param, "invalid_image") from None
+def _pixels(item: MediaItem) -> int:
+    """The pixels an item declares: a video's, over the frames it takes."""
+    return item.size[0] * item.size[1] * max(len(item.frames), 1)

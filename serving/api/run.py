@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from serving.api.admission import Ticket
-from serving.api.errors import timed_out, unavailable
+from serving.api.errors import APIError, timed_out, unavailable
 from serving.pipeline import Pipeline
 from serving.pipeline import Request as PipelineRequest
 from serving.telemetry.metrics import Metrics
@@ -113,11 +113,16 @@ class Generation:
     async def _next(self) -> tuple[Choice, TokenDelta] | None:
         try:
             async with asyncio.timeout_at(self.deadline):
-                return await anext(self._runs, None)
+                item = await anext(self._runs, None)
         except TimeoutError:
             raise timed_out() from None
         except NoWorkerAvailable as exc:
             raise unavailable(exc) from None
+        if item is not None and (r := item[1].rejection) is not None:
+            # The client's media failed past the gateway (they did not decode): its 4xx, as if the
+            # gateway had found it.
+            raise APIError(r.status, r.message, r.param, r.code, stage=failed_stage(item[1]))
+        return item
 
     async def _run(self) -> AsyncIterator[tuple[Choice, TokenDelta]]:
         """Every choice's deltas as they come; closing it cancels every choice's pipeline."""

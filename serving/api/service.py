@@ -1,6 +1,6 @@
 """`GenerationService`: everything a request needs besides its transport. Both front ends call it:
-authenticate, check, admit, fetch and decode images, tokenize, run the choices (`Generation`), and
-account metrics and SLOs in one place."""
+authenticate, check, admit, fetch and probe media (the encode worker decodes them), tokenize, run
+the choices (`Generation`), and account metrics and SLOs in one place."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import hmac
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 from jinja2.exceptions import TemplateError
 from prometheus_client import generate_latest
 
 from serving.api.admission import Admission
-from serving.api.budgets import PixelBudget, check_visual_tokens, detail_budget, fit, request_budget
+from serving.api.budgets import PixelBudget, check_visual_tokens, detail_budget, fitted_size, request_budget
 from serving.api.errors import APIError
 from serving.api.grammars import GrammarChecker
 from serving.api.media import MediaFetcher, MediaRef
@@ -34,10 +35,11 @@ from serving.api.video import VideoSampling
 from serving.config import GatewayConfig
 from serving.control.plane import ControlPlane
 from serving.engine.inputs import InputProcessor
+from serving.stages.decode import decode_item
 from serving.telemetry.control_metrics import ControlCollector
 from serving.telemetry.controller_metrics import ControllerCollector
 from serving.telemetry.metrics import Metrics, WorkerCollector
-from serving.types import PromptSpec, Role
+from serving.types import MediaItem, MediaRejected, PromptSpec, Role
 
 
 def video_sampling(request: GenerateRequest) -> VideoSampling:
@@ -86,11 +88,7 @@ class GenerationService:
         model = self.inputs.model_config
         self.vocab_size = model.text.vocab_size
         self.grammars = GrammarChecker(model_dir, self.vocab_size, model.eos_token_ids)
-        self.media = MediaFetcher(
-            cfg,
-            on_decode=lambda kind: self.metrics.media_decoded.labels(model_id, kind).inc(),
-            on_reuse=lambda: self.metrics.media_uuid_hits.labels(model_id).inc(),
-        )
+        self.media = MediaFetcher(cfg, on_reuse=lambda: self.metrics.media_uuid_hits.labels(model_id).inc())
         self.admission = Admission(
             cfg.max_concurrent_requests, cfg.max_queued_requests, cfg.max_image_pixels_in_flight
         )
@@ -159,15 +157,17 @@ class GenerationService:
             queue_s = time.perf_counter() - arrival
             try:
                 loaded = await self.media.load_all(images, ticket, video_sampling(request))
-                arrays = await asyncio.to_thread(self._fit, images, loaded.arrays, budget)
-                spec, arrays = await self._chat_spec(messages, arrays, tools, loaded.video_seconds)
+                planned = await asyncio.to_thread(self._plan, images, loaded.items, budget)
+                spec, media = await self._chat_spec(messages, planned, tools, loaded.video_seconds)
                 check_visual_tokens(self._image_tokens(spec), self.cfg.max_visual_tokens)
                 check_tokens(self.cfg, len(spec.token_ids) * request.n, "messages")
                 params = sampling_params(
                     self.cfg, request, len(spec.token_ids), self.max_model_len, self.vocab_size, grammar
                 )
                 seed = request.sampling.seed
-                choices = [Choice(i, spec, seeded(params, seed, i), arrays) for i in range(request.n)]
+                if self.cfg.media_decode == "gateway":
+                    media = await self._decode_here(media)
+                choices = [Choice(i, spec, seeded(params, seed, i), media) for i in range(request.n)]
             except BaseException:
                 ticket.release()
                 raise
@@ -201,8 +201,9 @@ class GenerationService:
         return generation
 
     async def tokenize(self, request: GenerateRequest) -> Tokenized:
-        """The prompt tokens the request would run (image pads expanded), under the same checks; images
-        are fetched and decoded under admission (their sizes decide their token counts)."""
+        """The prompt tokens the request would run (image pads expanded), under the same checks; media
+        are fetched and their headers read under admission (their sizes decide their token counts),
+        never decoded."""
         check_bounds(request)
         self.check_model(request.model)
         if not request.is_chat:
@@ -216,9 +217,9 @@ class GenerationService:
         ticket = await self.admission.acquire(1) if images else None
         try:
             loaded = await self.media.load_all(images, ticket, video_sampling(request))
-            arrays = await asyncio.to_thread(self._fit, images, loaded.arrays, budget)
+            planned = await asyncio.to_thread(self._plan, images, loaded.items, budget)
             tools = template_tools(request.tools) if request.tools else None
-            spec, _ = await self._chat_spec(messages, arrays, tools)
+            spec, _ = await self._chat_spec(messages, planned, tools)
         finally:
             if ticket is not None:
                 ticket.release()
@@ -235,13 +236,33 @@ class GenerationService:
             message = f"The messages could not be turned into a prompt: {str(exc)[:300]}."
             raise APIError(400, message, "messages") from None
 
-    def _fit(self, refs: list[MediaRef], arrays: list, budget: PixelBudget) -> list:
-        """Each image at the size its budget gives (its `detail`, else the request's); videos as they are."""
+    def _plan(self, refs: list[MediaRef], items: list[MediaItem], budget: PixelBudget) -> list[MediaItem]:
+        """Each image at the size its budget gives (its `detail`, else the request's), videos at their
+        declared size; each keyed by its bytes and that plan."""
         cfg = self.inputs.image_processor.cfg
-        return [
-            a if ref.video else fit(a, cfg, detail_budget(cfg, ref.detail, budget))
-            for ref, a in zip(refs, arrays, strict=True)
-        ]
+        planned = []
+        for ref, item in zip(refs, items, strict=True):
+            size = (
+                item.size
+                if item.video
+                else fitted_size(*item.size, cfg, detail_budget(cfg, ref.detail, budget))
+            )
+            planned.append(
+                replace(item, size=size, key=MediaItem.digest(item.data, item.video, size, item.frames))
+            )
+        return planned
+
+    async def _decode_here(self, items: list[MediaItem]) -> list[np.ndarray]:
+        """`--media-decode gateway`: the planned items decoded on this process's threads, shipped as
+        pixels (a rejection is the client's 4xx here)."""
+        try:
+            pixels = await asyncio.gather(*(asyncio.to_thread(decode_item, item) for item in items))
+        except MediaRejected as exc:
+            r = exc.rejection
+            raise APIError(r.status, r.message, r.param, r.code) from None
+        for item in items:
+            self.metrics.media_decoded.labels(self.model_id, "video" if item.video else "image").inc()
+        return list(pixels)
 
     def _image_tokens(self, spec: PromptSpec) -> int:
         return sum(self.inputs.model_config.num_image_tokens(g) for g in spec.grids)

@@ -1,18 +1,19 @@
-"""Videos from requests: the container's header probed with PyAV (no system FFmpeg), checked against
-the server's limits, frames chosen by the request's sampling (`fps` or `num_frames`, Qwen's rules),
-and only those frames decoded, under a time cap.
+"""Videos from requests, at the gateway: the container's header probed with PyAV (no system FFmpeg),
+checked against the server's limits, and the frames to take chosen by the request's sampling (`fps`
+or `num_frames`, Qwen's rules). No frame is decoded here (the encode worker decodes only those frames).
 
-What the header declares decides everything before any frame is decoded: dimensions, duration,
-frame count and codec are checked, the number of frames to sample follows from the duration, and so
-the video's pixels (and its tokens) are known and charged to the request first. A container that lies
-(fewer frames than it declares, a truncated stream) gives fewer frames, never more work.
+What the header declares decides everything: dimensions, duration, frame count and codec are
+checked, the number of frames to sample follows from the duration, and so the video's pixels (and its
+tokens) are known and charged to the request first. A container that lies (fewer frames than it
+declares, a truncated stream, frames of another size) gives repeated or resized frames on the
+worker, never more work or another token count. Rotation metadata is not applied: frames are taken as
+stored, so the header's size is the size encoded.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,45 +101,3 @@ def seconds_per_patch(probe: VideoProbe, frames: int) -> float:
     """Seconds of video one temporal patch of the sampled frames spans (Qwen2.5-VL's
     `second_per_grid_ts`: the temporal patch size over the sampling rate)."""
     return TEMPORAL_PATCH * probe.duration_s / frames
-
-
-def decode_video(data: bytes, indices: list[int], cfg: GatewayConfig, param: str) -> np.ndarray:
-    """The chosen frames as RGB uint8 (T, H, W, 3), decoding in order and stopping after the last one
-    wanted; past `video_decode_timeout_s` the request is refused (422)."""
-    import av
-
-    wanted = set(indices)
-    last = max(indices)
-    frames: dict[int, np.ndarray] = {}
-    deadline = time.monotonic() + cfg.video_decode_timeout_s
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    frames[i] = frame.to_ndarray(format="rgb24")
-                if i >= last:
-                    break
-                if time.monotonic() > deadline:
-                    raise _bad(
-                        "Decoding the video took longer than the server allows.", param, "media_timeout", 422
-                    )
-    except APIError:
-        raise
-    except (av.FFmpegError, OSError, ValueError):
-        if not frames:
-            raise _bad("The video could not be decoded.", param) from None
-    if not frames:
-        raise _bad("The video has no decodable frames.", param)
-    # A container that declared more frames than it holds: the last decoded frame stands in for the
-    # missing ones, so the clip keeps the length its tokens were counted for.
-    got = [frames.get(i) for i in indices]
-    fill = next(f for f in got if f is not None)
-    out = []
-    for f in got:
-        fill = f if f is not None else fill
-        out.append(fill)
-    if len({f.shape for f in out}) != 1:
-        raise _bad("The video's frames change size.", param)
-    return np.stack(out)

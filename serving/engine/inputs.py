@@ -16,7 +16,7 @@ from serving.engine.image_processor import ImageProcessor, ProcessedImage, to_rg
 from serving.engine.models.config import ModelConfig
 from serving.engine.tokenizer import Tokenizer
 from serving.engine.video_processor import VideoProcessor
-from serving.types import PromptSpec
+from serving.types import MediaItem, PromptSpec
 
 # An image, or a video as its frames in order.
 Media = Image.Image | list[Image.Image]
@@ -91,23 +91,34 @@ class InputProcessor:
     def spec_from_messages(
         self,
         messages: list[dict[str, Any]],
-        images: list[Image.Image] | list[np.ndarray],
+        images: list[Image.Image] | list[np.ndarray] | list[MediaItem],
         tools: list[dict[str, Any]] | None = None,
         video_seconds: list[float] | None = None,
-    ) -> tuple[PromptSpec, list[np.ndarray]]:
+    ) -> tuple[PromptSpec, list[np.ndarray] | list[MediaItem]]:
         """For a remote encode stage: the tokenized prompt with grids (from media sizes alone, no
-        preprocessing here) and the media as RGB arrays to ship to it: (H, W, 3) for an image,
-        (T, H, W, 3) for a video's frames; `video_seconds`, per video, the seconds each temporal
-        patch spans (from the frame rate it was sampled at)."""
-        arrays = [im if isinstance(im, np.ndarray) else np.asarray(to_rgb(im)) for im in images]
-        grids = [
-            self.video_processor.grid(a.shape[0], a.shape[2], a.shape[1])
-            if a.ndim == 4
-            else self.image_processor.grid(a.shape[1], a.shape[0])
-            for a in arrays
-        ]
+        preprocessing here) and the media to ship to it: planned items (compressed, decoded there) as
+        they are, else RGB arrays, (H, W, 3) for an image, (T, H, W, 3) for a video's frames;
+        `video_seconds`, per video, the seconds each temporal patch spans (from the frame rate it was
+        sampled at)."""
+        media = [im if isinstance(im, np.ndarray | MediaItem) else np.asarray(to_rgb(im)) for im in images]
+        grids = [self.grid(m) for m in media]
         token_ids = self.tokenizer.encode_chat(messages, tools=tools)
-        return PromptSpec(self.expand(token_ids, grids), grids, list(video_seconds or [])), arrays
+        return PromptSpec(self.expand(token_ids, grids), grids, list(video_seconds or [])), media
+
+    def grid(self, media: np.ndarray | MediaItem) -> tuple[int, int, int]:
+        """The (t, h, w) grid an image or video becomes, from its size alone (a planned item's size
+        and frame count, or an array's shape)."""
+        if isinstance(media, MediaItem):
+            (height, width), frames = media.size, (len(media.frames) if media.video else 0)
+        else:
+            height, width, frames = (
+                media.shape[-3],
+                media.shape[-2],
+                (media.shape[0] if media.ndim == 4 else 0),
+            )
+        if frames:
+            return self.video_processor.grid(frames, width, height)
+        return self.image_processor.grid(width, height)
 
     def spec_from_text(self, prompt: str) -> PromptSpec:
         """A raw completions prompt: client text, so special-token text in it is plain text."""

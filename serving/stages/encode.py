@@ -1,6 +1,7 @@
-"""The E path of a stage worker: images looked up in the embedding cache by content hash, misses
-through the next vision batch, packed embeddings held in leased slots for a peer to pull; and the P
-side's pull of them into its own slots. Mixed into `StageWorker`."""
+"""The E path of a stage worker: media looked up in the embedding cache by their key, misses decoded
+(the gateway ships compressed bytes and a plan) and run through the next vision batch, packed
+embeddings held in leased slots for a peer to pull; and the P side's pull of them into its own slots.
+Mixed into `StageWorker`."""
 
 from __future__ import annotations
 
@@ -11,11 +12,23 @@ import numpy as np
 import torch
 
 from serving.stages.embeddings import image_key
-from serving.types import EmbeddingRef, RequestFailed, Role, StageTimings, WorkerUnavailable
+from serving.types import (
+    EmbeddingRef,
+    MediaItem,
+    MediaRejected,
+    RequestFailed,
+    Role,
+    StageTimings,
+    WorkerUnavailable,
+)
+
+# What a stage is handed to encode: media the gateway planned (bytes, decoded here), or pixels a local
+# caller decoded itself.
+Media = MediaItem | np.ndarray
 
 
 class EncodePath:
-    def encode(self: Any, request_id: str, images: list[np.ndarray]) -> EmbeddingRef:
+    def encode(self: Any, request_id: str, images: list[Media]) -> EmbeddingRef:
         self.ledger.admit(request_id, Role.ENCODE)
         try:
             return self._encode(request_id, images)
@@ -23,7 +36,7 @@ class EncodePath:
             self._quiet_free(request_id)
             raise
 
-    def _encode(self: Any, request_id: str, images: list[np.ndarray]) -> EmbeddingRef:
+    def _encode(self: Any, request_id: str, images: list[Media]) -> EmbeddingRef:
         start = time.perf_counter()
         packed, run_s = self._embed_images(request_id, images)
         rows = packed.shape[0]
@@ -40,14 +53,19 @@ class EncodePath:
 
         return self.loop.call(hold)
 
-    def _embed_images(self: Any, request_id: str, images: list[np.ndarray]) -> tuple[torch.Tensor, float]:
-        """Packed embeddings of the images, from the cache where possible; and the vision time."""
-        keys = [image_key(im) for im in images]
+    def _embed_images(self: Any, request_id: str, images: list[Media]) -> tuple[torch.Tensor, float]:
+        """Packed embeddings of the media, from the cache where possible; and the vision time."""
+        keys = [im.key if isinstance(im, MediaItem) else image_key(im) for im in images]
         found = self.loop.call(lambda: [self.cache.get(k) for k in keys])
         missing = [i for i, hit in enumerate(found) if hit is None]
         run_s = 0.0
         if missing:
-            processed = [self.engine.inputs.process(images[i]) for i in missing]
+            pixels = self._decode([images[i] for i in missing])
+            processed = [self.engine.inputs.process(p) for p in pixels]
+            for i, p in zip(missing, processed, strict=True):
+                item = images[i]
+                if isinstance(item, MediaItem) and tuple(p.grid_thw) != self.engine.inputs.grid(item):
+                    raise RequestFailed("the media did not match their plan", Role.ENCODE)
             t0 = time.perf_counter()
             try:
                 fresh = self.loop.encode(request_id, processed)
@@ -65,6 +83,19 @@ class EncodePath:
             for i, emb in zip(missing, fresh, strict=True):
                 found[i] = emb
         return torch.cat(found), run_s
+
+    def _decode(self: Any, media: list[Media]) -> list[np.ndarray]:
+        """Pixels of each item: planned items decoded on the worker's decode threads."""
+        items = [m for m in media if isinstance(m, MediaItem)]
+        if not items:
+            return list(media)
+        try:
+            decoded = iter(self.decoder.decode(items))
+        except MediaRejected:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a decoder's own failure fails this request alone
+            raise RequestFailed("the media could not be decoded", Role.ENCODE) from exc
+        return [next(decoded) if isinstance(m, MediaItem) else m for m in media]
 
     def _room(self: Any, rows: int) -> bool:
         return self.embeddings.num_free >= self.embeddings.slots_for(rows)

@@ -305,7 +305,7 @@ class _typed_errors:  # noqa: N801 - used as a context manager, reads like a fun
             if isinstance(cause, RayActorError):
                 raise WorkerDied(f"worker {self.name} died") from exc
             if isinstance(cause, RequestFailed):
-                raise RequestFailed(str(cause), cause.stage) from exc
+                raise cause from exc  # its type and fields (a stage, a client's rejection) intact
             if isinstance(cause, WorkerError):
                 raise type(cause)(str(cause)) from exc
             raise RequestFailed(f"worker {self.name} failed the request") from exc

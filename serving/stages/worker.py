@@ -38,6 +38,7 @@ import torch
 
 from serving.config import WorkerConfig
 from serving.engine.llm import LLMEngine
+from serving.stages.decode import Decoder
 from serving.stages.embeddings import EmbeddingCache
 from serving.stages.encode import EncodePath
 from serving.stages.faults import FaultPlan
@@ -82,6 +83,7 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
         self.embeddings = self._new_embeddings(1)
         self._resize(self.roles)
         self.cache = EmbeddingCache(int(cfg.embedding_cache_mb * 2**20))
+        self.decoder = Decoder()  # the gateway ships media compressed: decoded here, off the engine thread
         self.faults = FaultPlan()
         self.engine.fault_hook = self.faults.check
         self._prefill_s: dict[str, float] = {}
@@ -131,6 +133,8 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
             mm_cache_misses=self.cache.misses,
             mm_cache_entries=len(self.cache),
             images_encoded=self.loop.images_encoded,
+            images_decoded=self.decoder.decoded["image"],
+            videos_decoded=self.decoder.decoded["video"],
             leases_active=len(self.leases),
             leases_released=self.leases.released,
             leases_expired=self.leases.expired,
@@ -153,6 +157,7 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
     def shutdown(self) -> None:
         self.phase = WorkerPhase.STOPPED
         self.loop.stop()
+        self.decoder.close()
         self.transport.close()
 
     def _free(self, request_id: str) -> None:

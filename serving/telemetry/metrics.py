@@ -136,7 +136,7 @@ class Metrics:
         )
         self.media_decoded = Counter(
             "epd:media_decoded",
-            "Images and videos decoded at the gateway.",
+            "Images and videos decoded at the gateway (--media-decode gateway; workers count their own).",
             ["model_name", "kind"],
             registry=r,
         )
@@ -322,6 +322,11 @@ class WorkerCollector(Collector):
         encoded = CounterMetricFamily(
             "epd:images_encoded", "Images run through the vision tower.", labels=["model_name", "worker"]
         )
+        decoded = CounterMetricFamily(
+            "epd:worker_media_decoded",
+            "Images and videos the gateway shipped compressed, decoded on the worker.",
+            labels=["model_name", "worker", "kind"],
+        )
         running = GaugeMetricFamily(
             "epd:worker_requests_running",
             "Requests in a worker's engine batch.",
@@ -341,9 +346,22 @@ class WorkerCollector(Collector):
             prefix_hits.add_metric(labels, s.prefix_cache_hit_tokens)
             expired.add_metric(labels, s.leases_expired)
             encoded.add_metric(labels, s.images_encoded)
+            decoded.add_metric([*labels, "image"], s.images_decoded)
+            decoded.add_metric([*labels, "video"], s.videos_decoded)
             running.add_metric(labels, s.num_running)
             waiting.add_metric(labels, s.num_waiting)
-        yield from (kv, queries, hits, prefix_queries, prefix_hits, expired, encoded, running, waiting)
+        yield from (
+            kv,
+            queries,
+            hits,
+            prefix_queries,
+            prefix_hits,
+            expired,
+            encoded,
+            decoded,
+            running,
+            waiting,
+        )
 
 
 CATALOG = (
@@ -376,6 +394,7 @@ CATALOG = (
     "epd:prefix_cache_hits_total",
     "epd:lease_expired_total",
     "epd:images_encoded_total",
+    "epd:worker_media_decoded_total",
     "epd:stage_queue_time_seconds",
     "epd:worker_requests_running",
     "epd:worker_requests_waiting",

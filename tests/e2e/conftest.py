@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import io
-import os
 import threading
 from pathlib import Path
 
@@ -20,27 +19,6 @@ def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     make_image(width, height, seed=seed).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def listener_pid(port: int) -> int:
-    """The process holding the TCP socket that listens on 127.0.0.1:`port` (from /proc)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                local, state, inode = fields[1], fields[3], fields[9]
-                if state == "0A" and int(local.split(":")[1], 16) == port:  # 0A: LISTEN
-                    inodes.add(f"socket:[{inode}]")
-    assert inodes, f"nothing listens on port {port}"
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
-                return int(pid)
-        except OSError:
-            continue
-    raise AssertionError(f"no process owns the socket listening on {port}")
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from loadgen.server import listener_pid
 from serving.engine.inputs import InputProcessor
 from tests.e2e import videos
-from tests.e2e.conftest import API_KEY, listener_pid, png_bytes
+from tests.e2e.conftest import API_KEY, png_bytes
 
 MODEL = "epd-tiny"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -186,6 +187,9 @@ CASES = [
     # -- videos: each refused from its header or its data URL, nothing decoded past its budget
     ("video: corrupt container", "POST", C, video_body(videos.data_url(b"\x00" * 600)), AUTH, 400, "invalid_video"),
     ("video: truncated mp4", "POST", C, video_body(videos.data_url(CLIP[: len(CLIP) // 2])), AUTH, 400, "invalid_video"),
+    # a header that reads but frames that do not: found on the encode worker, still the client's 400
+    ("video: frames that do not decode", "POST", C, video_body(videos.data_url(videos.garbled(CLIP))), AUTH, 400, "invalid_video"),
+    ("video: frames that do not decode, streamed", "POST", C, video_body(videos.data_url(videos.garbled(CLIP)), stream=True), AUTH, 400, "invalid_video"),
     ("video: audio only", "POST", C, video_body(videos.data_url(videos.audio_only(), "audio/wav")), AUTH, 400, None),
     ("video: audio only as video", "POST", C, video_body(videos.data_url(videos.audio_only())), AUTH, 400, "invalid_video"),
     ("video: unsupported codec", "POST", C, video_body(videos.data_url(videos.lossless(), "video/x-matroska")), AUTH, 400, "invalid_video"),
@@ -364,6 +368,8 @@ ACCEPTED = [
     ("a video at the server's frame rate", C, video_body(videos.data_url(CLIP))),
     ("a video sampled to 3 frames (2: whole temporal patches)", C, video_body(videos.data_url(CLIP), media_io_kwargs={"video": {"num_frames": 3}})),
     ("a video sampled at 30 fps (its own 2)", C, video_body(videos.data_url(CLIP), media_io_kwargs={"video": {"fps": 30}})),
+    ("a video with rotation metadata (frames as stored)", C, video_body(videos.data_url(videos.rotated()))),
+    ("a video of variable frame rate", C, video_body(videos.data_url(videos.variable_rate()))),
     ("an image and a video in one message", C, chat_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE}}, {"type": "video_url", "video_url": {"url": videos.data_url(CLIP)}}]}])),
     ("every sampling control at once", C, chat_body(presence_penalty=2, frequency_penalty=-2, repetition_penalty=2, min_p=1, logit_bias={"0": -100, "1": 100}, temperature=1, seed=2)),
     ("a regex that matches only the empty string", T, completion_body(guided_regex="")),
@@ -440,3 +446,28 @@ def test_normal_requests_still_succeed_on_every_worker_after_the_table(server):
             lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(lines)
     assert httpx.get(f"{server}/ready", timeout=30).status_code == 200
+
+
+def _sample(server: str, name: str, **labels: str) -> float:
+    text = httpx.get(f"{server}/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+    )
+
+
+def test_media_that_fail_on_the_worker_are_the_clients_400_not_a_stage_failure(server):
+    """A video whose header reads but whose frames do not decode passes the gateway and fails on the
+    encode worker: the client gets the 400, the worker's decode count and the stage failures do not
+    move, and the next video is served."""
+    failures = _sample(server, "epd:stage_failures_total", stage="encode")
+    body = video_body(videos.data_url(videos.garbled(CLIP)))
+    response = send(server, "POST", C, body, AUTH)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_video"
+    assert _sample(server, "epd:request_errors_total", stage="encode") >= 1
+    assert _sample(server, "epd:stage_failures_total", stage="encode") == failures
+    decoded = _sample(server, "epd:worker_media_decoded_total", kind="video")
+    fresh = videos.clip(frames=6, size=(70, 42))  # not in any cache yet: decoded
+    assert send(server, "POST", C, video_body(videos.data_url(fresh)), AUTH).status_code == 200
+    assert _sample(server, "epd:worker_media_decoded_total", kind="video") == decoded + 1

@@ -234,8 +234,9 @@ def test_a_video_over_grpc_and_http_gives_the_engines_tokens(channel, client, en
     request: both give the tokens of the engine run on those 4 frames."""
     from PIL import Image
 
-    from serving.api.video import VideoSampling, decode_video, frame_indices, probe_video
+    from serving.api.video import VideoSampling, frame_indices, probe_video
     from serving.config import GatewayConfig
+    from serving.stages.decode import decode_video
     from tests.e2e import videos
 
     clip = videos.clip(frames=8, size=(56, 42))
@@ -255,9 +256,8 @@ def test_a_video_over_grpc_and_http_gives_the_engines_tokens(channel, client, en
         extra_body={"ignore_eos": True, "media_io_kwargs": {"video": {"num_frames": 4}}},
     )  # fmt: skip
     cfg = GatewayConfig()
-    frames = decode_video(
-        clip, frame_indices(probe_video(clip, cfg, "v"), VideoSampling(num_frames=4), cfg), cfg, "v"
-    )
+    plan = frame_indices(probe_video(clip, cfg, "v"), VideoSampling(num_frames=4), cfg)
+    frames = decode_video(clip, plan, cfg.video_decode_timeout_s, "v")
 
     prompt = engine.inputs.from_user_prompt("Which way?", [[Image.fromarray(f) for f in frames]])
     want = engine.generate([(prompt, SamplingParams(max_tokens=8, ignore_eos=True))])[0]

@@ -17,8 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadgen.server import free_port, start_server, stop_server
-from tests.e2e.conftest import listener_pid
+from loadgen.server import free_port, listener_pid, start_server, stop_server
 
 
 def _cmdline(pid: int) -> str:
@@ -119,7 +118,7 @@ def _until(predicate, timeout_s: float = 120.0) -> None:
         try:
             if predicate():
                 return
-        except (httpx.HTTPError, AssertionError):  # not answering yet; nothing listening yet
+        except (httpx.HTTPError, AssertionError, LookupError):  # not answering yet; nothing listening yet
             pass
         time.sleep(0.5)
     pytest.fail("timed out")

@@ -40,13 +40,16 @@ def ask(client, part: dict, **extra) -> str:
 
 def test_a_uuid_alone_reuses_the_image_without_decoding_or_encoding_it(server, client):
     png = png_bytes(84, 56, seed=21)
+    before = metric(server, "epd:worker_media_decoded_total", kind="image")
     first = ask(client, {"type": "image_url", "image_url": {"url": data_url(png)}, "uuid": "photo-21"})
-    decoded = metric(server, "epd:media_decoded_total", kind="image")
+    decoded = metric(server, "epd:worker_media_decoded_total", kind="image")
+    assert decoded == before + 1, "decoded once, on the encode worker"
+    assert metric(server, "epd:media_decoded_total", kind="image") == 0, "never on the gateway"
     hits = metric(server, "epd:media_uuid_hits_total")
     encode_hits = metric(server, "epd:mm_cache_hits_total")
     again = ask(client, {"type": "image_url", "uuid": "photo-21"})
     assert again == first
-    assert metric(server, "epd:media_decoded_total", kind="image") == decoded, "not decoded again"
+    assert metric(server, "epd:worker_media_decoded_total", kind="image") == decoded, "not decoded again"
     assert metric(server, "epd:media_uuid_hits_total") == hits + 1
     assert metric(server, "epd:mm_cache_hits_total") == encode_hits + 1, "its embeddings came from the cache"
 
@@ -67,9 +70,9 @@ def test_a_video_uuid_is_remembered_per_sampling(server, client):
     part = {"type": "video_url", "video_url": {"url": videos.data_url(clip)}, "uuid": "clip-1"}
     four = {"media_io_kwargs": {"video": {"num_frames": 4}}}
     first = ask(client, part, **four)
-    decoded = metric(server, "epd:media_decoded_total", kind="video")
+    decoded = metric(server, "epd:worker_media_decoded_total", kind="video")
     assert ask(client, {"type": "video_url", "uuid": "clip-1"}, **four) == first
-    assert metric(server, "epd:media_decoded_total", kind="video") == decoded
+    assert metric(server, "epd:worker_media_decoded_total", kind="video") == decoded
     with pytest.raises(openai.BadRequestError) as err:  # other frames: not what was remembered
         ask(client, {"type": "video_url", "uuid": "clip-1"}, media_io_kwargs={"video": {"num_frames": 2}})
     assert err.value.body["code"] == "unknown_media_uuid"

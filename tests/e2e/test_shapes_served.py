@@ -30,10 +30,16 @@ def expected():
     return evaluate_in_process(MODEL, items(SEED, TASKS, N), SEED)
 
 
-@pytest.fixture(scope="module", params=["e+p+d", "epd", "ep+d", "e+pd"])
+# Media are decoded on the encode worker, except in `epd`, which runs the gateway-decoding option:
+# both must give the in-process answers.
+SERVERS = {"e+p+d": [], "epd": ["--media-decode", "gateway"], "ep+d": [], "e+pd": []}
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
 def shapes_server(request, tmp_path_factory):
     log = tmp_path_factory.mktemp("shapes") / f"serve-{request.param}.log"
-    proc, url = start_server(["--model", MODEL, "--topology", request.param], log, timeout_s=240)
+    flags = ["--model", MODEL, "--topology", request.param, *SERVERS[request.param]]
+    proc, url = start_server(flags, log, timeout_s=240)
     yield request.param, url
     stop_server(proc)
 

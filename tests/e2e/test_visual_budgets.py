@@ -10,8 +10,9 @@ import openai
 import pytest
 from PIL import Image
 
-from serving.api.budgets import LOW_DETAIL_TOKENS, PixelBudget, detail_budget, fit, request_budget
+from serving.api.budgets import LOW_DETAIL_TOKENS, PixelBudget, detail_budget, fitted_size, request_budget
 from serving.engine.image_processor import smart_resize
+from serving.stages.decode import resize
 from serving.types import SamplingParams
 from tests.conftest import make_image
 from tests.e2e.conftest import API_KEY, png_bytes
@@ -58,7 +59,8 @@ def test_one_image_at_two_budgets_is_two_answers_each_the_engines(client, engine
     answers = []
     for tokens in (9, 64):
         served = ask(client, png, mm_processor_kwargs={"max_pixels": tokens * UNIT})
-        resized = fit(picture, cfg, request_budget(cfg, None, tokens * UNIT))
+        size = fitted_size(*picture.shape[:2], cfg, request_budget(cfg, None, tokens * UNIT))
+        resized = resize(picture, size)  # what the encode worker does with the planned size
         prompt = engine.inputs.from_user_prompt("What is it?", [Image.fromarray(resized)])
         want = engine.generate([(prompt, SamplingParams(max_tokens=8, ignore_eos=True))])[0]
         assert served.choices[0].message.content == want.text

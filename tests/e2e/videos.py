@@ -61,3 +61,45 @@ def long_clip(seconds: int) -> bytes:
         for packet in stream.encode(None):
             container.mux(packet)
     return buffer.getvalue()
+
+
+def rotated(degrees: int = 90, frames: int = 4) -> bytes:
+    """A clip whose header asks players to rotate it (a phone's portrait video): served as stored."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(degrees)
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 64, 3), 40 * i, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def variable_rate(frames: int = 8) -> bytes:
+    """Frames at irregular times (a screen recording's variable frame rate)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        at = 0
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 30 * i, dtype=np.uint8), format="rgb24")
+            frame.pts, frame.time_base = at, Fraction(1, 1000)
+            at += (50, 400, 120, 900)[i % 4]
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def garbled(raw: bytes) -> bytes:
+    """The clip with its coded frames overwritten: the header still reads, no frame decodes."""
+    start = raw.index(b"mdat") + 4
+    end = raw.index(b"moov") if raw.index(b"moov") > start else len(raw)
+    return raw[:start] + bytes(end - start) + raw[end:]

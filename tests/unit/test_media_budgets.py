@@ -1,5 +1,6 @@
-"""Media under budgets: headers checked (pixels, frames) and a request's pixels budgeted before anything
-is decoded, one byte budget and one fetch deadline per request, malformed URLs and ports refused."""
+"""Media under budgets: headers checked (pixels, frames) and a request's pixels budgeted from them alone
+(the gateway never decodes; the encode worker does), one byte budget and one fetch deadline per
+request, malformed URLs and ports refused."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import time
 import pytest
 from PIL import Image
 
-from serving.api import media as media_module
 from serving.api.admission import Admission
 from serving.api.errors import APIError
 from serving.api.media import MediaFetcher, MediaRef, probe_image
 from serving.config import GatewayConfig
+from serving.stages import decode as decode_module
 from tests.conftest import make_image
 
 
@@ -59,7 +60,7 @@ def load(cfg: GatewayConfig, urls: list[str], admission: Admission | None = None
             loaded = await fetcher.load_all(
                 [MediaRef(u, f"messages.0.content.{i}") for i, u in enumerate(urls)], ticket
             )
-            return loaded.arrays
+            return loaded.items
         finally:
             await fetcher.close()
 
@@ -68,15 +69,15 @@ def load(cfg: GatewayConfig, urls: list[str], admission: Admission | None = None
 
 @pytest.fixture
 def decodes(monkeypatch) -> list[int]:
-    """Counts full decodes."""
+    """Counts image decodes (none happen at the gateway)."""
     calls: list[int] = []
-    real = media_module.decode_image
+    real = decode_module.decode_image
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(media_module, "decode_image", counting)
+    monkeypatch.setattr(decode_module, "decode_image", counting)
     return calls
 
 
@@ -97,16 +98,16 @@ def test_eight_declared_6000px_gifs_refused_before_any_decode(decodes):
 def test_in_flight_pixel_budget_is_429_and_charged_to_the_ticket(decodes):
     cfg = GatewayConfig(max_image_pixels_in_flight=100)
     admission = Admission(8, 8, cfg.max_image_pixels_in_flight)
-    assert load(cfg, [data_url(png(8, 8))], admission)[0].shape == (8, 8, 3)
+    assert load(cfg, [data_url(png(8, 8))], admission)[0].size == (8, 8)
     assert admission.pixels == 64  # held by the ticket until the request ends
     with pytest.raises(APIError) as err:
         load(cfg, [data_url(png(8, 8))], admission)
-    assert err.value.status == 429 and decodes == [1]
+    assert err.value.status == 429 and decodes == []
 
 
 def test_too_many_frames_refused():
     cfg = GatewayConfig(max_image_frames=16)
-    assert load(cfg, [data_url(animated_gif(16), "gif")])[0].shape == (2, 2, 3)
+    assert load(cfg, [data_url(animated_gif(16), "gif")])[0].size == (2, 2)
     with pytest.raises(APIError) as err:
         load(cfg, [data_url(animated_gif(17), "gif")])
     assert err.value.status == 400 and "frames" in err.value.message
