@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve test lint bench bench-epd bench-peer bench-controller model train eval tools dashboards observe lock protos bench-grpc
+.PHONY: help install serve test lint bench bench-epd bench-fidelity bench-peer bench-controller model train eval tools dashboards observe lock protos bench-grpc
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ bench-controller: install ## the SLO controller: simulated at 64 and 1,000 worke
 	$(BIN)/epd profile --model $$($(BIN)/python -m benchmarks.small_model) --out .bench/profile-small.json
 	$(BIN)/python -m benchmarks.controller_sim --profile .bench/profile-small.json
 	$(BIN)/python -m benchmarks.controller_live --profile .bench/profile-small.json
+
+bench-fidelity: install ## lossy knobs: accuracy on the trained model (epd eval) beside bytes and time on the small preset
+	$(BIN)/python -m benchmarks.fidelity
 
 bench-epd: install ## serve the small preset colocated and disaggregated on 2 cores; sweep both, side by side
 	$(BIN)/python -m loadgen.compare

@@ -218,6 +218,9 @@ def serve_settings(
         video_max_seconds=args.video_max_seconds,
         max_visual_tokens=args.max_visual_tokens,
         media_decode=args.media_decode,
+        image_pruning_rate=args.image_pruning_rate,
+        video_pruning_rate=args.video_pruning_rate,
+        max_pruning_rate=args.max_pruning_rate,
         shutdown_grace_s=args.shutdown_grace,
         expose_openapi=args.openapi,
         grpc_port=args.grpc_port,
@@ -229,6 +232,8 @@ def serve_settings(
         max_model_len=args.max_model_len,
         max_step_tokens=args.max_step_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
+        image_pruning_method=args.image_pruning_method,
+        video_pruning_method=args.video_pruning_method,
     )
     control = ControlConfig(
         max_worker_restarts=args.max_worker_restarts,
@@ -249,7 +254,12 @@ def serve_settings(
     # A pinned worker's runtime threads (Ray, transport, streams) use the cores no worker is pinned to.
     runtime = spare_cpus(parse_cpus(args.pin_cpus)) if local and args.pin_cpus else ()
     template = WorkerConfig(
-        name="template", engine=engine, transport="nixl", threads=threads, runtime_cpus=runtime
+        name="template",
+        engine=engine,
+        transport="nixl",
+        threads=threads,
+        runtime_cpus=runtime,
+        kv_transfer_dtype=args.kv_transfer_dtype,
     )
     controller = ControllerConfig(
         mode=args.controller,
@@ -397,6 +407,42 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="image and video tokens one request may bring (400 above)",
+    )
+    srv.add_argument(
+        "--image-pruning-rate",
+        type=float,
+        default=0.0,
+        help="share of each image's tokens pruned at the encoder by default (lossy; 0: none)",
+    )
+    srv.add_argument(
+        "--video-pruning-rate",
+        type=float,
+        default=0.0,
+        help="share of each video's tokens pruned at the encoder by default (lossy; 0: none)",
+    )
+    srv.add_argument(
+        "--max-pruning-rate",
+        type=float,
+        default=video["max_pruning_rate"].default,
+        help="the most pruning a request may ask for in mm_processor_kwargs (400 above)",
+    )
+    srv.add_argument(
+        "--image-pruning-method",
+        choices=["divprune", "random"],
+        default="divprune",
+        help="which image tokens pruning keeps (random: the baseline)",
+    )
+    srv.add_argument(
+        "--video-pruning-method",
+        choices=["evs", "random"],
+        default="evs",
+        help="which video tokens pruning keeps (random: the baseline)",
+    )
+    srv.add_argument(
+        "--kv-transfer-dtype",
+        choices=["auto", "int8"],
+        default="auto",
+        help="KV from prefill to decode as the pool holds it (lossless) or int8 with per-token scales",
     )
     srv.add_argument(
         "--media-decode",

@@ -74,6 +74,12 @@ class EngineConfig(BaseModel):
     )
     max_model_len: int = Field(8192, ge=16, description="Longest prompt plus output, in tokens.")
     max_encode_images: int = Field(16, ge=1, description="Most images in one encode batch.")
+    image_pruning_method: Literal["divprune", "random"] = Field(
+        "divprune", description="Which image tokens pruning keeps (random: the baseline)."
+    )
+    video_pruning_method: Literal["evs", "random"] = Field(
+        "evs", description="Which video tokens pruning keeps (random: the baseline)."
+    )
     enable_prefix_caching: bool = Field(
         True,
         description="Reuse the KV of full prompt blocks another request already computed (same tokens "
@@ -96,6 +102,11 @@ class WorkerConfig(BaseModel):
     lease_ttl_s: float = Field(30.0, gt=0, description="How long held KV or embeddings wait to be pulled.")
     embedding_cache_mb: float = Field(64.0, ge=0, description="Encode-stage cache of visual embeddings.")
     embedding_slots: int = Field(256, ge=1, description="Slots of the registered embedding buffer.")
+    kv_transfer_dtype: Literal["auto", "int8"] = Field(
+        "auto",
+        description="KV from prefill to decode as the pool holds it (auto, lossless) or in int8 with "
+        "per-token, per-head scales (lossy; about 4x fewer bytes from float32, 2x from bfloat16).",
+    )
     embedding_slot_tokens: int = Field(64, ge=1, description="Visual tokens per embedding slot.")
     cpus: tuple[int, ...] = Field(
         (), description="Pin the worker's process to these CPUs; empty: no pinning."
@@ -202,6 +213,18 @@ class GatewayConfig(BaseModel):
     max_videos_per_request: int = Field(2, ge=0)
     media_uuid_cache_bytes: int = Field(
         256 * 2**20, ge=0, description="Fetched media kept by their clients' uuid for reuse (per replica)."
+    )
+    image_pruning_rate: float = Field(
+        0.0, ge=0, lt=1, description="Share of each image's tokens pruned at the encoder by default (lossy)."
+    )
+    video_pruning_rate: float = Field(
+        0.0, ge=0, lt=1, description="Share of each video's tokens pruned at the encoder by default (lossy)."
+    )
+    max_pruning_rate: float = Field(
+        0.9,
+        ge=0,
+        lt=1,
+        description="The most pruning a request may ask for (mm_processor_kwargs); above: 400.",
     )
     max_visual_tokens: int | None = Field(
         None, ge=1, description="Image and video tokens one request may bring; None: only the model length."

@@ -237,7 +237,8 @@ class Pipeline:
             tried.add(e.name)
             attempt.touched[e.name] = e.handle
             try:
-                return await self._leg(e, e.handle.encode(request.request_id, request.images))
+                call = e.handle.encode(request.request_id, request.images, request.spec.keep)
+                return await self._leg(e, call)
             except MediaRejected:
                 raise  # the client's media, not the stage, failed
             except RequestFailed:

@@ -191,6 +191,9 @@ class PromptSpec:
     # Per video, in prompt order: seconds of video per temporal patch (Qwen2.5-VL's positions need it;
     # missing entries are 1.0, transformers' default: 2 frames at 2 fps).
     video_seconds: list[float] = field(default_factory=list)
+    # Per item, the tokens pruning at the encoder keeps (`serving.engine.pruning.kept_count`); empty
+    # when nothing is pruned.
+    keep: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,7 @@ class EmbeddingRef:
     num_tokens: int
     lease_id: str
     timings: StageTimings | None = None
+    kept: list[list[int] | None] | None = None  # per item, the token indices pruning kept (None: all)
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,7 @@ class KVRef:
     first_token: int
     rope_delta: int
     lease_id: str
+    quantized: bool = False  # int8 staging blocks with scales (`KVStaging`), not the pool's own
 
 
 @dataclass

@@ -161,6 +161,8 @@ class GenerateRequest:
     video_num_frames: int | None = None  # … or how many, spread evenly (not both)
     min_pixels: int | None = None  # mm_processor_kwargs: each image's pixel budget (budgets.py)
     max_pixels: int | None = None
+    image_pruning_rate: float | None = None  # mm_processor_kwargs: tokens pruned at the encoder
+    video_pruning_rate: float | None = None
 
     @property
     def is_chat(self) -> bool:

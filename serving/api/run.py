@@ -54,6 +54,7 @@ class Usage:
     completion_tokens: int
     image_tokens: int  # images' and videos' tokens together
     video_tokens: int = 0  # of which videos'
+    pruned_tokens: int = 0  # visual tokens pruning at the encoder took out (not in image_tokens)
 
     @property
     def total_tokens(self) -> int:

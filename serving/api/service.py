@@ -18,7 +18,7 @@ from prometheus_client import generate_latest
 
 from serving.api.admission import Admission
 from serving.api.budgets import PixelBudget, check_visual_tokens, detail_budget, fitted_size, request_budget
-from serving.api.errors import APIError
+from serving.api.errors import APIError, invalid_value
 from serving.api.grammars import GrammarChecker
 from serving.api.media import MediaFetcher, MediaRef
 from serving.api.prepare import (
@@ -149,6 +149,7 @@ class GenerationService:
             check_sequences(self.cfg, request)
             messages, images = chat_messages(self.cfg, request)
             budget = request_budget(self.inputs.image_processor.cfg, request.min_pixels, request.max_pixels)
+            pruning = self.pruning_rates(request)
             tools = template_tools(request.tools) if request.tools else None
             for _ in range(request.n):  # demand, counted before admission (a 429 is load too)
                 self.metrics.arrive(arrival, bool(images))
@@ -158,7 +159,7 @@ class GenerationService:
             try:
                 loaded = await self.media.load_all(images, ticket, video_sampling(request))
                 planned = await asyncio.to_thread(self._plan, images, loaded.items, budget)
-                spec, media = await self._chat_spec(messages, planned, tools, loaded.video_seconds)
+                spec, media = await self._chat_spec(messages, planned, tools, loaded.video_seconds, pruning)
                 check_visual_tokens(self._image_tokens(spec), self.cfg.max_visual_tokens)
                 check_tokens(self.cfg, len(spec.token_ids) * request.n, "messages")
                 params = sampling_params(
@@ -219,18 +220,37 @@ class GenerationService:
             loaded = await self.media.load_all(images, ticket, video_sampling(request))
             planned = await asyncio.to_thread(self._plan, images, loaded.items, budget)
             tools = template_tools(request.tools) if request.tools else None
-            spec, _ = await self._chat_spec(messages, planned, tools)
+            spec, _ = await self._chat_spec(messages, planned, tools, None, self.pruning_rates(request))
         finally:
             if ticket is not None:
                 ticket.release()
         return Tokenized(list(spec.token_ids), self._image_tokens(spec))
 
+    def pruning_rates(self, request: GenerateRequest) -> tuple[float, float]:
+        """(image, video) pruning at the encoder: the request's, else the server's; at most the
+        server's maximum (400 above it)."""
+        rates = []
+        for kind, asked, default in (
+            ("image", request.image_pruning_rate, self.cfg.image_pruning_rate),
+            ("video", request.video_pruning_rate, self.cfg.video_pruning_rate),
+        ):
+            if asked is not None and asked > self.cfg.max_pruning_rate:
+                message = f"must be at most {self.cfg.max_pruning_rate:g} on this server"
+                raise invalid_value(f"mm_processor_kwargs.{kind}_pruning_rate", message)
+            rates.append(default if asked is None else asked)
+        return rates[0], rates[1]
+
     async def _chat_spec(
-        self, messages: list, images: list, tools: list | None = None, video_seconds: list | None = None
+        self,
+        messages: list,
+        images: list,
+        tools: list | None = None,
+        video_seconds: list | None = None,
+        pruning: tuple[float, float] = (0.0, 0.0),
     ) -> tuple[PromptSpec, list]:
         try:
             return await asyncio.to_thread(
-                self.inputs.spec_from_messages, messages, images, tools, video_seconds
+                self.inputs.spec_from_messages, messages, images, tools, video_seconds, pruning
             )
         except (ValueError, TemplateError) as exc:  # ours, or the chat template's raise_exception
             message = f"The messages could not be turned into a prompt: {str(exc)[:300]}."
@@ -265,7 +285,11 @@ class GenerationService:
         return list(pixels)
 
     def _image_tokens(self, spec: PromptSpec) -> int:
-        return sum(self.inputs.model_config.num_image_tokens(g) for g in spec.grids)
+        return sum(self.inputs.model_config.media_tokens(spec.grids, spec.keep))
+
+    def _pruned_tokens(self, spec: PromptSpec) -> int:
+        whole = sum(self.inputs.model_config.num_image_tokens(g) for g in spec.grids)
+        return whole - self._image_tokens(spec)
 
     def usage(self, choices: list[Choice]) -> Usage:
         prompts = {id(c.spec): c.spec for c in choices}.values()
@@ -274,6 +298,7 @@ class GenerationService:
             completion_tokens=sum(len(c.token_ids) for c in choices),
             image_tokens=sum(self._image_tokens(s) for s in prompts),
             video_tokens=sum(s.token_ids.count(self.inputs.model_config.video_token_id) for s in prompts),
+            pruned_tokens=sum(self._pruned_tokens(s) for s in prompts),
         )
 
     # -- state ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ class ProcessedImage:
 
     pixel_values: torch.Tensor  # (t*h*w, C * temporal_patch * patch * patch) float32
     grid_thw: tuple[int, int, int]
+    video: bool = False
 
 
 @dataclass(frozen=True)

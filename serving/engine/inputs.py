@@ -14,6 +14,7 @@ from PIL import Image
 
 from serving.engine.image_processor import ImageProcessor, ProcessedImage, to_rgb
 from serving.engine.models.config import ModelConfig
+from serving.engine.pruning import kept_count
 from serving.engine.tokenizer import Tokenizer
 from serving.engine.video_processor import VideoProcessor
 from serving.types import MediaItem, PromptSpec
@@ -31,6 +32,8 @@ class Prompt:
     images: list[ProcessedImage] = field(default_factory=list)
     grids: list[tuple[int, int, int]] = field(default_factory=list)
     video_seconds: list[float] = field(default_factory=list)  # per video: seconds per temporal patch
+    keep: list[int] = field(default_factory=list)  # per item, the tokens pruning keeps (empty: all)
+    kept: list[list[int] | None] | None = None  # per item, which: from the encoder, with its embeddings
 
     def __post_init__(self) -> None:
         if self.images and not self.grids:
@@ -70,18 +73,35 @@ class InputProcessor:
             return self.image_processor(media)
         return self.video_processor(media)
 
-    def from_messages(self, messages: list[dict[str, Any]], media: list[Media]) -> Prompt:
+    def from_messages(
+        self, messages: list[dict[str, Any]], media: list[Media], pruning: tuple[float, float] = (0.0, 0.0)
+    ) -> Prompt:
         """`messages` in chat-template form; its image and video parts, in order, stand for `media`.
         Message text is plain text: only the template's own markup becomes control tokens (pads
-        included)."""
+        included). `pruning`: the (image, video) pruning rates at the encoder (0: keep every token)."""
         processed = [self.process(m) for m in media]
-        return Prompt(self.expand(self.tokenizer.encode_chat(messages), processed), processed)
+        keep = self.keep_counts([(im.grid_thw, im.video) for im in processed], pruning)
+        return Prompt(
+            self.expand(self.tokenizer.encode_chat(messages), processed, keep), processed, keep=keep
+        )
 
-    def from_user_prompt(self, prompt: str, media: list[Media]) -> Prompt:
+    def from_user_prompt(
+        self, prompt: str, media: list[Media], pruning: tuple[float, float] = (0.0, 0.0)
+    ) -> Prompt:
         """One user message: the media in the order given, then the text."""
         content: list[dict[str, Any]] = [{"type": "video" if isinstance(m, list) else "image"} for m in media]
         content.append({"type": "text", "text": prompt})
-        return self.from_messages([{"role": "user", "content": content}], media)
+        return self.from_messages([{"role": "user", "content": content}], media, pruning)
+
+    def keep_counts(
+        self, items: list[tuple[tuple[int, int, int], bool]], pruning: tuple[float, float]
+    ) -> list[int]:
+        """Per (grid, is video) item, the tokens pruning at these (image, video) rates keeps; empty
+        when neither rate prunes anything."""
+        if not any(pruning):
+            return []
+        merge = self.model_config.vision.spatial_merge_size
+        return [kept_count(grid, merge, pruning[1] if video else pruning[0], video) for grid, video in items]
 
     def from_rendered(self, text: str, media: list[Media]) -> Prompt:
         """Already-rendered, trusted text: special-token text in it is markup (control tokens)."""
@@ -94,6 +114,7 @@ class InputProcessor:
         images: list[Image.Image] | list[np.ndarray] | list[MediaItem],
         tools: list[dict[str, Any]] | None = None,
         video_seconds: list[float] | None = None,
+        pruning: tuple[float, float] = (0.0, 0.0),
     ) -> tuple[PromptSpec, list[np.ndarray] | list[MediaItem]]:
         """For a remote encode stage: the tokenized prompt with grids (from media sizes alone, no
         preprocessing here) and the media to ship to it: planned items (compressed, decoded there) as
@@ -102,8 +123,10 @@ class InputProcessor:
         sampled at)."""
         media = [im if isinstance(im, np.ndarray | MediaItem) else np.asarray(to_rgb(im)) for im in images]
         grids = [self.grid(m) for m in media]
+        keep = self.keep_counts([(g, _is_video(m)) for g, m in zip(grids, media, strict=True)], pruning)
         token_ids = self.tokenizer.encode_chat(messages, tools=tools)
-        return PromptSpec(self.expand(token_ids, grids), grids, list(video_seconds or [])), media
+        spec = PromptSpec(self.expand(token_ids, grids, keep), grids, list(video_seconds or []), keep)
+        return spec, media
 
     def grid(self, media: np.ndarray | MediaItem) -> tuple[int, int, int]:
         """The (t, h, w) grid an image or video becomes, from its size alone (a planned item's size
@@ -132,16 +155,19 @@ class InputProcessor:
         return self.spec_from_messages([{"role": "user", "content": content}], images)
 
     def expand(
-        self, token_ids: list[int], images: list[ProcessedImage] | list[tuple[int, int, int]]
+        self,
+        token_ids: list[int],
+        images: list[ProcessedImage] | list[tuple[int, int, int]],
+        keep: list[int] | None = None,
     ) -> list[int]:
         """Each image or video pad repeated as many times as its item has tokens (items in prompt
-        order)."""
+        order; `keep`: what pruning keeps of each)."""
         pads = self.model_config.media_pad_ids
         count = sum(token_ids.count(p) for p in pads)
         if count != len(images):
             raise ValueError(f"the prompt has {count} image or video placeholders for {len(images)} items")
         grids = [im.grid_thw if isinstance(im, ProcessedImage) else im for im in images]
-        sizes = iter(self.model_config.num_image_tokens(g) for g in grids)
+        sizes = iter(self.model_config.media_tokens(grids, keep))
         out: list[int] = []
         for token in token_ids:
             if token in pads:
@@ -149,3 +175,7 @@ class InputProcessor:
             else:
                 out.append(token)
         return out
+
+
+def _is_video(media: np.ndarray | MediaItem) -> bool:
+    return media.video if isinstance(media, MediaItem) else media.ndim == 4

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from serving.config import EngineConfig
-from serving.engine import structured
+from serving.engine import pruning, structured
 from serving.engine.image_processor import ImageProcessor, ImageProcessorConfig
 from serving.engine.inputs import InputProcessor, Prompt
 from serving.engine.kv_cache import KVExport, content_key, prompt_block_hashes
@@ -111,7 +111,9 @@ class LLMEngine:
             images=list(prompt.images),
             grids=list(prompt.grids),
             video_seconds=list(prompt.video_seconds),
-            num_image_tokens=sum(self.model_config.num_image_tokens(g) for g in prompt.grids),
+            keep=list(prompt.keep),
+            kept=prompt.kept,
+            num_image_tokens=sum(self.model_config.media_tokens(prompt.grids, prompt.keep)),
             prefill_only=prefill_only,
         )
         if params.grammar is not None:
@@ -174,10 +176,12 @@ class LLMEngine:
     def _image_keys(self, seq: Sequence) -> list[tuple[bytes, int]] | None:
         """(content key, pad rows) of each image, for the prefix cache: from the pixels when the request
         brings them, else from its embeddings (so a request's images match others sent the same way)."""
-        counts = [self.model_config.num_image_tokens(g) for g in seq.grids]
+        counts = self.model_config.media_tokens(seq.grids, seq.keep)
         if seq.images:
+            # The kept count too: pruning's choice is a function of the pixels and the count (the
+            # method is the engine's), and two counts put other rows under the same pads.
             return [
-                (content_key(im.pixel_values, 0, *im.grid_thw), n)
+                (content_key(im.pixel_values, 0, *im.grid_thw, n), n)
                 for im, n in zip(seq.images, counts, strict=True)
             ]
         if seq.image_embeds is not None:
@@ -192,7 +196,12 @@ class LLMEngine:
         block table, or None when the pool has no room for the request yet."""
         if self.holds(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
-        bare = Prompt(prompt.token_ids, grids=list(prompt.grids), video_seconds=list(prompt.video_seconds))
+        bare = Prompt(
+            prompt.token_ids,
+            grids=list(prompt.grids),
+            video_seconds=list(prompt.video_seconds),
+            keep=list(prompt.keep),
+        )
         seq = self.make_sequence(request_id, bare, params)
         if not self.scheduler.can_admit(seq):
             return None
@@ -403,7 +412,30 @@ class LLMEngine:
                 embeds.setdefault(seq.request_id, []).append(emb)
         for seq in seqs:
             if seq.request_id in embeds:
-                seq.image_embeds = torch.cat(embeds[seq.request_id])
+                items = [(im.grid_thw, im.video) for im in seq.images]
+                rows, seq.kept = self.prune(embeds[seq.request_id], items, seq.keep)
+                seq.image_embeds = torch.cat(rows)
+
+    def prune(
+        self, embeds: list[torch.Tensor], items: list[tuple[tuple[int, int, int], bool]], keep: list[int]
+    ) -> tuple[list[torch.Tensor], list[list[int] | None] | None]:
+        """Each item's embeddings (its (grid, is video) in `items`) cut to what pruning keeps (`keep`,
+        per item; empty: all), and the kept tokens' indices (None for an item kept whole; None
+        overall when nothing is pruned)."""
+        if not keep:
+            return embeds, None
+        cfg, merge = self.cfg, self.model_config.vision.spatial_merge_size
+        rows, kept = [], []
+        for emb, (grid, video), k in zip(embeds, items, keep, strict=True):
+            if k >= emb.shape[0]:
+                rows.append(emb)
+                kept.append(None)
+                continue
+            method = cfg.video_pruning_method if video else cfg.image_pruning_method
+            index = pruning.select(emb, grid, merge, k, video, method)
+            rows.append(emb.index_select(0, index.to(emb.device)))
+            kept.append(index.tolist())
+        return rows, kept
 
     # -- convenience ------------------------------------------------------------------------------
 

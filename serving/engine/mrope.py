@@ -7,6 +7,10 @@ computes it. A video's temporal patch k sits at k · interval: 1 for Qwen2-VL, a
 `tokens_per_second` times the seconds the patch spans, truncated. The gap between the largest
 position and the token count is the request's rope delta: every decoded token sits at
 `index + delta` on all three axes.
+
+An item pruned at the encoder (`serving.engine.pruning`) has a shorter pad run: its kept tokens take
+the positions they had in the whole grid (`kept`, per item, indices in (t, h, w) raster order), and
+the text after it resumes where it would have without pruning.
 """
 
 from __future__ import annotations
@@ -22,22 +26,30 @@ def mrope_positions(
     video_token_id: int | None = None,
     video_seconds: list[float] | None = None,
     tokens_per_second: float | None = None,
+    keep: list[int] | None = None,
+    kept: list[list[int] | None] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Returns positions (3, len(token_ids)) and the rope delta. `grids` are the images' and videos'
     grids in the order their pad runs appear in the prompt. With `tokens_per_second` (Qwen2.5-VL), a
     video's temporal step is it times the video's entry in `video_seconds` (1.0 when missing);
-    without it, 1."""
+    without it, 1. `keep`: per item, how many tokens pruning kept (empty: all); `kept`: which (None
+    for an item kept whole, or whose kept tokens all lie in a cached prefix and are never computed:
+    they then take the grid's first positions, and everything after them is exact)."""
     n = len(token_ids)
     positions = torch.empty(3, n, dtype=torch.long)
     ids = torch.tensor(token_ids, dtype=torch.long)
     pads = ids == image_token_id
     if video_token_id is not None:
         pads |= ids == video_token_id
-    image_starts = _media_runs(pads, grids, merge)
+    kept = list(kept) if kept else [None] * len(grids)
+    sizes = [t * h * w // (merge * merge) for t, h, w in grids]
+    if keep:
+        sizes = list(keep)
+    image_starts = _media_runs(pads, sizes)
     seconds = iter(video_seconds or ())
     cursor = 0  # next token index to place
     pos = 0  # next text position
-    for start, (t, h, w) in zip(image_starts, grids, strict=True):
+    for start, (t, h, w), chosen, size in zip(image_starts, grids, kept, sizes, strict=True):
         text_len = start - cursor
         positions[:, cursor:start] = torch.arange(pos, pos + text_len)
         pos += text_len
@@ -48,20 +60,23 @@ def mrope_positions(
             if tokens_per_second is not None:
                 temporal = (temporal * (tokens_per_second * step)).long()
         tt, hh, ww = torch.meshgrid(temporal, torch.arange(gh), torch.arange(gw), indexing="ij")
-        positions[:, start : start + gt * gh * gw] = torch.stack([tt, hh, ww]).reshape(3, -1) + pos
-        cursor = start + gt * gh * gw
+        grid_positions = torch.stack([tt, hh, ww]).reshape(3, -1)
+        if chosen is not None:
+            grid_positions = grid_positions[:, torch.as_tensor(chosen, dtype=torch.long)]
+        grid_positions = grid_positions[:, :size]
+        positions[:, start : start + size] = grid_positions + pos
+        cursor = start + size
         pos += max(gh, gw)
     positions[:, cursor:] = torch.arange(pos, pos + n - cursor)
     return positions, int(positions.max()) + 1 - n if n else 0
 
 
-def _media_runs(pads: torch.Tensor, grids: list[tuple[int, int, int]], merge: int) -> list[int]:
-    """Start index of each image's or video's pad-token run, checked against the count its grid needs."""
+def _media_runs(pads: torch.Tensor, sizes: list[int]) -> list[int]:
+    """Start index of each image's or video's pad-token run, checked against the count it needs."""
     where = pads.nonzero().flatten().tolist()
     starts: list[int] = []
     i = 0
-    for t, h, w in grids:
-        size = t * h * w // (merge * merge)
+    for size in sizes:
         if i + size > len(where) or where[i + size - 1] - where[i] != size - 1:
             raise ValueError("image pad tokens do not match the image grids")
         starts.append(where[i])

@@ -167,6 +167,8 @@ class ModelRunner:
                 cfg.video_token_id,
                 seq.video_seconds,
                 cfg.vision.tokens_per_second if cfg.family == "qwen2_5_vl" else None,
+                seq.keep,
+                seq.kept,
             )
         if start >= prompt_len:
             return (torch.arange(start, end) + seq.rope_delta).expand(3, -1)

@@ -27,6 +27,8 @@ class Sequence:
     grids: list[tuple[int, int, int]] = field(default_factory=list)
     video_seconds: list[float] = field(default_factory=list)  # per video: seconds per temporal patch
     image_embeds: torch.Tensor | None = None  # the images' embeddings, packed in prompt order
+    keep: list[int] = field(default_factory=list)  # per item, the tokens pruning keeps (empty: all)
+    kept: list[list[int] | None] | None = None  # per item, which (set with the embeddings)
     num_image_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)

@@ -70,4 +70,4 @@ class VideoProcessor:
         patches = pixels.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p)
         patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
         flat = np.ascontiguousarray(patches).reshape(gt * gh * gw, 3 * tp * p * p)
-        return ProcessedImage(torch.from_numpy(flat), (gt, gh, gw))
+        return ProcessedImage(torch.from_numpy(flat), (gt, gh, gw), video=True)

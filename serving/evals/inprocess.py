@@ -15,15 +15,26 @@ from serving.types import SamplingParams
 BATCH = 16  # requests run together: the engine batches their prefills and decodes
 
 
-def evaluate_in_process(model_dir: str, items: list[Item], seed: int, dtype: str = "float32") -> Report:
-    engine = LLMEngine(EngineConfig(model=model_dir, dtype=dtype))
+def evaluate_in_process(
+    model_dir: str,
+    items: list[Item],
+    seed: int,
+    dtype: str = "float32",
+    pruning: tuple[float, float] = (0.0, 0.0),
+    **settings: str,
+) -> Report:
+    """`pruning`: the (image, video) pruning rates at the encoder; `settings`: other engine settings
+    (the pruning methods)."""
+    engine = LLMEngine(EngineConfig(model=model_dir, dtype=dtype, **settings))
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     outcomes: list[Outcome] = []
     start = time.perf_counter()
     for at in range(0, len(items), BATCH):
         chunk = items[at : at + BATCH]
         prompts = [
-            engine.inputs.from_user_prompt(i.prompt, [i.frames() if i.kind == "video" else i.image()])
+            engine.inputs.from_user_prompt(
+                i.prompt, [i.frames() if i.kind == "video" else i.image()], pruning
+            )
             for i in chunk
         ]
         results = engine.generate([(p, params) for p in prompts])

@@ -184,6 +184,8 @@ def chat_request(body: ChatCompletionRequest) -> GenerateRequest:
         video_num_frames=video.num_frames if video else None,
         min_pixels=budget.min_pixels if budget else None,
         max_pixels=budget.max_pixels if budget else None,
+        image_pruning_rate=budget.image_pruning_rate if budget else None,
+        video_pruning_rate=budget.video_pruning_rate if budget else None,
     )
 
 

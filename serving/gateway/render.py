@@ -29,6 +29,7 @@ def usage_body(usage: Usage) -> dict[str, Any]:
             "cached_tokens": 0,
             "image_tokens": usage.image_tokens,  # images' and videos' tokens
             "video_tokens": usage.video_tokens,  # of which videos'
+            **({"pruned_visual_tokens": usage.pruned_tokens} if usage.pruned_tokens else {}),
         },
     }
 

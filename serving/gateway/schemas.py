@@ -80,10 +80,13 @@ class VideoIO(_Body):
 
 
 class ProcessorKwargs(_Body):
-    """vLLM's `mm_processor_kwargs`: each image's pixel budget, inside the model's range."""
+    """vLLM's `mm_processor_kwargs`: each image's pixel budget, inside the model's range; the share of
+    image and video tokens pruned at the encoder (up to the server's maximum)."""
 
     min_pixels: int | None = Field(None, ge=1, le=2**31 - 1)
     max_pixels: int | None = Field(None, ge=1, le=2**31 - 1)
+    image_pruning_rate: float | None = Field(None, ge=0, lt=1)
+    video_pruning_rate: float | None = Field(None, ge=0, lt=1)
 
 
 class MediaIO(_Body):

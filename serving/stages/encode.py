@@ -28,17 +28,21 @@ Media = MediaItem | np.ndarray
 
 
 class EncodePath:
-    def encode(self: Any, request_id: str, images: list[Media]) -> EmbeddingRef:
+    def encode(
+        self: Any, request_id: str, images: list[Media], keep: list[int] | None = None
+    ) -> EmbeddingRef:
+        """Encode the request's media (what pruning keeps of each: `keep`) and hold the embeddings
+        for a prefill worker to pull."""
         self.ledger.admit(request_id, Role.ENCODE)
         try:
-            return self._encode(request_id, images)
+            return self._encode(request_id, images, keep or [])
         except BaseException:
             self._quiet_free(request_id)
             raise
 
-    def _encode(self: Any, request_id: str, images: list[Media]) -> EmbeddingRef:
+    def _encode(self: Any, request_id: str, images: list[Media], keep: list[int]) -> EmbeddingRef:
         start = time.perf_counter()
-        packed, run_s = self._embed_images(request_id, images)
+        packed, kept, run_s = self._embed_images(request_id, images, keep)
         rows = packed.shape[0]
 
         def hold() -> EmbeddingRef:
@@ -49,12 +53,16 @@ class EncodePath:
             lease = self._hold(request_id, Role.ENCODE, lambda: self.embeddings.free(slots))
             source = self.transport.publish("emb", self.embeddings.regions(slots, rows))
             timings = StageTimings(encode_s=run_s, encode_queue_s=time.perf_counter() - start - run_s)
-            return EmbeddingRef(source, rows, lease, timings)
+            return EmbeddingRef(source, rows, lease, timings, kept)
 
         return self.loop.call(hold)
 
-    def _embed_images(self: Any, request_id: str, images: list[Media]) -> tuple[torch.Tensor, float]:
-        """Packed embeddings of the media, from the cache where possible; and the vision time."""
+    def _embed_images(
+        self: Any, request_id: str, images: list[Media], keep: list[int]
+    ) -> tuple[torch.Tensor, list[list[int] | None] | None, float]:
+        """Packed embeddings of the media, from the cache where possible (whole: pruning applies
+        after, so one entry serves every rate), cut to what pruning keeps (`keep`, per item); the kept
+        tokens' indices per item; and the vision time."""
         keys = [im.key if isinstance(im, MediaItem) else image_key(im) for im in images]
         found = self.loop.call(lambda: [self.cache.get(k) for k in keys])
         missing = [i for i, hit in enumerate(found) if hit is None]
@@ -82,7 +90,10 @@ class EncodePath:
             self.loop.call(remember)
             for i, emb in zip(missing, fresh, strict=True):
                 found[i] = emb
-        return torch.cat(found), run_s
+        inputs = self.engine.inputs
+        items = [(inputs.grid(im), im.video if isinstance(im, MediaItem) else im.ndim == 4) for im in images]
+        rows, kept = self.engine.prune(found, items, keep)
+        return torch.cat(rows), kept, run_s
 
     def _decode(self: Any, media: list[Media]) -> list[np.ndarray]:
         """Pixels of each item: planned items decoded on the worker's decode threads."""

@@ -49,8 +49,8 @@ class WorkerHandle(abc.ABC):
 
     # -- data plane ---------------------------------------------------------------------------------
 
-    async def encode(self, request_id: str, images: list[np.ndarray]) -> EmbeddingRef:
-        return await self._call("encode", request_id, images)
+    async def encode(self, request_id: str, images: list[Any], keep: list[int] | None = None) -> EmbeddingRef:
+        return await self._call("encode", request_id, images, keep)
 
     async def prefill(
         self,

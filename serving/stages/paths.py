@@ -78,10 +78,24 @@ class RequestPaths:
         def hold() -> KVRef:
             self.ledger.update(request_id, _drop_sink)
             table, tokens, first, delta_pos = self.engine.held_kv(request_id)
-            lease = self._hold(request_id, Role.PREFILL, lambda: self.engine.release(request_id))
+            pool, staging = self.engine.runner.pool, self.kv_staging
+            # int8 transfer: a quantized copy in staging blocks; none free → the pool's own (lossless).
+            blocks = staging.allocate(len(table)) if staging is not None else None
+            if blocks is not None:
+                staging.pack(pool, table, blocks)
+
+            def release() -> None:
+                self.engine.release(request_id)
+                if blocks is not None:
+                    staging.free(blocks)
+
+            lease = self._hold(request_id, Role.PREFILL, release)
             self.ledger.update(request_id, _leave_engine)
-            source = self.transport.publish("kv", self.engine.runner.pool.regions(table))
-            return KVRef(source, tokens, first, delta_pos, lease)
+            if blocks is not None:
+                source = self.transport.publish("kvq", staging.regions(blocks))
+            else:
+                source = self.transport.publish("kv", pool.regions(table))
+            return KVRef(source, tokens, first, delta_pos, lease, quantized=blocks is not None)
 
         return PrefillResult(delta, self.loop.call(hold), timings)
 
@@ -122,13 +136,14 @@ class RequestPaths:
         timings: StageTimings,
     ) -> tuple[Prompt, torch.Tensor | None]:
         """The prompt and its visual embeddings: pulled from an encode worker, encoded here, or none."""
-        prompt = Prompt(spec.token_ids, grids=spec.grids, video_seconds=spec.video_seconds)
+        prompt = Prompt(spec.token_ids, grids=spec.grids, video_seconds=spec.video_seconds, keep=spec.keep)
         if embeddings is not None:
             timings.merge(embeddings.timings)
+            prompt.kept = embeddings.kept
             return prompt, self._pull_embeddings(request_id, embeddings, timings)
         if images:
             t0 = time.perf_counter()
-            embeds, run_s = self._embed_images(request_id, images)
+            embeds, prompt.kept, run_s = self._embed_images(request_id, images, spec.keep)
             timings.encode_s, timings.encode_queue_s = run_s, time.perf_counter() - t0 - run_s
             return prompt, embeds
         return prompt, None
@@ -174,7 +189,7 @@ class RequestPaths:
     ) -> tuple[Any, float]:
         """Reserve blocks, pull the KV into them, join the decode batch. The sink is a new queue, or
         what `make_sink(transfer seconds)` gives."""
-        prompt = Prompt(spec.token_ids, grids=spec.grids, video_seconds=spec.video_seconds)
+        prompt = Prompt(spec.token_ids, grids=spec.grids, video_seconds=spec.video_seconds, keep=spec.keep)
 
         def reserve() -> list[int] | None:
             try:
@@ -187,7 +202,10 @@ class RequestPaths:
 
         table = self._wait_for(reserve)
         start = time.perf_counter()
-        self._transfer(kv.source, "kv", self.engine.runner.pool.regions(table), kv.lease_id)
+        if kv.quantized:
+            self._pull_quantized(request_id, kv, table)
+        else:
+            self._transfer(kv.source, "kv", self.engine.runner.pool.regions(table), kv.lease_id)
         transfer_s = time.perf_counter() - start
         sink = queue.Queue() if make_sink is None else make_sink(transfer_s)
 
@@ -197,6 +215,21 @@ class RequestPaths:
 
         self.loop.call(join)
         return sink, transfer_s
+
+    def _pull_quantized(self: Any, request_id: str, kv: KVRef, table: list[int]) -> None:
+        """An int8 KV handoff: pulled into staging blocks of this worker's, dequantized into the
+        reserved `table` (not yet read by the engine: the request joins its batch after this)."""
+        staging = self.kv_staging
+        if staging is None:
+            raise RequestFailed("this worker takes no int8 KV (kv_transfer_dtype differs)", Role.DECODE)
+        pool = self.engine.runner.pool
+        count = kv.source.nbytes // staging.block_nbytes
+        blocks = self._wait_for(lambda: staging.allocate(count))
+        try:
+            self._transfer(kv.source, "kvq", staging.regions(blocks), kv.lease_id)
+            staging.unpack(pool, table[:count], blocks)
+        finally:
+            staging.free(blocks)
 
     # -- colocated P + D (and E) --------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from serving.stages.decode import Decoder
 from serving.stages.embeddings import EmbeddingCache
 from serving.stages.encode import EncodePath
 from serving.stages.faults import FaultPlan
+from serving.stages.kv_staging import KVStaging
 from serving.stages.ledger import Ledger
 from serving.stages.loop import EngineLoop
 from serving.stages.outbox import Outbox, StreamSink
@@ -81,6 +82,7 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
         self.ledger = Ledger(accepting=frozenset())
         self.leases = LeaseTable(cfg.name)
         self.embeddings = self._new_embeddings(1)
+        self.kv_staging: KVStaging | None = None  # with kv_transfer_dtype int8
         self._resize(self.roles)
         self.cache = EmbeddingCache(int(cfg.embedding_cache_mb * 2**20))
         self.decoder = Decoder()  # the gateway ships media compressed: decoded here, off the engine thread

@@ -95,3 +95,24 @@ def test_budgets_outside_the_models_range_are_400s(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:
         ask(client, png_bytes(56, 56), mm_processor_kwargs=kwargs)
     assert err.value.body["param"] == param
+
+
+def test_pruning_per_request_keeps_the_computed_count_and_the_engines_answer(client, engine):
+    """`mm_processor_kwargs.image_pruning_rate`: the usage counts the kept tokens and the pruned ones,
+    and the answer is the engine's on the same image pruned the same way; above the server's maximum,
+    a 400."""
+    picture = make_image(252, 168, seed=8)
+    png = png_bytes(252, 168, seed=8)
+    whole = image_tokens(ask(client, png))
+    for rate in (0.5, 0.75):
+        served = ask(client, png, mm_processor_kwargs={"image_pruning_rate": rate})
+        kept = round(whole * (1 - rate))
+        assert image_tokens(served) == kept
+        assert served.usage.prompt_tokens_details.model_extra["pruned_visual_tokens"] == whole - kept
+        prompt = engine.inputs.from_user_prompt("What is it?", [picture], pruning=(rate, 0.0))
+        want = engine.generate([(prompt, SamplingParams(max_tokens=8, ignore_eos=True))])[0]
+        assert served.choices[0].message.content == want.text
+        assert served.usage.prompt_tokens == len(prompt.token_ids)
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, png, mm_processor_kwargs={"image_pruning_rate": 0.95})
+    assert err.value.body["param"] == "mm_processor_kwargs.image_pruning_rate"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 
 from serving.cluster import Cluster
@@ -126,3 +127,38 @@ def test_cancel_mid_decode_frees_kv_on_p_and_d(cluster, engine):
             break
         time.sleep(0.1)
     assert all(v == 0 for v in used.values()), used
+
+
+@pytest.mark.parametrize("topology", ["e+p+d", "ep+d"])
+def test_pruned_media_give_the_inproc_tokens(cluster, engine, topology):
+    """Images and a video pruned at the encoder (remote, or the prefill worker's own): exactly the
+    computed count of pads, and the tokens of the in-process engine pruned the same way (the kept
+    tokens' positions travel with the embeddings)."""
+    arrange(cluster, topology)
+    try:
+        frames = [make_image(56, 42, seed=40 + i) for i in range(6)]
+        picture = make_image(84, 56, seed=7)
+        for rates in ((0.5, 0.5), (0.75, 0.0), (0.0, 0.6)):
+            text = f"pruned {rates}"
+            messages = [
+                {
+                    "role": "user",
+                    "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": text}],
+                }
+            ]
+            arrays = [np.asarray(picture), np.stack([np.asarray(f) for f in frames])]
+            spec, arrays = engine.inputs.spec_from_messages(messages, arrays, pruning=rates)
+            prompt = engine.inputs.from_messages(messages, [picture, frames], pruning=rates)
+            assert spec.token_ids == prompt.token_ids and spec.keep == prompt.keep
+            whole = engine.inputs.from_messages(messages, [picture, frames])
+            assert len(whole.token_ids) - len(prompt.token_ids) == sum(
+                engine.model_config.num_image_tokens(g) for g in prompt.grids
+            ) - sum(prompt.keep)
+            params = SamplingParams(max_tokens=10, ignore_eos=True)
+            expected = engine.generate([(prompt, params)])[0]
+            tokens, _, _ = asyncio.run(
+                collect(cluster.pipeline, Request(f"{topology}-pruned-{rates}", spec, params, arrays))
+            )
+            assert tokens == expected.token_ids, (topology, rates)
+    finally:
+        arrange(cluster, "e+p+d")

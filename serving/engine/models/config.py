@@ -71,6 +71,10 @@ class ModelConfig:
         """The pad tokens that stand for visual embeddings: an image's and a video's."""
         return (self.image_token_id, self.video_token_id)
 
+    def media_tokens(self, grids: list[tuple[int, int, int]], keep: list[int] | None = None) -> list[int]:
+        """Each item's pad count: what pruning keeps (`keep`, per item), else its whole grid's."""
+        return list(keep) if keep else [self.num_image_tokens(g) for g in grids]
+
     def num_image_tokens(self, grid_thw: tuple[int, int, int]) -> int:
         t, h, w = grid_thw
         return t * h * w // self.vision.spatial_merge_size**2
