@@ -234,8 +234,8 @@ class GenerationService:
             ("image", request.image_pruning_rate, self.cfg.image_pruning_rate),
             ("video", request.video_pruning_rate, self.cfg.video_pruning_rate),
         ):
-            if asked is not None and asked > self.cfg.max_pruning_rate:
-                message = f"must be at most {self.cfg.max_pruning_rate:g} on this server"
+            if asked is not None and not 0 <= asked <= self.cfg.max_pruning_rate:
+                message = f"must be from 0 to {self.cfg.max_pruning_rate:g} on this server"
                 raise invalid_value(f"mm_processor_kwargs.{kind}_pruning_rate", message)
             rates.append(default if asked is None else asked)
         return rates[0], rates[1]

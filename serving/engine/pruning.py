@@ -67,16 +67,17 @@ def _evs(embeds: torch.Tensor, per_patch: int, keep: int) -> torch.Tensor:
 
 
 def _divprune(embeds: torch.Tensor, keep: int) -> torch.Tensor:
+    # Distances one row at a time (O(N) memory, not the N × N matrix: a large image has thousands of
+    # tokens). A token's mean cosine distance to all is 1 − its unit vector · the mean unit vector.
     unit = _unit(embeds)
-    distance = 1 - unit @ unit.T
-    first = int(torch.argmax(distance.mean(dim=1)))
+    first = int(torch.argmax(1 - unit @ unit.mean(dim=0)))
     chosen = [first]
-    nearest = distance[first].clone()
+    nearest = 1 - unit @ unit[first]
     nearest[first] = -math.inf
     for _ in range(keep - 1):
         pick = int(torch.argmax(nearest))
         chosen.append(pick)
-        nearest = torch.minimum(nearest, distance[pick])
+        nearest = torch.minimum(nearest, 1 - unit @ unit[pick])
         nearest[chosen] = -math.inf
     return torch.sort(torch.tensor(chosen)).values
 

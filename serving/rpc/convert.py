@@ -127,6 +127,8 @@ def generate_request(request: pb.GenerateRequest | pb.TokenizeRequest) -> Genera
         parallel_tool_calls=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
         video_fps=request.video_fps if request.HasField("video_fps") else None,
         video_num_frames=request.video_num_frames if request.HasField("video_num_frames") else None,
+        image_pruning_rate=request.image_pruning_rate if request.HasField("image_pruning_rate") else None,
+        video_pruning_rate=request.video_pruning_rate if request.HasField("video_pruning_rate") else None,
     )
 
 
@@ -239,6 +241,7 @@ def generate_response(
                 total_tokens=usage.total_tokens,
                 image_tokens=usage.image_tokens,
                 video_tokens=usage.video_tokens,
+                pruned_visual_tokens=usage.pruned_tokens,
             )
         )
     return out

@@ -75,14 +75,12 @@ class RequestPaths:
             self._quiet_free(request_id)
             return PrefillResult(delta, None, timings)
 
-        def hold() -> KVRef:
+        def hold() -> tuple[KVRef, list[int], list[int] | None]:
             self.ledger.update(request_id, _drop_sink)
             table, tokens, first, delta_pos = self.engine.held_kv(request_id)
             pool, staging = self.engine.runner.pool, self.kv_staging
             # int8 transfer: a quantized copy in staging blocks; none free → the pool's own (lossless).
             blocks = staging.allocate(len(table)) if staging is not None else None
-            if blocks is not None:
-                staging.pack(pool, table, blocks)
 
             def release() -> None:
                 self.engine.release(request_id)
@@ -95,9 +93,15 @@ class RequestPaths:
                 source = self.transport.publish("kvq", staging.regions(blocks))
             else:
                 source = self.transport.publish("kv", pool.regions(table))
-            return KVRef(source, tokens, first, delta_pos, lease, quantized=blocks is not None)
+            ref = KVRef(source, tokens, first, delta_pos, lease, quantized=blocks is not None)
+            return ref, list(table), blocks
 
-        return PrefillResult(delta, self.loop.call(hold), timings)
+        ref, table, blocks = self.loop.call(hold)
+        if blocks is not None:
+            # Off the engine thread: the held blocks are read-only until the lease ends, and the
+            # reference leaves this worker only once the copy is whole.
+            self.kv_staging.pack(self.engine.runner.pool, table, blocks)
+        return PrefillResult(delta, ref, timings)
 
     def _admit(
         self: Any,

@@ -268,3 +268,27 @@ def test_a_video_over_grpc_and_http_gives_the_engines_tokens(channel, client, en
     assert http.usage.prompt_tokens_details.model_extra["video_tokens"] == video_tokens > 0
     (last,) = [m for m in messages if m.HasField("usage")]
     assert last.usage.video_tokens == video_tokens == last.usage.image_tokens
+
+
+def test_pruning_over_grpc(channel, engine):
+    """`image_pruning_rate` on a GenerateRequest: the engine's tokens pruned the same way, the kept
+    and pruned counts in the usage; out of range, INVALID_ARGUMENT naming the field."""
+    png = png_bytes(112, 84, seed=12)
+    request = pb.GenerateRequest(
+        messages=[user(image_bytes(png), "What is it?")],
+        sampling=pb.SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0),
+        image_pruning_rate=0.5,
+    )
+    (messages,) = by_choice(generate(channel, request)).values()
+    prompt = engine.inputs.from_user_prompt("What is it?", [make_image(112, 84, seed=12)], pruning=(0.5, 0.0))
+    want = engine.generate([(prompt, SamplingParams(max_tokens=6, ignore_eos=True))])[0]
+    assert [t for m in messages for t in m.token_ids] == want.token_ids
+    (last,) = [m for m in messages if m.HasField("usage")]
+    whole = sum(engine.model_config.num_image_tokens(g) for g in prompt.grids)
+    assert last.usage.image_tokens == sum(prompt.keep) == round(whole / 2)
+    assert last.usage.pruned_visual_tokens == whole - sum(prompt.keep)
+    request.image_pruning_rate = 1.5
+    with pytest.raises(grpc.RpcError) as err:
+        generate(channel, request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image_pruning_rate" in err.value.details()

@@ -103,7 +103,11 @@ def test_pruning_per_request_keeps_the_computed_count_and_the_engines_answer(cli
     a 400."""
     picture = make_image(252, 168, seed=8)
     png = png_bytes(252, 168, seed=8)
-    whole = image_tokens(ask(client, png))
+    plain = ask(client, png)
+    whole = image_tokens(plain)
+    neutral = ask(client, png, mm_processor_kwargs={"image_pruning_rate": 0})
+    assert neutral.choices[0].message.content == plain.choices[0].message.content
+    assert neutral.usage == plain.usage, "a rate of 0 is no knob at all"
     for rate in (0.5, 0.75):
         served = ask(client, png, mm_processor_kwargs={"image_pruning_rate": rate})
         kept = round(whole * (1 - rate))

@@ -90,6 +90,11 @@ applications:
       drain_timeout: {{ .Values.limits.drainTimeoutSeconds }}
       wait_for_worker: {{ .Values.limits.waitForWorkerSeconds }}
       dtype: {{ .Values.dtype | quote }}
+      image_pruning_rate: {{ .Values.efficiency.imagePruningRate }}
+      video_pruning_rate: {{ .Values.efficiency.videoPruningRate }}
+      max_pruning_rate: {{ .Values.efficiency.maxPruningRate }}
+      kv_transfer_dtype: {{ .Values.efficiency.kvTransferDtype | quote }}
+      media_decode: {{ .Values.efficiency.mediaDecode | quote }}
       metrics_require_key: {{ .Values.metricsRequireKey }}
       {{- if .Values.grpc.enabled }}
       grpc_port: {{ .Values.grpc.port }}
