@@ -166,6 +166,7 @@ class GenerationService:
                     self.cfg, request, len(spec.token_ids), self.max_model_len, self.vocab_size, grammar
                 )
                 seed = request.sampling.seed
+                self._count_visual(spec, planned, request.n)
                 if self.cfg.media_decode == "gateway":
                     media = await self._decode_here(media)
                 choices = [Choice(i, spec, seeded(params, seed, i), media) for i in range(request.n)]
@@ -286,6 +287,17 @@ class GenerationService:
 
     def _image_tokens(self, spec: PromptSpec) -> int:
         return sum(self.inputs.model_config.media_tokens(spec.grids, spec.keep))
+
+    def _count_visual(self, spec: PromptSpec, items: list[MediaItem], n: int) -> None:
+        """`epd:visual_tokens_total`: each item's kept and pruned tokens, by kind, once per choice."""
+        model = self.inputs.model_config
+        kept = model.media_tokens(spec.grids, spec.keep)
+        for item, grid, k in zip(items, spec.grids, kept, strict=True):
+            kind = "video" if item.video else "image"
+            self.metrics.visual_tokens.labels(self.model_id, kind, "kept").inc(k * n)
+            self.metrics.visual_tokens.labels(self.model_id, kind, "pruned").inc(
+                (model.num_image_tokens(grid) - k) * n
+            )
 
     def _pruned_tokens(self, spec: PromptSpec) -> int:
         whole = sum(self.inputs.model_config.num_image_tokens(g) for g in spec.grids)

@@ -10,7 +10,8 @@ position and the token count is the request's rope delta: every decoded token si
 
 An item pruned at the encoder (`serving.engine.pruning`) has a shorter pad run: its kept tokens take
 the positions they had in the whole grid (`kept`, per item, indices in (t, h, w) raster order), and
-the text after it resumes where it would have without pruning.
+the text after it, and the rope delta, stay where they would be without pruning (the delta counts
+the whole grid's largest position), so decoded tokens sit where they would have.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def mrope_positions(
     seconds = iter(video_seconds or ())
     cursor = 0  # next token index to place
     pos = 0  # next text position
+    top = -1  # the largest position of any item's whole grid: pruning must not move the rope delta
     for start, (t, h, w), chosen, size in zip(image_starts, grids, kept, sizes, strict=True):
         text_len = start - cursor
         positions[:, cursor:start] = torch.arange(pos, pos + text_len)
@@ -61,6 +63,7 @@ def mrope_positions(
                 temporal = (temporal * (tokens_per_second * step)).long()
         tt, hh, ww = torch.meshgrid(temporal, torch.arange(gh), torch.arange(gw), indexing="ij")
         grid_positions = torch.stack([tt, hh, ww]).reshape(3, -1)
+        top = max(top, int(grid_positions.max()) + pos)
         if chosen is not None:
             grid_positions = grid_positions[:, torch.as_tensor(chosen, dtype=torch.long)]
         grid_positions = grid_positions[:, :size]
@@ -68,7 +71,7 @@ def mrope_positions(
         cursor = start + size
         pos += max(gh, gw)
     positions[:, cursor:] = torch.arange(pos, pos + n - cursor)
-    return positions, int(positions.max()) + 1 - n if n else 0
+    return positions, max(int(positions.max()), top) + 1 - n if n else 0
 
 
 def _media_runs(pads: torch.Tensor, sizes: list[int]) -> list[int]:

@@ -69,17 +69,17 @@ def _evs(embeds: torch.Tensor, per_patch: int, keep: int) -> torch.Tensor:
 def _divprune(embeds: torch.Tensor, keep: int) -> torch.Tensor:
     # Distances one row at a time (O(N) memory, not the N × N matrix: a large image has thousands of
     # tokens). A token's mean cosine distance to all is 1 − its unit vector · the mean unit vector.
+    # Picks stay on the device (no host sync per kept token on a GPU).
     unit = _unit(embeds)
-    first = int(torch.argmax(1 - unit @ unit.mean(dim=0)))
-    chosen = [first]
-    nearest = 1 - unit @ unit[first]
-    nearest[first] = -math.inf
-    for _ in range(keep - 1):
-        pick = int(torch.argmax(nearest))
-        chosen.append(pick)
+    pick = torch.argmax(1 - unit @ unit.mean(dim=0))
+    chosen = torch.empty(keep, dtype=torch.long, device=embeds.device)
+    nearest = torch.full((embeds.shape[0],), math.inf, device=embeds.device)
+    for i in range(keep):
+        chosen[i] = pick
         nearest = torch.minimum(nearest, 1 - unit @ unit[pick])
-        nearest[chosen] = -math.inf
-    return torch.sort(torch.tensor(chosen)).values
+        nearest.index_fill_(0, chosen[: i + 1], -math.inf)
+        pick = torch.argmax(nearest)
+    return torch.sort(chosen).values.cpu()
 
 
 def _random(total: int, keep: int, whole: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from serving.engine.image_processor import to_rgb
 from serving.types import MediaItem, MediaRejected, Rejection
@@ -52,7 +52,7 @@ def decode_image(data: bytes, max_pixels: int, param: str) -> np.ndarray:
             return np.asarray(to_rgb(image))
     except MediaRejected:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+    except Exception:  # noqa: BLE001 - whatever a decoder raises on these bytes, they are the client's
         raise rejected("The image could not be decoded.", param, "invalid_image") from None
 
 
@@ -80,7 +80,7 @@ def decode_video(data: bytes, indices: list[int], timeout_s: float, param: str) 
                     raise rejected(message, param, "media_timeout", 422)
     except MediaRejected:
         raise
-    except (av.FFmpegError, OSError, ValueError, IndexError):
+    except Exception:  # noqa: BLE001 - a decoder's error on these bytes: the frames so far, or the client's 400
         if not frames:
             raise rejected("The video could not be decoded.", param, "invalid_video") from None
     if not frames:
@@ -104,12 +104,18 @@ def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize((width, height), resample=Image.Resampling.BICUBIC))
 
 
-def decode_item(item: MediaItem) -> np.ndarray:
+def decode_item(item: MediaItem, queued_at: float | None = None) -> np.ndarray:
     """The item's pixels as planned: (H, W, 3) for an image at its budgeted size, (T, H, W, 3) for a
-    video's chosen frames at its declared size."""
+    video's chosen frames at its declared size. A video's time cap counts from `queued_at` (when it
+    was handed to the decode threads): waiting behind other videos spends it too."""
     if not item.video:
         return resize(decode_image(item.data, item.max_pixels, item.param), item.size)
-    frames = decode_video(item.data, list(item.frames), item.timeout_s, item.param)
+    left = item.timeout_s - (time.monotonic() - queued_at if queued_at is not None else 0.0)
+    if left <= 0:
+        raise rejected(
+            "Decoding the video took longer than the server allows.", item.param, "media_timeout", 422
+        )
+    frames = decode_video(item.data, list(item.frames), left, item.param)
     return np.stack([resize(f, item.size) for f in frames])
 
 
@@ -127,7 +133,8 @@ class Decoder:
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="media-decode")
-        futures = [self._pool.submit(decode_item, item) for item in items]
+        now = time.monotonic()
+        futures = [self._pool.submit(decode_item, item, now) for item in items]
         errors = [f.exception() for f in futures]
         for error in errors:
             if error is not None:

@@ -19,6 +19,7 @@ from serving.engine.kv_cache import BlockAllocator, KVPool, block_regions
 from serving.types import Region
 
 QMAX = 127.0
+CHUNK_BLOCKS = 64  # blocks quantized or restored at once: bounds the float32 copies
 
 
 class KVStaging:
@@ -53,28 +54,68 @@ class KVStaging:
         return [(first * size, count * size) for first, count in block_regions(blocks)]
 
     def pack(self, pool: KVPool, table: list[int], blocks: list[int]) -> None:
-        """Quantize the pool's `table` blocks into staging `blocks` (same count, in order)."""
+        """Quantize the pool's `table` blocks into staging `blocks` (same count, in order), a few
+        blocks at a time (the float copies stay small), and wait for the device before returning:
+        a peer reads the staging memory as soon as it learns of it."""
         device = pool.data.device
-        source = pool.data.index_select(0, torch.tensor(table, dtype=torch.long, device=device)).float()
-        scale = source.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / QMAX
-        quantized = torch.round(source / scale).clamp_(-QMAX, QMAX).to(torch.int8)
-        packed = torch.cat(
-            [
-                quantized.reshape(len(blocks), -1).view(torch.uint8),
-                scale.reshape(len(blocks), -1).view(torch.uint8),
-            ],
-            dim=1,
-        )
-        self.data.index_copy_(0, torch.tensor(blocks, dtype=torch.long, device=device), packed)
+        for at in range(0, len(table), CHUNK_BLOCKS):
+            src = torch.tensor(table[at : at + CHUNK_BLOCKS], dtype=torch.long, device=device)
+            dst = torch.tensor(blocks[at : at + CHUNK_BLOCKS], dtype=torch.long, device=device)
+            source = pool.data.index_select(0, src).float()
+            scale = source.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / QMAX
+            quantized = torch.round(source / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+            n = len(src)
+            packed = torch.cat(
+                [quantized.reshape(n, -1).view(torch.uint8), scale.reshape(n, -1).view(torch.uint8)], 1
+            )
+            self.data.index_copy_(0, dst, packed)
+        _settle(device)
 
     def unpack(self, pool: KVPool, table: list[int], blocks: list[int]) -> None:
-        """Dequantize staging `blocks` into the pool's `table` blocks (same count, in order)."""
+        """Dequantize staging `blocks` into the pool's `table` blocks (same count, in order), and wait
+        for the device before returning: the staging blocks are free for another pull after it."""
         device = pool.data.device
-        packed = self.data.index_select(0, torch.tensor(blocks, dtype=torch.long, device=device))
-        quantized = (
-            packed[:, : self.values].contiguous().view(torch.int8).reshape(len(blocks), *self.block_shape)
-        )
-        scale = packed[:, self.values :].contiguous().view(torch.float32)
-        scale = scale.reshape(len(blocks), *self.block_shape[:-1], 1)
-        restored = (quantized.float() * scale).to(pool.data.dtype)
-        pool.data.index_copy_(0, torch.tensor(table, dtype=torch.long, device=device), restored)
+        for at in range(0, len(table), CHUNK_BLOCKS):
+            src = torch.tensor(blocks[at : at + CHUNK_BLOCKS], dtype=torch.long, device=device)
+            dst = torch.tensor(table[at : at + CHUNK_BLOCKS], dtype=torch.long, device=device)
+            n = len(src)
+            packed = self.data.index_select(0, src)
+            quantized = packed[:, : self.values].contiguous().view(torch.int8).reshape(n, *self.block_shape)
+            scale = (
+                packed[:, self.values :]
+                .contiguous()
+                .view(torch.float32)
+                .reshape(n, *self.block_shape[:-1], 1)
+            )
+            pool.data.index_copy_(0, dst, (quantized.float() * scale).to(pool.data.dtype))
+        _settle(device)
+
+
+class StagedCopy:
+    """Staging blocks a thread other than the engine's is writing: a lease that ends meanwhile (a
+    cancelled request) frees them only when the write is over, so no other request can be handed
+    blocks still being written."""
+
+    def __init__(self, staging: KVStaging, blocks: list[int]) -> None:
+        self.staging, self.blocks = staging, blocks
+        self._lock = threading.Lock()
+        self._writing, self._released = True, False
+
+    def release(self) -> None:
+        with self._lock:
+            self._released = True
+            if self._writing:
+                return
+        self.staging.free(self.blocks)
+
+    def written(self) -> None:
+        with self._lock:
+            self._writing = False
+            if not self._released:
+                return
+        self.staging.free(self.blocks)
+
+
+def _settle(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

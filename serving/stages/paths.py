@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from serving.engine.inputs import Prompt
+from serving.stages.kv_staging import StagedCopy
 from serving.stages.outbox import DeltaTimings
 from serving.types import (
     EmbeddingRef,
@@ -75,17 +76,18 @@ class RequestPaths:
             self._quiet_free(request_id)
             return PrefillResult(delta, None, timings)
 
-        def hold() -> tuple[KVRef, list[int], list[int] | None]:
+        def hold() -> tuple[KVRef, list[int], StagedCopy | None]:
             self.ledger.update(request_id, _drop_sink)
             table, tokens, first, delta_pos = self.engine.held_kv(request_id)
             pool, staging = self.engine.runner.pool, self.kv_staging
             # int8 transfer: a quantized copy in staging blocks; none free → the pool's own (lossless).
             blocks = staging.allocate(len(table)) if staging is not None else None
+            copy = StagedCopy(staging, blocks) if blocks is not None else None
 
             def release() -> None:
                 self.engine.release(request_id)
-                if blocks is not None:
-                    staging.free(blocks)
+                if copy is not None:
+                    copy.release()
 
             lease = self._hold(request_id, Role.PREFILL, release)
             self.ledger.update(request_id, _leave_engine)
@@ -94,13 +96,16 @@ class RequestPaths:
             else:
                 source = self.transport.publish("kv", pool.regions(table))
             ref = KVRef(source, tokens, first, delta_pos, lease, quantized=blocks is not None)
-            return ref, list(table), blocks
+            return ref, list(table), copy
 
-        ref, table, blocks = self.loop.call(hold)
-        if blocks is not None:
+        ref, table, copy = self.loop.call(hold)
+        if copy is not None:
             # Off the engine thread: the held blocks are read-only until the lease ends, and the
             # reference leaves this worker only once the copy is whole.
-            self.kv_staging.pack(self.engine.runner.pool, table, blocks)
+            try:
+                self.kv_staging.pack(self.engine.runner.pool, table, copy.blocks)
+            finally:
+                copy.written()
         return PrefillResult(delta, ref, timings)
 
     def _admit(
@@ -222,7 +227,8 @@ class RequestPaths:
 
     def _pull_quantized(self: Any, request_id: str, kv: KVRef, table: list[int]) -> None:
         """An int8 KV handoff: pulled into staging blocks of this worker's, dequantized into the
-        reserved `table` (not yet read by the engine: the request joins its batch after this)."""
+        reserved `table` on the engine thread, and only while the request still holds it (a cancel
+        frees the table there too), so nothing is written into blocks another request was given."""
         staging = self.kv_staging
         if staging is None:
             raise RequestFailed("this worker takes no int8 KV (kv_transfer_dtype differs)", Role.DECODE)
@@ -231,7 +237,13 @@ class RequestPaths:
         blocks = self._wait_for(lambda: staging.allocate(count))
         try:
             self._transfer(kv.source, "kvq", staging.regions(blocks), kv.lease_id)
-            staging.unpack(pool, table[:count], blocks)
+
+            def restore() -> None:
+                if not self.engine.holds(request_id):
+                    raise WorkerUnavailable("the request was cancelled while its KV arrived")
+                staging.unpack(pool, table[:count], blocks)
+
+            self.loop.call(restore)
         finally:
             staging.free(blocks)
 

@@ -10,7 +10,7 @@ from serving.stages.embeddings import EmbeddingBuffer
 from serving.stages.kv_staging import KVStaging
 from serving.stages.paths import _EVICTED
 from serving.stages.placement import buffer_sizes
-from serving.types import Roles, WorkerInfo, WorkerPhase, WorkerUnavailable
+from serving.types import Role, Roles, WorkerInfo, WorkerPhase, WorkerUnavailable
 
 
 class RoleControl:
@@ -79,7 +79,8 @@ class RoleControl:
             self.embeddings = self._new_embeddings(slots)
         if resize_kv or "kv" not in self.transport.buffers:
             self.transport.register("kv", runner.pool.data)
-        if self.cfg.kv_transfer_dtype == "int8" and (resize_kv or self.kv_staging is None):
+        moves_kv = bool(roles & {Role.PREFILL, Role.DECODE})
+        if self.cfg.kv_transfer_dtype == "int8" and moves_kv and (resize_kv or self.kv_staging is None):
             # A quarter of the pool's blocks (at least one longest request): P holds a request's
             # copy there until D pulls it; D only while it dequantizes.
             self.kv_staging = KVStaging(runner.pool, max(min_blocks, runner.pool.num_blocks // 4))

@@ -140,6 +140,12 @@ class Metrics:
             ["model_name", "kind"],
             registry=r,
         )
+        self.visual_tokens = Counter(
+            "epd:visual_tokens",
+            "Image and video tokens of admitted requests (per choice): kept, and taken out by pruning.",
+            model + ["kind", "state"],
+            registry=r,
+        )
         self.media_uuid_hits = Counter(
             "epd:media_uuid_hits",
             "Media parts served by their uuid, not fetched or decoded again.",
@@ -193,6 +199,8 @@ class Metrics:
             self.errors.labels(model_name, error_type, stage)
         for kind in ("image", "video"):
             self.media_decoded.labels(model_name, kind)
+            for state in ("kept", "pruned"):
+                self.visual_tokens.labels(model_name, kind, state)
         self.media_uuid_hits.labels(model_name)
 
     def observe_error(self, error_type: str, stage: str) -> None:
@@ -382,6 +390,7 @@ CATALOG = (
     "epd:transfer_bytes_total",
     "epd:media_decoded_total",
     "epd:media_uuid_hits_total",
+    "epd:visual_tokens_total",
     "epd:slo_requests_total",
     "epd:slo_ttft_met_total",
     "epd:slo_tpot_met_total",

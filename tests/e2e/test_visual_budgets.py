@@ -5,6 +5,7 @@ outside the model's range are 400s."""
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -97,7 +98,15 @@ def test_budgets_outside_the_models_range_are_400s(client, kwargs, param):
     assert err.value.body["param"] == param
 
 
-def test_pruning_per_request_keeps_the_computed_count_and_the_engines_answer(client, engine):
+def pruned_metric(server: str) -> float:
+    text = httpx.get(f"{server}/metrics", timeout=30).text
+    lines = [line for line in text.splitlines() if line.startswith("epd:visual_tokens_total{")]
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in lines if 'state="pruned"' in line and 'kind="image"' in line
+    )
+
+
+def test_pruning_per_request_keeps_the_computed_count_and_the_engines_answer(server, client, engine):
     """`mm_processor_kwargs.image_pruning_rate`: the usage counts the kept tokens and the pruned ones,
     and the answer is the engine's on the same image pruned the same way; above the server's maximum,
     a 400."""
@@ -109,8 +118,10 @@ def test_pruning_per_request_keeps_the_computed_count_and_the_engines_answer(cli
     assert neutral.choices[0].message.content == plain.choices[0].message.content
     assert neutral.usage == plain.usage, "a rate of 0 is no knob at all"
     for rate in (0.5, 0.75):
+        before = pruned_metric(server)
         served = ask(client, png, mm_processor_kwargs={"image_pruning_rate": rate})
         kept = round(whole * (1 - rate))
+        assert pruned_metric(server) == before + whole - kept
         assert image_tokens(served) == kept
         assert served.usage.prompt_tokens_details.model_extra["pruned_visual_tokens"] == whole - kept
         prompt = engine.inputs.from_user_prompt("What is it?", [picture], pruning=(rate, 0.0))

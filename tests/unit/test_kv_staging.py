@@ -64,3 +64,19 @@ def test_allocation_is_all_or_nothing():
     assert first is not None and staging.allocate(2) is None
     staging.free(first)
     assert staging.allocate(4) is not None
+
+
+def test_a_copy_being_written_outlives_its_lease():
+    """A cancelled request's lease ends while its copy is written: its staging blocks come back only
+    when the write is over, never to another request in between."""
+    from serving.stages.kv_staging import StagedCopy
+
+    staging = KVStaging(pool(), 4)
+    copy = StagedCopy(staging, staging.allocate(4))
+    copy.release()  # the lease ended mid-write
+    assert staging.allocate(1) is None
+    copy.written()
+    assert staging.allocate(4) is not None
+    other = StagedCopy(staging, [])
+    other.written()  # written first, released later: freed at the release
+    other.release()
