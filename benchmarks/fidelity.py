@@ -41,14 +41,23 @@ class Setting:
     flags: tuple[str, ...] = ()  # the server's (settings with the same flags share one server)
     image: float = 0.0  # per request, mm_processor_kwargs
     video: float = 0.0
+    kv: float = 1.0  # per request, visual_kv_budget
 
     @property
     def extra(self) -> dict:
         rates = {"image_pruning_rate": self.image, "video_pruning_rate": self.video}
-        return {"mm_processor_kwargs": rates} if self.image or self.video else {}
+        out: dict = {"mm_processor_kwargs": rates} if self.image or self.video else {}
+        return out | ({"visual_kv_budget": self.kv} if self.kv < 1 else {})
 
 
-RANDOM = ("--image-pruning-method", "random", "--video-pruning-method", "random")
+RANDOM = (
+    "--image-pruning-method",
+    "random",
+    "--video-pruning-method",
+    "random",
+    "--visual-kv-method",
+    "random",
+)
 INT8 = ("--kv-transfer-dtype", "int8")
 SETTINGS = {
     "off": Setting("off"),
@@ -57,6 +66,8 @@ SETTINGS = {
     **{f"image{q}-random": Setting(f"image random {q}", RANDOM, image=q) for q in (0.25, 0.5, 0.75)},
     **{f"video{q}": Setting(f"video pruning {q}", video=q) for q in (0.5, 0.75)},
     **{f"video{q}-random": Setting(f"video random {q}", RANDOM, video=q) for q in (0.5, 0.75)},
+    **{f"kv{f}": Setting(f"KV budget {f}", kv=f) for f in (0.5, 0.25, 0.1)},
+    **{f"kv{f}-random": Setting(f"KV random {f}", RANDOM, kv=f) for f in (0.5, 0.25, 0.1)},
 }
 # Speed: the small preset under image-heavy load, the rate as the server's default.
 SPEED = {
@@ -64,6 +75,7 @@ SPEED = {
     "int8": Setting("int8 P→D transfer", INT8),
     "image0.5": Setting("image pruning 0.5", ("--image-pruning-rate", "0.5")),
     "image0.75": Setting("image pruning 0.75", ("--image-pruning-rate", "0.75")),
+    "kv0.25": Setting("KV budget 0.25", ("--visual-kv-budget", "0.25")),
 }
 
 

@@ -221,6 +221,7 @@ def serve_settings(
         image_pruning_rate=args.image_pruning_rate,
         video_pruning_rate=args.video_pruning_rate,
         max_pruning_rate=args.max_pruning_rate,
+        visual_kv_budget=args.visual_kv_budget,
         shutdown_grace_s=args.shutdown_grace,
         expose_openapi=args.openapi,
         grpc_port=args.grpc_port,
@@ -234,6 +235,7 @@ def serve_settings(
         enable_prefix_caching=not args.no_prefix_caching,
         image_pruning_method=args.image_pruning_method,
         video_pruning_method=args.video_pruning_method,
+        kv_compaction_method=args.visual_kv_method,
     )
     control = ControlConfig(
         max_worker_restarts=args.max_worker_restarts,
@@ -437,6 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["evs", "random"],
         default="evs",
         help="which video tokens pruning keeps (random: the baseline)",
+    )
+    srv.add_argument(
+        "--visual-kv-budget",
+        type=float,
+        default=1.0,
+        help="share of a prompt's visual tokens whose KV prefill hands to decode (1: all; lossy below)",
+    )
+    srv.add_argument(
+        "--visual-kv-method",
+        choices=["snapkv", "random"],
+        default="snapkv",
+        help="which visual tokens' KV compaction keeps (random: the baseline)",
     )
     srv.add_argument(
         "--kv-transfer-dtype",

@@ -77,6 +77,9 @@ class EngineConfig(BaseModel):
     image_pruning_method: Literal["divprune", "random"] = Field(
         "divprune", description="Which image tokens pruning keeps (random: the baseline)."
     )
+    kv_compaction_method: Literal["snapkv", "random"] = Field(
+        "snapkv", description="Which visual tokens' KV compaction keeps (random: the baseline)."
+    )
     video_pruning_method: Literal["evs", "random"] = Field(
         "evs", description="Which video tokens pruning keeps (random: the baseline)."
     )
@@ -219,6 +222,12 @@ class GatewayConfig(BaseModel):
     )
     video_pruning_rate: float = Field(
         0.0, ge=0, lt=1, description="Share of each video's tokens pruned at the encoder by default (lossy)."
+    )
+    visual_kv_budget: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of a prompt's visual tokens whose KV prefill hands to decode (lossy below 1).",
     )
     max_pruning_rate: float = Field(
         0.9,

@@ -107,6 +107,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     grammar: str | None = None  # an llguidance grammar the output must match (engine/structured.py)
+    # Share of the prompt's visual tokens whose KV a prefill worker hands to decode (1: all; lossy
+    # below: serving/engine/compaction.py).
+    visual_kv_budget: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -123,6 +126,8 @@ class SamplingParams:
             raise ValueError("min_tokens must be between 0 and max_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be between 0 and 20")
+        if not 0 < self.visual_kv_budget <= 1:
+            raise ValueError("visual_kv_budget must be in (0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be between -2 and 2")
@@ -242,6 +247,9 @@ class KVRef:
     rope_delta: int
     lease_id: str
     quantized: bool = False  # int8 staging blocks with scales (`KVStaging`), not the pool's own
+    # Visual-KV compaction: the prompt positions whose KV was kept, in order; None when all were. The
+    # decode worker's prompt is those tokens, and it recomputes any streamed outputs over them.
+    kept: tuple[int, ...] | None = None
 
 
 @dataclass

@@ -124,6 +124,7 @@ def sampling_params(
             logit_bias=logit_bias_ids(s.logit_bias, vocab_size),
             min_p=s.min_p,
             grammar=grammar,
+            visual_kv_budget=cfg.visual_kv_budget if s.visual_kv_budget is None else s.visual_kv_budget,
         )
     except ValueError as exc:
         raise APIError(400, str(exc), None) from None

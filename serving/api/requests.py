@@ -141,6 +141,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[str, float], ...] = ()  # token ids as the client wrote them (strings)
     min_p: float = 0.0
+    visual_kv_budget: float | None = None  # None: the server's (`--visual-kv-budget`)
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,10 @@ def check_bounds(request: GenerateRequest) -> None:
         raise invalid_value("repetition_penalty", "must be greater than 0 and at most 2")
     if not (math.isfinite(s.min_p) and 0 <= s.min_p <= 1):
         raise invalid_value("min_p", "must be between 0 and 1")
+    if s.visual_kv_budget is not None and not (
+        math.isfinite(s.visual_kv_budget) and 0 < s.visual_kv_budget <= 1
+    ):
+        raise invalid_value("visual_kv_budget", "must be above 0 and at most 1")
     _check_logit_bias(s.logit_bias)
     if request.video_fps is not None and request.video_num_frames is not None:
         raise invalid_value("media_io_kwargs.video", "give fps or num_frames, not both")

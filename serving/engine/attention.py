@@ -25,7 +25,7 @@ across blocks and no matmul reads them where they lie.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,8 @@ class AttentionBatch:
     slot_offsets: torch.Tensor  # (T,) offset inside that block
     decode: _Group | None  # sequences feeding one token after their whole prompt is cached
     prompt: _Group | None  # the rest: whole prompts and prompt chunks
+    # Sequences whose window queries score their prompt for visual-KV compaction (compaction.py).
+    observers: list = field(default_factory=list)
 
     @classmethod
     def build(

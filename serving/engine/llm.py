@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from serving.config import EngineConfig
-from serving.engine import pruning, structured
+from serving.engine import compaction, pruning, structured
 from serving.engine.image_processor import ImageProcessor, ImageProcessorConfig
 from serving.engine.inputs import InputProcessor, Prompt
 from serving.engine.kv_cache import KVExport, content_key, prompt_block_hashes
@@ -160,6 +160,10 @@ class LLMEngine:
             seq.image_embeds = image_embeds
         elif prompt.grids and not prompt.images:
             raise ValueError("the prompt has image grids but neither pixels nor embeddings")
+        pads = self.model_config.media_pad_ids
+        if prefill_only and params.visual_kv_budget < 1 and any(t in pads for t in seq.prompt_token_ids):
+            # Visual-KV compaction at the handoff: the prompt's window queries score every position.
+            seq.kv_scores = torch.zeros(len(seq.prompt_token_ids), device=self.runner.device)
         if self.cfg.enable_prefix_caching:
             seq.block_hashes = prompt_block_hashes(
                 seq.prompt_token_ids,
@@ -229,6 +233,12 @@ class LLMEngine:
         # The tokens were already streamed elsewhere; replaying them primes the stop rules and text.
         seq.restore(restored or [first_token])
         self._seqs[request_id] = seq
+        if seq.num_cached < seq.num_tokens - 1:
+            # A compacted handoff carries the prompt's kept rows only: the streamed outputs' KV is
+            # recomputed here, over those rows, as a prefill that samples nothing.
+            seq.resume_pending = True
+            self.scheduler.add(seq)
+            return
         self.scheduler.add_running(seq)
 
     def add_prefilled(self, prompt: Prompt, params: SamplingParams, prefilled: Prefilled) -> bool:
@@ -246,6 +256,32 @@ class LLMEngine:
         """(block table, cached tokens, first token, rope delta) of a held request."""
         seq = self.held[request_id]
         return seq.block_table, seq.num_cached, seq.last_token, seq.rope_delta
+
+    def compact_held(self, request_id: str) -> tuple[list[int], list[int]] | None:
+        """Visual-KV compaction of a held request: the kept positions of its prompt and new blocks
+        holding only their KV, packed (the request's own blocks stay whole); None when it asked for
+        none, or no block is free for the copy now (then it goes whole). Outputs a resumed prefill
+        recomputed are left out: their KV saw the evicted tokens, and the decode worker recomputes
+        them over the kept ones, as they were decoded first."""
+        seq = self.held[request_id]
+        if seq.kv_scores is None:
+            return None
+        pool = self.runner.pool
+        prompt = len(seq.prompt_token_ids)
+        kept = compaction.select(
+            seq.kv_scores.cpu(), seq.prompt_token_ids, self.model_config.media_pad_ids,
+            seq.params.visual_kv_budget, prompt, self.cfg.kv_compaction_method,
+        )  # fmt: skip
+        need = pool.blocks_for(len(kept))
+        if len(kept) == prompt or pool.num_free < need:
+            return None
+        blocks = pool.allocate(need)
+        compaction.gather(pool.data, seq.block_table, kept, blocks)
+        return kept, blocks
+
+    def free_blocks(self, blocks: list[int]) -> None:
+        """Give back blocks `compact_held` took."""
+        self.runner.pool.free(blocks)
 
     def export_kv(self, request_id: str) -> Prefilled:
         seq = self.held[request_id]

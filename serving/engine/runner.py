@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from serving.config import EngineConfig
+from serving.engine import compaction
 from serving.engine.allocator import tune_allocator
 from serving.engine.attention import AttentionBatch
 from serving.engine.image_processor import ProcessedImage
@@ -181,6 +182,28 @@ class ModelRunner:
 
     # -- shared -----------------------------------------------------------------------------------
 
+    def _observers(self, seqs: list[Sequence], q_lens: list[int]) -> list[compaction.Observer]:
+        """The sequences of this step whose chunk holds some of their compaction window's queries."""
+        out, row = [], 0
+        for seq, q_len in zip(seqs, q_lens, strict=True):
+            start = seq.num_cached
+            if seq.kv_scores is not None:
+                lo, hi = compaction.window(len(seq.prompt_token_ids))
+                first, last = max(lo, start), min(hi, start + q_len)
+                if first < last:
+                    positions = torch.arange(first, last, device=self.device)
+                    out.append(
+                        compaction.Observer(
+                            rows=positions - start + row,
+                            positions=positions,
+                            ctx=min(start + q_len, hi),
+                            table=torch.tensor(seq.block_table, dtype=torch.long, device=self.device),
+                            scores=seq.kv_scores,
+                        )
+                    )
+            row += q_len
+        return out
+
     def _forward(
         self, seqs: list[Sequence], embeds: torch.Tensor, positions: torch.Tensor, q_lens: list[int]
     ) -> torch.Tensor:
@@ -188,6 +211,7 @@ class ModelRunner:
         batch = AttentionBatch.build(
             q_lens, ctx_lens, [s.block_table for s in seqs], self.pool.block_size, self.device
         )
+        batch.observers = self._observers(seqs, q_lens)
         hidden = self.model(embeds, positions.to(self.device), self.pool, batch)
         last = torch.tensor(q_lens, device=self.device).cumsum(0) - 1
         return self.model.logits(hidden.index_select(0, last))

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from serving.config import EngineConfig
+from serving.engine import compaction
 from serving.engine.kv_cache import KVPool
 from serving.engine.sequence import Sequence
 from serving.types import RequestStatus
@@ -89,6 +90,8 @@ class Scheduler:
         if not self.cfg.enable_prefix_caching or seq.block_table or seq.num_cached:
             return []
         limit = (min(len(seq.prompt_token_ids), seq.num_prefill_tokens) - 1) // self.pool.block_size
+        if seq.kv_scores is not None:  # compaction scores its window's queries: they are computed
+            limit = min(limit, compaction.window(len(seq.prompt_token_ids))[0] // self.pool.block_size)
         return self.pool.lookup_prefix(seq.block_hashes[:limit])
 
     def _admit(self, seq: Sequence, hit: list[int]) -> None:

@@ -41,6 +41,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     text: str = ""
     prefill_only: bool = False  # stops after its prefill; its KV is handed to a decode worker
+    kv_scores: torch.Tensor | None = None  # visual-KV compaction: attention each position received
     resume_pending: bool = False  # restored outputs whose KV a prefill must recompute, not sample
     prompt_positions: torch.Tensor | None = None  # (3, prompt) M-RoPE positions, made on the first chunk
     prefill_started: float | None = None  # perf_counter at the start of the step that took its first chunk

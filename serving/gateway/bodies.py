@@ -50,6 +50,7 @@ def _sampling(body: SamplingFields, max_tokens: int | None, logprobs: int | None
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         logit_bias=tuple((body.logit_bias or {}).items()),
         min_p=body.min_p or 0.0,
+        visual_kv_budget=body.visual_kv_budget,
     )
 
 

@@ -22,6 +22,8 @@ Bounds, as documented for clients:
 | `presence_penalty`, `frequency_penalty` | −2 … 2 |
 | `repetition_penalty` | (0, 2] |
 | `min_p` | 0 … 1 |
+| `visual_kv_budget` (extension) | (0, 1] |
+| `mm_processor_kwargs.*_pruning_rate` | [0, 1), at most the server's `--max-pruning-rate` |
 | `logit_bias` | up to 300 token ids (as strings) → −100 … 100 |
 | `tools` | up to 128, names of 1 … 64 letters, digits, `_`, `-` |
 """
@@ -183,6 +185,8 @@ class SamplingFields(_Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=2)
     min_p: float | None = Field(None, ge=0, le=1)
+    # Extension (as vLLM takes extra sampling fields): the share of visual tokens whose KV decode gets.
+    visual_kv_budget: float | None = Field(None, gt=0, le=1)
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None

@@ -112,6 +112,7 @@ def generate_request(request: pb.GenerateRequest | pb.TokenizeRequest) -> Genera
         repetition_penalty=1.0 if opt("repetition_penalty") is None else s.repetition_penalty,
         logit_bias=tuple((str(token), bias) for token, bias in sorted(s.logit_bias.items())),
         min_p=s.min_p,
+        visual_kv_budget=opt("visual_kv_budget"),
     )
     n = request.n if request.HasField("n") else 1
     offered = tuple(_tool(i, t) for i, t in enumerate(request.tools))

@@ -80,12 +80,23 @@ class RequestPaths:
             self.ledger.update(request_id, _drop_sink)
             table, tokens, first, delta_pos = self.engine.held_kv(request_id)
             pool, staging = self.engine.runner.pool, self.kv_staging
+            # Visual-KV compaction: only the kept positions' KV, in blocks of their own; the rope
+            # delta grows by what was dropped, so decoded tokens keep their positions.
+            compacted = self.engine.compact_held(request_id)
+            kept = None
+            if compacted is not None:
+                kept, table = compacted
+                # Decoded tokens keep their positions: the rope delta grows by the rows dropped.
+                delta_pos += len(spec.token_ids) - len(kept)
+                tokens = len(kept)
             # int8 transfer: a quantized copy in staging blocks; none free → the pool's own (lossless).
             blocks = staging.allocate(len(table)) if staging is not None else None
             copy = StagedCopy(staging, blocks) if blocks is not None else None
 
             def release() -> None:
                 self.engine.release(request_id)
+                if compacted is not None:
+                    self.engine.free_blocks(compacted[1])
                 if copy is not None:
                     copy.release()
 
@@ -95,7 +106,10 @@ class RequestPaths:
                 source = self.transport.publish("kvq", staging.regions(blocks))
             else:
                 source = self.transport.publish("kv", pool.regions(table))
-            ref = KVRef(source, tokens, first, delta_pos, lease, quantized=blocks is not None)
+            ref = KVRef(
+                source, tokens, first, delta_pos, lease, quantized=blocks is not None,
+                kept=tuple(kept) if kept is not None else None,
+            )  # fmt: skip
             return ref, list(table), copy
 
         ref, table, copy = self.loop.call(hold)
@@ -197,8 +211,15 @@ class RequestPaths:
         make_sink: Any = None,
     ) -> tuple[Any, float]:
         """Reserve blocks, pull the KV into them, join the decode batch. The sink is a new queue, or
-        what `make_sink(transfer seconds)` gives."""
-        prompt = Prompt(spec.token_ids, grids=spec.grids, video_seconds=spec.video_seconds, keep=spec.keep)
+        what `make_sink(transfer seconds)` gives. A compacted handoff (`kv.kept`) decodes on the kept
+        prompt tokens alone: their KV is all it has."""
+        if kv.kept is not None:
+            ids = spec.token_ids
+            prompt = Prompt([ids[p] for p in kv.kept if p < len(ids)])
+        else:
+            prompt = Prompt(
+                spec.token_ids, grids=spec.grids, video_seconds=spec.video_seconds, keep=spec.keep
+            )
 
         def reserve() -> list[int] | None:
             try:

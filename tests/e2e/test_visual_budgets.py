@@ -131,3 +131,32 @@ def test_pruning_per_request_keeps_the_computed_count_and_the_engines_answer(ser
     with pytest.raises(openai.BadRequestError) as err:
         ask(client, png, mm_processor_kwargs={"image_pruning_rate": 0.95})
     assert err.value.body["param"] == "mm_processor_kwargs.image_pruning_rate"
+
+
+def p2d_bytes(server: str) -> float:
+    text = httpx.get(f"{server}/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("epd:transfer_bytes_total{") and 'edge="p2d"' in line
+    )
+
+
+def test_visual_kv_budget_shrinks_the_handoff(server, client):
+    """`visual_kv_budget` (a top-level extension field): the P→D handoff of the same request carries
+    fewer bytes at 0.25 than whole, 1 is no knob at all, and out of (0, 1] is a 400."""
+    png = png_bytes(224, 168, seed=14)
+    before = p2d_bytes(server)
+    whole = ask(client, png)
+    whole_bytes = p2d_bytes(server) - before
+    before = p2d_bytes(server)
+    compact = ask(client, png, visual_kv_budget=0.25)
+    compact_bytes = p2d_bytes(server) - before
+    assert compact.usage == whole.usage and len(compact.choices[0].message.content) > 0
+    assert 0 < compact_bytes < whole_bytes
+    one = ask(client, png, visual_kv_budget=1.0)
+    assert one.choices[0].message.content == whole.choices[0].message.content
+    for bad in (0, 1.5):
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, png, visual_kv_budget=bad)
+        assert err.value.body["param"] == "visual_kv_budget"

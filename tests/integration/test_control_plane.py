@@ -332,3 +332,30 @@ def test_a_drain_past_its_deadline_evicts_streams_and_they_migrate(cluster, engi
     assert cluster.actuator.counters.evictions > evictions
     assert cluster.pipeline.counters.migrations > migrations
     assert_idle(cluster)
+
+
+def test_a_compacted_stream_survives_its_decode_worker_killed(cluster, engine):
+    """Visual-KV compaction on (budget 0.5): the re-prefill after the kill scores the same prompt,
+    keeps the same rows, and the migrated stream equals the undisturbed compacted one."""
+    from dataclasses import replace
+
+    spec, arrays, params, _ = prepared(engine, 150, images=2, max_tokens=60)
+    params = replace(params, visual_kv_budget=0.5)
+    undisturbed, _ = asyncio.run(collect(cluster, Request("compact-quiet", spec, params, arrays)))
+    migrations = cluster.pipeline.counters.migrations
+    restarts = cluster.actuator.counters.restarts
+
+    async def kill_its_decoder():
+        stats = cluster.stats_now()
+        busy = next(e.name for e in workers_with(cluster, Role.DECODE) if stats[e.name].requests_in_flight)
+        os.kill(stats[busy].pid, signal.SIGKILL)
+
+    tokens, last = asyncio.run(
+        collect(cluster, Request("compact-killed", spec, params, arrays), kill_its_decoder, after_tokens=10)
+    )
+    assert tokens == undisturbed and last.finish_reason == FinishReason.LENGTH
+    assert cluster.pipeline.counters.migrations > migrations
+    wait_until(
+        lambda: cluster.actuator.counters.restarts > restarts and len(workers_with(cluster, Role.DECODE)) == 2
+    )
+    assert_idle(cluster)

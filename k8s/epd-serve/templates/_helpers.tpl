@@ -93,6 +93,7 @@ applications:
       image_pruning_rate: {{ .Values.efficiency.imagePruningRate }}
       video_pruning_rate: {{ .Values.efficiency.videoPruningRate }}
       max_pruning_rate: {{ .Values.efficiency.maxPruningRate }}
+      visual_kv_budget: {{ .Values.efficiency.visualKvBudget }}
       kv_transfer_dtype: {{ .Values.efficiency.kvTransferDtype | quote }}
       media_decode: {{ .Values.efficiency.mediaDecode | quote }}
       metrics_require_key: {{ .Values.metricsRequireKey }}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from serving.engine import compaction
 from serving.engine.attention import AttentionBatch, paged_attention
 from serving.engine.kernels import fused
 from serving.engine.kv_cache import KVPool
@@ -71,7 +72,10 @@ class Attention(nn.Module):
         q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
         if not turned:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(paged_attention(q, k, v, kv, batch))
+        out = paged_attention(q, k, v, kv, batch)
+        if batch.observers:  # visual-KV compaction scores this layer's attention from the window
+            compaction.observe(q, kv, batch.observers)
+        return self.o_proj(out)
 
 
 class DecoderLayer(nn.Module):
