@@ -336,6 +336,8 @@ class WorkerStats:
     prefix_cache_hit_tokens: int = 0  # of those, tokens whose KV the prefix cache supplied
     images_decoded: int = 0  # media the gateway shipped compressed, decoded here
     videos_decoded: int = 0
+    visual_kv_kept: int = 0  # compacted handoffs: visual tokens' KV rows handed to decode …
+    visual_kv_dropped: int = 0  # … and left behind
 
     @property
     def kv_cache_usage(self) -> float:

@@ -87,6 +87,8 @@ class LLMEngine:
         # step that took their first prompt chunk to the end of this one (vLLM's prefill time).
         self.last_prefilled: dict[str, float] = {}
         self.requests_failed = 0  # requests that failed alone inside a step
+        self.visual_kv_kept = 0  # compacted handoffs: visual tokens' KV rows handed on …
+        self.visual_kv_dropped = 0  # … and left behind
         self.prefill_tokens_computed = 0  # prompt (and resumed) tokens run through the model
         # Called with (stage, request ids) before each batch runs; tests inject faults through it.
         self.fault_hook: Callable[[str, list[str]], None] | None = None
@@ -276,6 +278,9 @@ class LLMEngine:
         if len(kept) == prompt or pool.num_free < need:
             return None
         blocks = pool.allocate(need)
+        visual = sum(t in self.model_config.media_pad_ids for t in seq.prompt_token_ids)
+        self.visual_kv_dropped += prompt - len(kept)
+        self.visual_kv_kept += visual - (prompt - len(kept))
         compaction.gather(pool.data, seq.block_table, kept, blocks)
         return kept, blocks
 

@@ -137,6 +137,8 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
             images_encoded=self.loop.images_encoded,
             images_decoded=self.decoder.decoded["image"],
             videos_decoded=self.decoder.decoded["video"],
+            visual_kv_kept=engine.visual_kv_kept,
+            visual_kv_dropped=engine.visual_kv_dropped,
             leases_active=len(self.leases),
             leases_released=self.leases.released,
             leases_expired=self.leases.expired,

@@ -335,6 +335,11 @@ class WorkerCollector(Collector):
             "Images and videos the gateway shipped compressed, decoded on the worker.",
             labels=["model_name", "worker", "kind"],
         )
+        compacted = CounterMetricFamily(
+            "epd:visual_kv_tokens",
+            "Visual tokens of compacted P→D handoffs whose KV rows were kept or dropped (prefill workers).",
+            labels=["model_name", "worker", "state"],
+        )
         running = GaugeMetricFamily(
             "epd:worker_requests_running",
             "Requests in a worker's engine batch.",
@@ -356,6 +361,8 @@ class WorkerCollector(Collector):
             encoded.add_metric(labels, s.images_encoded)
             decoded.add_metric([*labels, "image"], s.images_decoded)
             decoded.add_metric([*labels, "video"], s.videos_decoded)
+            compacted.add_metric([*labels, "kept"], s.visual_kv_kept)
+            compacted.add_metric([*labels, "dropped"], s.visual_kv_dropped)
             running.add_metric(labels, s.num_running)
             waiting.add_metric(labels, s.num_waiting)
         yield from (
@@ -367,6 +374,7 @@ class WorkerCollector(Collector):
             expired,
             encoded,
             decoded,
+            compacted,
             running,
             waiting,
         )
@@ -404,6 +412,7 @@ CATALOG = (
     "epd:lease_expired_total",
     "epd:images_encoded_total",
     "epd:worker_media_decoded_total",
+    "epd:visual_kv_tokens_total",
     "epd:stage_queue_time_seconds",
     "epd:worker_requests_running",
     "epd:worker_requests_waiting",

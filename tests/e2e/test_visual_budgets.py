@@ -154,6 +154,13 @@ def test_visual_kv_budget_shrinks_the_handoff(server, client):
     compact_bytes = p2d_bytes(server) - before
     assert compact.usage == whole.usage and len(compact.choices[0].message.content) > 0
     assert 0 < compact_bytes < whole_bytes
+    text = httpx.get(f"{server}/metrics", timeout=30).text
+    dropped = [
+        line
+        for line in text.splitlines()
+        if line.startswith("epd:visual_kv_tokens_total{") and 'state="dropped"' in line
+    ]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in dropped) > 0
     one = ask(client, png, visual_kv_budget=1.0)
     assert one.choices[0].message.content == whole.choices[0].message.content
     for bad in (0, 1.5):
