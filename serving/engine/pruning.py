@@ -76,8 +76,9 @@ def _divprune(embeds: torch.Tensor, keep: int) -> torch.Tensor:
     nearest = torch.full((embeds.shape[0],), math.inf, device=embeds.device)
     for i in range(keep):
         chosen[i] = pick
+        # Chosen tokens stay at -inf: the minimum keeps them there, so only the new one is set.
         nearest = torch.minimum(nearest, 1 - unit @ unit[pick])
-        nearest.index_fill_(0, chosen[: i + 1], -math.inf)
+        nearest.index_fill_(0, pick.view(1), -math.inf)
         pick = torch.argmax(nearest)
     return torch.sort(chosen).values.cpu()
 

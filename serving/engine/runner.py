@@ -138,7 +138,7 @@ class ModelRunner:
         rows = torch.cat(image_rows).to(self.device) if image_rows else None
         mask = torch.cat(image_mask).to(self.device) if rows is not None else None
         embeds = self.model.embed(ids, rows, mask)
-        logits = self._forward(seqs, embeds, torch.cat(positions, dim=1), q_lens)
+        logits = self._forward(seqs, embeds, torch.cat(positions, dim=1), q_lens, observe=True)
         for seq, q_len in zip(seqs, q_lens, strict=True):
             seq.num_cached += q_len
         return logits
@@ -205,13 +205,19 @@ class ModelRunner:
         return out
 
     def _forward(
-        self, seqs: list[Sequence], embeds: torch.Tensor, positions: torch.Tensor, q_lens: list[int]
+        self,
+        seqs: list[Sequence],
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        q_lens: list[int],
+        observe: bool = False,
     ) -> torch.Tensor:
         ctx_lens = [s.num_cached + q for s, q in zip(seqs, q_lens, strict=True)]
         batch = AttentionBatch.build(
             q_lens, ctx_lens, [s.block_table for s in seqs], self.pool.block_size, self.device
         )
-        batch.observers = self._observers(seqs, q_lens)
+        if observe:  # steps with prompt tokens only: a decode-only step holds no compaction window
+            batch.observers = self._observers(seqs, q_lens)
         hidden = self.model(embeds, positions.to(self.device), self.pool, batch)
         last = torch.tensor(q_lens, device=self.device).cumsum(0) - 1
         return self.model.logits(hidden.index_select(0, last))

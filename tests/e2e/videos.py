@@ -33,69 +33,54 @@ def audio_only() -> bytes:
     return buffer.getvalue()
 
 
-def lossless(frames: int = 4) -> bytes:
-    """FFV1 in Matroska: a real video in a codec the server does not take."""
+def _write(fmt: str, codec: str, rate, size: tuple[int, int], frames, setup=None) -> bytes:
+    """`frames` (RGB arrays, or (array, pts) pairs in milliseconds) as one video stream of `codec` in a
+    `fmt` container; `setup(stream)` before the first frame."""
     buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="matroska") as container:
-        stream = container.add_stream("ffv1", rate=2)
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        for _ in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), dtype=np.uint8), format="rgb24")
+    with av.open(buffer, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        if setup is not None:
+            setup(stream)
+        for item in frames:
+            pixels, pts = item if isinstance(item, tuple) else (item, None)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts, Fraction(1, 1000)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
     return buffer.getvalue()
+
+
+def lossless(frames: int = 4) -> bytes:
+    """FFV1 in Matroska: a real video in a codec the server does not take."""
+    return _write("matroska", "ffv1", 2, (32, 32), [np.zeros((32, 32, 3), dtype=np.uint8)] * frames)
 
 
 def long_clip(seconds: int) -> bytes:
     """One tiny frame a second for `seconds`: cheap to send, long by its header."""
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(1, 1))
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), dtype=np.uint8), format="rgb24")
-        for _ in range(seconds):
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return buffer.getvalue()
+    black = np.zeros((32, 32, 3), dtype=np.uint8)
+    return _write("mp4", "libx264", Fraction(1, 1), (32, 32), [black] * seconds)
 
 
 def rotated(degrees: int = 90, frames: int = 4) -> bytes:
     """A clip whose header asks players to rotate it (a phone's portrait video): served as stored."""
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=2)
-        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
-        stream.set_display_rotation(degrees)
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 64, 3), 40 * i, dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return buffer.getvalue()
+    images = [np.full((32, 64, 3), 40 * i, dtype=np.uint8) for i in range(frames)]
+    return _write("mp4", "libx264", 2, (64, 32), images, lambda s: s.set_display_rotation(degrees))
 
 
 def variable_rate(frames: int = 8) -> bytes:
     """Frames at irregular times (a screen recording's variable frame rate)."""
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=30)
-        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+    gaps = [(50, 400, 120, 900)[i % 4] for i in range(frames)]
+    times = [sum(gaps[:i]) for i in range(frames)]
+    images = [(np.full((32, 48, 3), 30 * i, dtype=np.uint8), t) for i, t in enumerate(times)]
+
+    def millisecond_clock(stream) -> None:
         stream.codec_context.time_base = Fraction(1, 1000)
-        at = 0
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 30 * i, dtype=np.uint8), format="rgb24")
-            frame.pts, frame.time_base = at, Fraction(1, 1000)
-            at += (50, 400, 120, 900)[i % 4]
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return buffer.getvalue()
+
+    return _write("mp4", "libx264", 30, (48, 32), images, millisecond_clock)
 
 
 def garbled(raw: bytes) -> bytes:

@@ -77,6 +77,9 @@ def test_a_copy_being_written_outlives_its_lease():
     assert staging.allocate(1) is None
     copy.written()
     assert staging.allocate(4) is not None
-    other = StagedCopy(staging, [])
-    other.written()  # written first, released later: freed at the release
+    staging = KVStaging(pool(), 4)
+    other = StagedCopy(staging, staging.allocate(4))
+    other.written()  # written first, released later: freed at the release, not before
+    assert staging.allocate(1) is None
     other.release()
+    assert staging.allocate(4) is not None
