@@ -86,7 +86,13 @@ def stop_server(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
 
 
 def listener_pid(port: int) -> int:
-    """The process holding the TCP socket that listens on 127.0.0.1:`port` (from /proc)."""
+    """The process holding the TCP socket that listens on 127.0.0.1:`port` (from /proc); with several
+    (gateway replicas sharing the port), the lowest pid."""
+    return listener_pids(port)[0]
+
+
+def listener_pids(port: int) -> list[int]:
+    """Every process holding a TCP socket that listens on `port` (from /proc), sorted."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
@@ -97,11 +103,14 @@ def listener_pid(port: int) -> int:
                     inodes.add(f"socket:[{inode}]")
     if not inodes:
         raise LookupError(f"nothing listens on port {port}")
+    owners = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
             if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
-                return int(pid)
+                owners.append(int(pid))
         except OSError:
             continue
-    raise LookupError(f"no process owns the socket listening on {port}")
+    if not owners:
+        raise LookupError(f"no process owns the socket listening on {port}")
+    return sorted(owners)

@@ -168,7 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # would drain replicas again and took ~40 s here.
         import ray
 
-        from serving.gateway.serve import deployment_workers
+        from serving.control.actor import control_name
+        from serving.stages.factory import deployment_workers
 
         del workers
         if args.address:
@@ -177,6 +178,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
             # group's SIGTERM may have taken Ray's own processes down already). A local Ray ends below,
             # and every actor with it.
             def stop_detached() -> None:
+                # The control actor first: it would start a worker in place of each one stopped here.
+                with contextlib.suppress(Exception):
+                    control = ray.get_actor(control_name(str(os.getpid())), namespace=NAMESPACE)
+                    ray.kill(control, no_restart=True)
                 for name in deployment_workers(
                     ray.util.list_named_actors(all_namespaces=True), str(os.getpid())
                 ):
@@ -225,6 +230,7 @@ def serve_settings(
         shutdown_grace_s=args.shutdown_grace,
         expose_openapi=args.openapi,
         grpc_port=args.grpc_port,
+        replicas=args.gateway_replicas,
     )
     engine = EngineConfig(
         model=model,
@@ -484,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=ControlConfig.model_fields["wait_for_worker_s"].default,
         help="seconds a request waits for a stage's worker on its way, then 503 (none coming: 503 at once)",
+    )
+    srv.add_argument(
+        "--gateway-replicas",
+        type=int,
+        default=1,
+        help="gateway replicas in front of the one control plane (they share the HTTP and gRPC ports)",
     )
     srv.add_argument("--openapi", action="store_true", help="serve /openapi.json")
     ctl = srv.add_argument_group("SLO controller")

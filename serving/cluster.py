@@ -1,6 +1,6 @@
 """A deployment as a Python object: start (or join) Ray, start the workers of a topology, and run
 requests through the control plane's pipeline. Used by `epd generate`, the benchmarks and the tests;
-`epd serve` starts the same workers and hands them to the gateway's control plane instead.
+`epd serve` starts the same workers and hands them to the deployment's control actor instead.
 
 Layering: this module sits above the pipeline and the control plane; they never import it.
 """

@@ -202,6 +202,13 @@ class GatewayConfig(BaseModel):
         description="The gateway replica serves HTTP on host:port itself (`epd serve` on a local Ray); "
         "off: Ray Serve's HTTP proxy does (a Serve config, KubeRay).",
     )
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Gateway replicas (Serve replicas) in front of the one control plane. With "
+        "`http_in_replica` each binds host:port with SO_REUSEPORT and the kernel spreads connections.",
+    )
     api_keys: tuple[str, ...] = Field((), description="Accepted bearer keys for /v1/*; empty: no auth.")
     metrics_require_key: bool = Field(False, description="Whether /metrics needs a key too.")
     allow_media_hosts: tuple[str, ...] = Field(

@@ -1,19 +1,19 @@
 """The control plane's operations for both front ends (`/admin/*` and the gRPC Admin service): the
-pool directory as plain data, and the actuator's operations run on the plane's own event loop, so a
-long drain never blocks request handling."""
+pool directory as plain data (this gateway's mirror of it), and the operations, which the control
+actor runs on its own loop, so a long drain never blocks request handling."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from serving.api.errors import APIError
-from serving.control.actuator import ActuatorError
+from serving.control.client import ControlClient, ControlUnavailable, OperationRefused
 from serving.control.directory import WorkerEntry
-from serving.control.plane import ControlPlane
+from serving.control.records import WorkerRecord
 from serving.types import Roles, roles_label
 
 
-def worker_view(entry: WorkerEntry, outstanding: int) -> dict[str, Any]:
+def worker_view(entry: WorkerEntry | WorkerRecord, outstanding: int) -> dict[str, Any]:
     """One worker as `epd ctl workers --json` prints it."""
     stats = entry.stats
     return {
@@ -35,44 +35,46 @@ def worker_view(entry: WorkerEntry, outstanding: int) -> dict[str, Any]:
 
 
 class AdminService:
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlClient) -> None:
         self.plane = plane
 
     def workers(self) -> dict[str, Any]:
         """The directory: its version, which roles are served, every worker sorted by name."""
         directory = self.plane.directory
         entries = sorted(directory.entries(), key=lambda e: e.name)
+        pid, node = self.plane.control
         return {
             "version": directory.version,
+            "control": {"pid": pid, "node": node},
             "ready": {role.value: ok for role, ok in self.plane.ready().items()},
             "workers": [worker_view(e, directory.outstanding.get(e.name, 0)) for e in entries],
         }
 
-    def decisions(self) -> dict[str, Any]:
+    async def decisions(self) -> dict[str, Any]:
         """The SLO controller: its mode, what it saw and predicted last, and its recent decisions."""
-        controller = self.plane.controller
-        if controller is None:
-            return {"mode": "off", "decisions": []}
-        return controller.snapshot()
+        return await self._act(self.plane.decisions())
 
     async def add(self, roles: Roles) -> dict[str, Any]:
-        return worker_view(await self._act(self.plane.actuator.add(roles)), 0)
+        return worker_view(await self._act(self.plane.add(roles)), 0)
 
     async def switch(self, name: str, roles: Roles) -> dict[str, Any]:
-        return worker_view(await self._act(self.plane.actuator.switch(name, roles)), 0)
+        return worker_view(await self._act(self.plane.switch(name, roles)), 0)
 
     async def drain(self, name: str) -> dict[str, Any]:
-        return worker_view(await self._act(self.plane.actuator.drain(name)), 0)
+        return worker_view(await self._act(self.plane.drain(name)), 0)
 
     async def resume(self, name: str) -> dict[str, Any]:
-        return worker_view(await self._act(self.plane.actuator.resume(name)), 0)
+        return worker_view(await self._act(self.plane.resume(name)), 0)
 
     async def remove(self, name: str) -> None:
-        await self._act(self.plane.actuator.remove(name))
+        await self._act(self.plane.remove(name))
 
-    async def _act(self, coro: Any) -> Any:
+    @staticmethod
+    async def _act(coro: Any) -> Any:
         try:
-            return await self.plane.call(coro)
-        except ActuatorError as exc:
-            status = 404 if str(exc).startswith("no worker") else 409
-            raise APIError(status, str(exc), code="invalid_worker_operation") from None
+            return await coro
+        except OperationRefused as exc:
+            raise APIError(exc.status, str(exc), code="invalid_worker_operation") from None
+        except ControlUnavailable:
+            message = "The control plane is restarting; retry shortly."
+            raise APIError(503, message, code="control_unavailable", headers={"Retry-After": "2"}) from None

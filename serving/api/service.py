@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from jinja2.exceptions import TemplateError
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from serving.api.admission import Admission
 from serving.api.budgets import PixelBudget, check_visual_tokens, detail_budget, fitted_size, request_budget
@@ -33,12 +33,13 @@ from serving.api.run import Choice, Generation, Usage
 from serving.api.tools import template_tools
 from serving.api.video import VideoSampling
 from serving.config import GatewayConfig
-from serving.control.plane import ControlPlane
+from serving.control.client import ControlClient
 from serving.engine.inputs import InputProcessor
 from serving.stages.decode import decode_item
-from serving.telemetry.control_metrics import ControlCollector
+from serving.telemetry.control_metrics import ControlCollector, PipelineCollector
 from serving.telemetry.controller_metrics import ControllerCollector
 from serving.telemetry.metrics import Metrics, WorkerCollector
+from serving.telemetry.replicas import merge_replicas
 from serving.types import MediaItem, MediaRejected, PromptSpec, Role
 
 
@@ -79,7 +80,7 @@ class GenerationService:
         cfg: GatewayConfig,
         model_dir: str,
         model_id: str,
-        plane: ControlPlane,
+        plane: ControlClient,
         max_model_len: int,
     ) -> None:
         self.cfg, self.model_id, self.plane, self.max_model_len = cfg, model_id, plane, max_model_len
@@ -93,10 +94,18 @@ class GenerationService:
             cfg.max_concurrent_requests, cfg.max_queued_requests, cfg.max_image_pixels_in_flight
         )
         self.metrics = Metrics(model_id, cfg.slo_ttft_s, cfg.slo_tpot_s)
+        self.metrics.registry.register(PipelineCollector(model_id, self.pipeline))
+        # The deployment's series (workers, control plane, controller): the same whichever replica
+        # answers a scrape, so never labelled by gateway.
+        self.deployment = CollectorRegistry(auto_describe=False)
         self.worker_stats = WorkerCollector(model_id)
-        self.metrics.registry.register(self.worker_stats)
-        self.metrics.registry.register(ControlCollector(model_id, plane))
-        self.metrics.registry.register(ControllerCollector(model_id, plane))
+        self.deployment.register(self.worker_stats)
+        self.deployment.register(ControlCollector(model_id, plane))
+        self.deployment.register(ControllerCollector(model_id, lambda: plane.report.controller))
+        self.metrics.window = plane.window
+        plane.exposition = self._own_metrics
+        plane.running = lambda: self.admission.running + self.admission.waiting
+        plane.on_shutdown = self._stop_admitting
         self.started = time.monotonic()
         self.shutting_down = False
 
@@ -322,11 +331,17 @@ class GenerationService:
     async def scrape(self) -> bytes:
         """The metrics in Prometheus' text format, with fresh worker stats: each worker is read with
         its own timeout, and one that does not answer is left out of this scrape alone."""
-        answered = await self.plane.call(self.plane.refresh_stats())
+        answered = await self.plane.refresh_stats()
         self.worker_stats.stats = dict(answered or {})
         self.metrics.running.labels(self.model_id).set(self.admission.running)
         self.metrics.waiting.labels(self.model_id).set(self.admission.waiting)
         self.metrics.sequences_running.labels(self.model_id).set(self.admission.sequences)
+        own = self._own_metrics()
+        if self.plane.replicas:  # several gateways: every one's request series, labelled by gateway
+            own = merge_replicas({**self.plane.replicas, self.plane.gateway_id: own})
+        return own + generate_latest(self.deployment)
+
+    def _own_metrics(self) -> bytes:
         self.metrics.image_pixels.labels(self.model_id).set(self.admission.pixels)
         return generate_latest(self.metrics.registry)
 
@@ -345,12 +360,24 @@ class GenerationService:
             window_s=time.monotonic() - self.started,
         )
 
-    async def begin_shutdown(self) -> int:
-        """Stop admitting new requests (503 + Retry-After) and wait for the running ones to finish, up
-        to the configured grace; returns how many were still running at the end."""
+    def _stop_admitting(self) -> None:
         self.shutting_down = True
         self.admission.close()
+
+    async def begin_shutdown(self) -> int:
+        """Stop admitting new requests (503 + Retry-After), here and on every other gateway replica,
+        and wait for the running ones to finish everywhere, up to the configured grace; returns how
+        many were still running here at the end."""
+        self._stop_admitting()
+        with contextlib.suppress(Exception):  # the control plane unreachable: this replica alone
+            await self.plane.begin_shutdown()
         deadline = time.monotonic() + self.cfg.shutdown_grace_s
-        while (self.admission.running or self.admission.waiting) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if not (self.admission.running or self.admission.waiting):
+                try:
+                    if await self.plane.running_elsewhere() == 0:
+                        break
+                except Exception:  # noqa: BLE001 - no control plane to ask: this replica is done
+                    break
             await asyncio.sleep(0.1)
         return self.admission.running

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _DRAIN_POLL_S = 0.05
+# A worker being adopted may still be loading its model (one a restarted control plane finds mid-start).
+_ADOPT_TIMEOUT_S = 120.0
 
 
 class ActuatorError(ValueError):
@@ -76,29 +78,33 @@ class Actuator:
 
     async def adopt(
         self, handles: list[WorkerHandle], cpus: dict[str, tuple[int, ...]] | None = None
-    ) -> None:
-        """Take workers started elsewhere (the deployment's first ones): introduce every pair, route."""
-        infos = await asyncio.gather(*(h.info() for h in handles))
+    ) -> list[str]:
+        """Take workers started elsewhere (the deployment's first ones, or the live ones a restarted
+        control plane finds): introduce every pair, route. One that does not answer is left out (its
+        name is not returned)."""
+        answers = await asyncio.gather(*(_info(h) for h in handles))
+        found = [(h, info) for h, info in zip(handles, answers, strict=True) if info is not None]
         await asyncio.gather(
             *(
                 h.add_peer(info.metadata, info.epoch, info.name)
-                for h in handles
-                for info in infos
+                for h, _ in found
+                for _, info in found
                 if info.name != h.name
             )
         )
-        for handle, info in zip(handles, infos, strict=True):
+        for handle, info in found:
             pinned = (cpus or {}).get(info.name, ())
             self.directory.put(
                 WorkerEntry(info.name, handle, info.roles, WorkerPhase.ACTIVE, info.roles, info, cpus=pinned)
             )
+        return [info.name for _, info in found]
 
     # -- operations -----------------------------------------------------------------------------------
 
     async def add(self, roles: Roles, cpus: tuple[int, ...] = (), restarts: int = 0) -> WorkerEntry:
         """Start a new worker with `roles`, introduce it to every peer, route to it."""
         name = self._name_for(roles, next(self._ids))
-        placeholder = _Starting(name)
+        placeholder = StartingHandle(name)
         self.directory.put(WorkerEntry(name, placeholder, roles, WorkerPhase.STARTING, cpus=cpus))
         try:
             handle = await self.factory.start(name, roles, cpus)
@@ -236,7 +242,7 @@ class Actuator:
         return self._locks.setdefault(name, asyncio.Lock())
 
 
-class _Starting:
+class StartingHandle:
     """The handle of a worker still starting: any call says it is not available yet."""
 
     def __init__(self, name: str) -> None:
@@ -247,6 +253,15 @@ class _Starting:
             raise WorkerUnavailable(f"worker {self.name} is still starting")
 
         return unavailable
+
+
+async def _info(handle: WorkerHandle) -> WorkerInfo | None:
+    try:
+        async with asyncio.timeout(_ADOPT_TIMEOUT_S):
+            return await handle.info()
+    except Exception as exc:  # noqa: BLE001 - dead or unreachable: not adopted
+        log.warning("worker %s did not answer when adopted: %s", handle.name, type(exc).__name__)
+        return None
 
 
 async def _quiet(call: Awaitable[Any]) -> None:

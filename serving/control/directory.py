@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from serving.types import Role, Roles, WorkerInfo, WorkerPhase, WorkerStats
 
 if TYPE_CHECKING:
+    from serving.control.records import WorkerRecord
     from serving.stages.handles import WorkerHandle
 
 
@@ -37,6 +38,15 @@ class WorkerEntry:
     @property
     def routable(self) -> bool:
         return self.phase in (WorkerPhase.ACTIVE, WorkerPhase.DRAINING) and bool(self.routing)
+
+    def record(self) -> WorkerRecord:
+        """This entry as data, without its handle (what crosses processes)."""
+        from serving.control.records import WorkerRecord
+
+        return WorkerRecord(
+            self.name, self.roles, self.phase, self.routing, self.info, self.stats, self.restarts,
+            self.cpus, self.since,
+        )  # fmt: skip
 
 
 # A worker the key prefers takes new work while its load stays within this factor of the mean.

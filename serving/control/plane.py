@@ -73,10 +73,11 @@ class ControlPlane:
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
-    def adopt(self, handles: list[WorkerHandle], cpus: dict[str, tuple[int, ...]] | None = None) -> None:
-        """Take the deployment's first workers and start watching them."""
-        self.run(self.actuator.adopt(handles, cpus))
+    def adopt(self, handles: list[WorkerHandle], cpus: dict[str, tuple[int, ...]] | None = None) -> list[str]:
+        """Take the deployment's workers and start watching them; returns those that answered."""
+        adopted = self.run(self.actuator.adopt(handles, cpus))
         self._monitor = self.submit(self._watch())
+        return adopted
 
     def start_controller(self, controller: ControllerLoop) -> None:
         """Run the SLO controller's ticks on this plane's loop, beside the health monitor."""

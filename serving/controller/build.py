@@ -1,8 +1,8 @@
-"""Assembles the live controller of a gateway replica from its settings."""
+"""Assembles the live controller of a deployment's control actor from its settings."""
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from serving.controller.loop import ControllerLoop, LoopConfig
@@ -12,15 +12,18 @@ from serving.controller.policy import Policy, PolicyConfig, role_sets
 from serving.controller.window import RequestWindow
 
 if TYPE_CHECKING:
-    from serving.api.admission import Admission
     from serving.control.plane import ControlPlane
     from serving.gateway.serve import GatewaySettings
-    from serving.telemetry.metrics import Metrics
 
 
 def build_controller(
-    settings: GatewaySettings, plane: ControlPlane, metrics: Metrics, admission: Admission
+    settings: GatewaySettings,
+    plane: ControlPlane,
+    window: RequestWindow,
+    set_admission: Callable[[int], None],
 ) -> ControllerLoop:
+    """`window` is fed by the gateways' reports; `set_admission` hands a deployment-wide limit of
+    concurrent sequences to them (each takes its share)."""
     c = settings.controller
     costs = StageCosts.load(c.profile) if c.profile else StageCosts()
     policy = Policy(
@@ -37,15 +40,5 @@ def build_controller(
         costs,
     )
     slo = Slo(settings.gateway.slo_ttft_s, settings.gateway.slo_tpot_s, c.attainment_target)
-    metrics.window = RequestWindow(horizon_s=max(300.0, 3 * c.window_s))
-
-    # Admission lives on the gateway's event loop (the one building the service); the controller
-    # runs on the control plane's thread, so the new limit is handed over, never set across threads.
-    gateway_loop = asyncio.get_running_loop()
-
-    def set_admission(limit: int) -> None:
-        gateway_loop.call_soon_threadsafe(admission.set_limit, limit)
-
-    return ControllerLoop(
-        plane, metrics.window, policy, slo, LoopConfig(c.mode, c.tick_s, c.window_s), set_admission
-    )
+    window.horizon_s = max(window.horizon_s, 3 * c.window_s)
+    return ControllerLoop(plane, window, policy, slo, LoopConfig(c.mode, c.tick_s, c.window_s), set_admission)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from serving.control.records import ControllerSummary
 from serving.controller.actions import Action, ActionKind, Decision
 from serving.controller.model import Prediction, predict
 from serving.controller.observation import Observation, Slo, WorkerView
@@ -164,6 +165,17 @@ class ControllerLoop:
             if d is decision:
                 self.decisions[i] = final
                 break
+
+    def summary(self) -> ControllerSummary:
+        """What the controller's metrics export."""
+        obs, pred = self.last, self.predicted
+        return ControllerSummary(
+            mode=self.cfg.mode,
+            counts=dict(self.counts),
+            observed_attainment=obs.attainment if obs else None,
+            observed_goodput=obs.goodput if obs else None,
+            predicted_attainment=pred.attainment if pred else None,
+        )
 
     def snapshot(self) -> dict[str, object]:
         """What `epd ctl decisions` and `/admin/decisions` show."""

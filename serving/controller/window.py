@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -20,6 +21,15 @@ from serving.controller.observation import (
     WorkerView,
 )
 from serving.types import Role
+
+
+class WindowSink(Protocol):
+    """Where a gateway's metrics send arrivals and finished requests: the controller's window, or
+    what forwards them to it (`serving/control/client.py`)."""
+
+    def arrive(self, at: float, kind: Kind) -> None: ...
+
+    def add(self, record: RequestRecord) -> None: ...
 
 
 class RequestWindow:

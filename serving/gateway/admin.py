@@ -9,19 +9,19 @@ from fastapi.responses import JSONResponse, Response
 
 from serving.api.admin import AdminService
 from serving.api.errors import APIError
-from serving.control.plane import ControlPlane
+from serving.control.client import ControlClient
 from serving.types import Roles, parse_roles
 
 
 class AdminAPI:
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlClient) -> None:
         self.ops = AdminService(plane)
 
     def workers(self) -> Response:
         return JSONResponse(self.ops.workers())
 
-    def decisions(self) -> Response:
-        return JSONResponse(self.ops.decisions())
+    async def decisions(self) -> Response:
+        return JSONResponse(await self.ops.decisions())
 
     async def add(self, raw: bytes) -> Response:
         return JSONResponse(await self.ops.add(self._roles(raw)), status_code=201)

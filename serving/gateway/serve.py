@@ -17,13 +17,10 @@ from starlette.exceptions import HTTPException
 
 from serving.config import ControlConfig, ControllerConfig, GatewayConfig, WorkerConfig
 from serving.gateway.errors import APIError, error_response, internal_error
-from serving.types import Roles
 
 # No `from __future__ import annotations` here: FastAPI must see real annotation objects on the
 # routes (as strings, `request` would be taken for a query parameter).
-
-NAMESPACE = "epd"
-GATEWAY_RESOURCE = "epd-gateway"
+from serving.stages.factory import GATEWAY_RESOURCE, NAMESPACE
 
 
 @dataclass(frozen=True)
@@ -44,56 +41,35 @@ class GatewaySettings:
     controller: ControllerConfig = ControllerConfig()
 
 
-def deployment_workers(actors: list[dict[str, str]], cluster_id: str) -> list[str]:
-    """The live named actors of the deployment `cluster_id` in the workers' namespace (their names end
-    with it: `serving/stages/factory.py`'s `worker_name`), sorted by index."""
-    suffix = f"-{cluster_id}"
-    found = [
-        a["name"] for a in actors if a.get("namespace") == NAMESPACE and a.get("name", "").endswith(suffix)
-    ]
-    return sorted(found, key=lambda name: worker_index(name, cluster_id))
+async def build_service(settings: GatewaySettings) -> Any:
+    """The service over the deployment's control actor (started here by the first replica, found by
+    every other and by every replica that restarts): this replica mirrors its directory and runs the
+    pipeline over it."""
+    import os
+    import uuid
 
-
-def worker_index(name: str, cluster_id: str) -> int:
-    """The index in `<roles>-<index>-<cluster id>`."""
-    return int(name[: -len(cluster_id) - 1].rsplit("-", 1)[1])
-
-
-def build_service(settings: GatewaySettings) -> Any:
-    """The service over a control plane that adopts the workers `epd serve` started."""
     import ray
 
-    from serving.control.plane import ControlPlane
+    from serving.control.actor import control_actor
+    from serving.control.client import ControlClient
     from serving.gateway.service import GatewayService
-    from serving.stages.factory import RayWorkerFactory, worker_name
     from serving.stages.handles import RayHandle
 
-    # Workers this replica starts (added, or in place of failed ones) outlive it: a replica that
-    # restarts adopts them (`deployment_workers`); `epd serve` ends them with its Ray, or by the
-    # deployment's id on a Ray it joined.
-    factory = RayWorkerFactory(
-        settings.worker_template, NAMESPACE, settings.gpus_per_worker, settings.role_resources, detached=True
+    def resolve(name: str) -> RayHandle:
+        return RayHandle(ray.get_actor(name, namespace=NAMESPACE), name)
+
+    client = ControlClient(
+        control_actor(settings),
+        settings.control,
+        gateway_id=f"{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        resolve=resolve,
+        forward_requests=settings.controller.mode != "off",
     )
-
-    def name_for(roles: Roles, index: int) -> str:
-        return worker_name(roles, index, settings.cluster_id)
-
-    # The deployment's workers as they are now, found by its id: the ones `epd serve` started and any
-    # the control plane added or started in place of failed ones since (a replica that restarts after
-    # such churn adopts them all, and names new ones after the highest index in use).
-    names = deployment_workers(ray.util.list_named_actors(all_namespaces=True), settings.cluster_id)
-    names = names or [name for name, _ in settings.workers]
-    first_index = 1 + max((worker_index(n, settings.cluster_id) for n in names), default=-1)
-    plane = ControlPlane(factory, settings.control, name_for, max(first_index, len(settings.workers)))
-    handles = [RayHandle(ray.get_actor(name, namespace=NAMESPACE), name) for name in names]
-    plane.adopt(handles, dict(settings.workers))
     service = GatewayService(
-        settings.gateway, settings.model_dir, settings.model_id, plane, settings.max_model_len
+        settings.gateway, settings.model_dir, settings.model_id, client, settings.max_model_len
     )
-    if settings.controller.mode != "off":
-        from serving.controller.build import build_controller
-
-        plane.start_controller(build_controller(settings, plane, service.metrics, service.admission))
+    client.on_admission_limit = service.admission.set_limit
+    await client.start()  # callbacks first: the first directory may carry a limit or the stop
     return service
 
 
@@ -106,6 +82,27 @@ async def start_rpc(service: Any, cfg: GatewayConfig) -> Any:
     rpc = RpcServer(service.core, service.admin.ops, cfg.host, cfg.grpc_port)
     await rpc.start()
     return rpc
+
+
+class ServedBy:
+    """Every response names the gateway replica that answered it (`x-epd-gateway`): with several
+    replicas behind one port, where a request went is otherwise invisible. Plain ASGI: nothing is
+    buffered or copied on the way, a stream's chunks included."""
+
+    def __init__(self, app: Any, gateway: str) -> None:
+        self.app, self.header = app, (b"x-epd-gateway", gateway.encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def named(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), self.header]
+            await send(message)
+
+        await self.app(scope, receive, named)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -136,6 +133,7 @@ def http_app(service: Any, expose_openapi: bool, on_shutdown: Callable[[], Await
     openapi = "/openapi.json" if expose_openapi else None
     app = FastAPI(title="EPD Serve", docs_url=None, redoc_url=None, openapi_url=openapi)
     install_error_handlers(app)
+    app.add_middleware(ServedBy, gateway=service.plane.gateway_id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -171,7 +169,7 @@ def http_app(service: Any, expose_openapi: bool, on_shutdown: Callable[[], Await
     @app.get("/admin/decisions")
     async def admin_decisions(request: Request) -> Response:
         service.authorize_admin(request)
-        return service.admin.decisions()
+        return await service.admin.decisions()
 
     @app.post("/admin/workers")
     async def admin_add(request: Request) -> Response:
@@ -214,11 +212,14 @@ def http_app(service: Any, expose_openapi: bool, on_shutdown: Callable[[], Await
 _KEEP_ALIVE_S = 90
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, shared: bool = False) -> socket.socket:
     """A TCP socket bound to host:port, as the replica's HTTP server binds it (`epd serve` checks its
-    ports the same way before starting Ray); OSError when it cannot be."""
+    ports the same way before starting Ray); OSError when it cannot be. `shared`: several gateway
+    replicas bind it (SO_REUSEPORT: the kernel spreads new connections over them)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT connections
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:
@@ -227,14 +228,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def bind_http(host: str, port: int, wait_s: float = 30.0) -> socket.socket:
+async def bind_http(host: str, port: int, shared: bool = False, wait_s: float = 30.0) -> socket.socket:
     """A socket bound to host:port for the replica's HTTP server. A replica Serve stops gracefully
     (an unhealthy one) can still hold the port while its replacement starts: a taken port is tried
     again for up to `wait_s` before the error is raised."""
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
         try:
-            return bind_socket(host, port)
+            return bind_socket(host, port, shared)
         except OSError as e:
             if e.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() > deadline:
                 raise
@@ -277,14 +278,19 @@ def gateway_application(settings: GatewaySettings) -> Any:
     if settings.role_resources:  # on Kubernetes the head offers `epd-gateway`: the gateway stays there
         options["resources"] = {GATEWAY_RESOURCE: 0.01}
 
-    @serve.deployment(name="gateway", max_ongoing_requests=4096, ray_actor_options=options)
+    @serve.deployment(
+        name="gateway",
+        num_replicas=settings.gateway.replicas,
+        max_ongoing_requests=4096,
+        ray_actor_options=options,
+    )
     @serve.ingress()
     class Gateway:
         async def __init__(self, settings: GatewaySettings) -> None:
             cfg = settings.gateway
             # The port first: a replica that cannot have it fails before it adopts any worker.
-            sock = await bind_http(cfg.host, cfg.port) if cfg.http_in_replica else None
-            self.service = build_service(settings)
+            sock = await bind_http(cfg.host, cfg.port, cfg.replicas > 1) if cfg.http_in_replica else None
+            self.service = await build_service(settings)
             self.api = http_app(self.service, cfg.expose_openapi, self._stop_rpc)
             # The gRPC API on this replica's event loop, beside the routes: one service layer, so one
             # admission, one set of metrics. Started before the replica reports ready.
@@ -309,6 +315,8 @@ def gateway_application(settings: GatewaySettings) -> Any:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(task, timeout=5.0)
             await self._stop_rpc()
+            if getattr(self, "service", None) is not None:
+                await self.service.plane.stop()
 
         async def _stop_rpc(self) -> None:
             rpc, self.rpc = getattr(self, "rpc", None), None

@@ -20,7 +20,7 @@ from serving.api.run import Generation, failed_stage
 from serving.api.service import GenerationService
 from serving.api.tools import CallStream
 from serving.config import GatewayConfig
-from serving.control.plane import ControlPlane
+from serving.control.client import ControlClient
 from serving.gateway.admin import AdminAPI
 from serving.gateway.bodies import chat_request, completion_request
 from serving.gateway.errors import error_body, error_response
@@ -58,7 +58,7 @@ class GatewayService:
         cfg: GatewayConfig,
         model_dir: str,
         model_id: str,
-        plane: ControlPlane,
+        plane: ControlClient,
         max_model_len: int,
     ) -> None:
         self.core = GenerationService(cfg, model_dir, model_id, plane, max_model_len)

@@ -62,7 +62,12 @@ class RpcServer:
         self.core, self.address = core, f"{host}:{port}"
         limit = core.cfg.max_body_bytes  # the same cap as an HTTP body (inline images make it large)
         self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)]
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                # Several gateway replicas share the port (the kernel spreads connections); one alone
+                # must fail on a taken port instead.
+                ("grpc.so_reuseport", 1 if core.cfg.replicas > 1 else 0),
+            ]
         )
         self.health = RoleHealth(core)
         self.server.add_generic_rpc_handlers(

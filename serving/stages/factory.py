@@ -12,6 +12,11 @@ from serving.config import WorkerConfig
 from serving.stages.handles import CONTROL_GROUP, LocalHandle, RayHandle, WorkerHandle
 from serving.types import Roles, roles_label
 
+# Ray's namespace of every deployment's named actors (workers, control actors).
+NAMESPACE = "epd"
+# The custom resource the Kubernetes head offers: gateway replicas and the control actor stay there.
+GATEWAY_RESOURCE = "epd-gateway"
+
 
 class WorkerFactory(abc.ABC):
     def __init__(self, template: WorkerConfig) -> None:
@@ -99,3 +104,18 @@ def role_resource(roles: Roles) -> str:
 def worker_name(roles: Roles, index: int, cluster_id: str | None = None) -> str:
     """`d-1-<cluster id>`: the roles it started with, an index, and the deployment it belongs to."""
     return f"{roles_label(roles)}-{index}-{cluster_id or os.getpid()}"
+
+
+def deployment_workers(actors: list[dict[str, str]], cluster_id: str) -> list[str]:
+    """The live named actors of the deployment `cluster_id` in the workers' namespace (their names end
+    with it: `worker_name`), sorted by index."""
+    suffix = f"-{cluster_id}"
+    found = [
+        a["name"] for a in actors if a.get("namespace") == NAMESPACE and a.get("name", "").endswith(suffix)
+    ]
+    return sorted(found, key=lambda name: worker_index(name, cluster_id))
+
+
+def worker_index(name: str, cluster_id: str) -> int:
+    """The index in `<roles>-<index>-<cluster id>`."""
+    return int(name[: -len(cluster_id) - 1].rsplit("-", 1)[1])

@@ -1,5 +1,7 @@
 """Control-plane metrics: workers by role and phase, role switches, drains, migrations, restarts and
-per-stage retries / failures. Read from the control plane at scrape time (nothing to keep in sync)."""
+per-stage retries / failures. Workers and the actuator's counters are the deployment's (the gateway's
+mirror of the directory, the control actor's latest report); migrations, retries and failures are
+counted by this gateway's pipeline."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from prometheus_client.registry import Collector
 from serving.types import Role, WorkerPhase, roles_label
 
 if TYPE_CHECKING:
-    from serving.control.plane import ControlPlane
+    from serving.control.client import ControlClient
+    from serving.pipeline import Pipeline
 
 CONTROL_CATALOG = (
     "epd:workers",
@@ -31,7 +34,7 @@ CONTROL_CATALOG = (
 
 
 class ControlCollector(Collector):
-    def __init__(self, model_name: str, plane: ControlPlane) -> None:
+    def __init__(self, model_name: str, plane: ControlClient) -> None:
         self.model, self.plane = model_name, plane
 
     def collect(self) -> Iterator[Metric]:
@@ -52,18 +55,13 @@ class ControlCollector(Collector):
         for e in entries:
             info.add_metric([m, e.name, roles_label(e.roles), e.phase.value], 1)
         yield from (workers, info)
-        c = self.plane.actuator.counters
+        c = self.plane.report.counters
         for name, text, value in (
             ("epd:role_switches", "Role switches completed.", c.switches),
             ("epd:drains", "Drains completed.", c.drains),
             ("epd:drain_evictions", "Streams moved off a worker at a drain's deadline.", c.evictions),
             ("epd:worker_failures", "Workers found dead, unreachable or wedged.", c.failures),
             ("epd:worker_restarts", "Failed workers replaced.", c.restarts),
-            (
-                "epd:migrations",
-                "Requests whose decode moved to another worker mid-stream.",
-                self.plane.pipeline.counters.migrations,
-            ),
         ):
             family = CounterMetricFamily(name, text, labels=["model_name"])
             family.add_metric([m], value)
@@ -73,7 +71,23 @@ class ControlCollector(Collector):
         )
         last.add_metric([m], c.switch_seconds[-1] if c.switch_seconds else 0.0)
         yield last
-        p = self.plane.pipeline.counters
+
+
+class PipelineCollector(Collector):
+    """What this gateway's pipeline counted: migrations, and retries, failures and 503s by stage."""
+
+    def __init__(self, model_name: str, pipeline: Pipeline) -> None:
+        self.model, self.pipeline = model_name, pipeline
+
+    def collect(self) -> Iterator[Metric]:
+        m, p = self.model, self.pipeline.counters
+        migrations = CounterMetricFamily(
+            "epd:migrations",
+            "Requests whose decode moved to another worker mid-stream.",
+            labels=["model_name"],
+        )
+        migrations.add_metric([m], p.migrations)
+        yield migrations
         for name, text, values in (
             ("epd:stage_retries", "Legs redone on another worker, by stage.", p.retries),
             ("epd:stage_failures", "Requests failed by a stage after its retries, by stage.", p.failures),

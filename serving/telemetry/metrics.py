@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from serving.controller.observation import Kind, RequestRecord
-from serving.controller.window import RequestWindow
+from serving.controller.window import WindowSink
 from serving.telemetry.control_metrics import CONTROL_CATALOG
 from serving.telemetry.controller_metrics import CONTROLLER_CATALOG
 from serving.types import StageTimings, WorkerStats
@@ -50,7 +50,7 @@ class Metrics:
         self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s
         # Arrivals and finished requests of the last minutes, for the SLO controller; both front ends
         # account here. Set when a controller runs (it sizes the horizon); None: nothing is kept.
-        self.window: RequestWindow | None = None
+        self.window: WindowSink | None = None
         r, model = self.registry, ["model_name"]
         self.ttft = Histogram(
             "epd:time_to_first_token_seconds",

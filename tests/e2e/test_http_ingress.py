@@ -1,6 +1,7 @@
 """Under `epd serve` the gateway replica serves HTTP itself (no Ray Serve proxy in between): the
 listening socket is the replica's, a killed replica comes back on the same port with the workers it
-left, and a port that is taken stops `epd serve` at once with the reason."""
+left, and a port that is taken stops `epd serve` at once with the reason. (A replica killed after
+workers were replaced, added and removed: `test_gateway_replicas.py`.)"""
 
 from __future__ import annotations
 
@@ -106,53 +107,3 @@ def test_a_taken_port_stops_epd_serve_at_once_with_the_reason(tiny_model: Path, 
     assert result.returncode != 0
     assert f"127.0.0.1:{port}" in result.stderr and "in use" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
-
-
-def _workers(url: str) -> dict[str, dict]:
-    return {w["name"]: w for w in httpx.get(f"{url}/admin/workers", timeout=10).json()["workers"]}
-
-
-def _until(predicate, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except (httpx.HTTPError, AssertionError, LookupError):  # not answering yet; nothing listening yet
-            pass
-        time.sleep(0.5)
-    pytest.fail("timed out")
-
-
-def test_a_restarted_gateway_adopts_the_workers_after_churn(tiny_model: Path, tmp_path):
-    """A decode worker killed and replaced under a new name, one added, one removed; then the gateway
-    replica killed: the new replica serves again and adopts exactly the workers there were, the
-    replacement and the added one included (it finds them by the deployment's id, not by the names
-    `epd serve` started with)."""
-    args = ["--model", str(tiny_model), "--topology", "e+p+d", "--decode", "2"]
-    proc, url = start_server(args, tmp_path / "serve.log", timeout_s=240)
-    try:
-        before = _workers(url)
-        first, second = sorted(n for n, w in before.items() if w["roles"] == "d")
-        os.kill(before[first]["pid"], signal.SIGKILL)
-
-        def replaced() -> bool:
-            now = _workers(url)
-            fresh = [n for n, w in now.items() if n not in before and w["roles"] == "d"]
-            return first not in now and bool(fresh) and now[fresh[0]]["phase"] == "active"
-
-        _until(replaced)
-        added = httpx.post(f"{url}/admin/workers", json={"roles": "d"}, timeout=120)
-        assert added.status_code == 201, added.text
-        assert httpx.delete(f"{url}/admin/workers/{second}", timeout=120).status_code == 200
-        churned = set(_workers(url))
-        assert second not in churned and added.json()["name"] in churned
-
-        owner = listener_pid(int(url.rsplit(":", 1)[1]))
-        os.kill(owner, signal.SIGKILL)
-        _until(lambda: listener_pid(int(url.rsplit(":", 1)[1])) != owner, 90)
-        _until(lambda: httpx.get(f"{url}/ready", timeout=5).status_code == 200, 90)
-        assert set(_workers(url)) == churned, "the same workers, none lost, none started anew"
-        assert _chat(url, temperature=0)["choices"][0]["message"]["content"]
-    finally:
-        stop_server(proc)

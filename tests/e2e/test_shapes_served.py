@@ -1,6 +1,7 @@
-"""The shipped `epd-shapes` served: through every topology its answers equal the in-process engine's,
-item for item (greedy); `epd eval` reports sound fields against a live server and merges `--extra`
-into every request; `epd bench --workload shapes` scores the answers it gets under load."""
+"""The shipped `epd-shapes` served: through every topology (one server's workers switched between
+them) its answers equal the in-process engine's, item for item (greedy); `epd eval` reports sound
+fields against a live server and merges `--extra` into every request; `epd bench --workload shapes`
+scores the answers it gets under load."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import httpx
 import pytest
 
 from loadgen.cli import bench
@@ -30,18 +32,47 @@ def expected():
     return evaluate_in_process(MODEL, items(SEED, TASKS, N), SEED)
 
 
-# Media are decoded on the encode worker, except in `epd`, which runs the gateway-decoding option:
-# both must give the in-process answers.
-SERVERS = {"e+p+d": [], "epd": ["--media-decode", "gateway"], "ep+d": [], "e+pd": []}
+# The four topologies on one server's three workers, by switching and draining them through the admin
+# API (roles change at run time without reloading anything): the worker started as E, the one started
+# as P and the one started as D, each (roles, routed?) per topology.
+TOPOLOGIES = {
+    "e+p+d": (("e", True), ("p", True), ("d", True)),
+    "e+pd": (("e", True), ("pd", True), ("d", False)),
+    "ep+d": (("ep", True), ("p", False), ("d", True)),
+    "epd": (("epd", True), ("p", False), ("d", False)),
+}
 
 
-@pytest.fixture(scope="module", params=list(SERVERS))
-def shapes_server(request, tmp_path_factory):
-    log = tmp_path_factory.mktemp("shapes") / f"serve-{request.param}.log"
-    flags = ["--model", MODEL, "--topology", request.param, *SERVERS[request.param]]
-    proc, url = start_server(flags, log, timeout_s=240)
-    yield request.param, url
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("shapes") / "serve.log"
+    proc, url = start_server(["--model", MODEL, "--topology", "e+p+d"], log, timeout_s=240)
+    yield url
     stop_server(proc)
+
+
+def _arrange(url: str, topology: str) -> None:
+    """Give the three workers the roles and routing of `topology`."""
+    workers = httpx.get(f"{url}/admin/workers", timeout=30).json()["workers"]
+    by_start = {w["name"].split("-", 1)[0]: w for w in workers}  # named after the roles they began with
+    for (roles, routed), started in zip(TOPOLOGIES[topology], ("e", "p", "d"), strict=True):
+        worker = by_start[started]
+        base = f"{url}/admin/workers/{worker['name']}"
+        if not routed:
+            if worker["routing"]:
+                assert httpx.post(f"{base}/drain", timeout=120).status_code == 200
+        elif worker["roles"] != roles or not worker["routing"]:
+            switched = httpx.post(f"{base}/switch", json={"roles": roles}, timeout=120)
+            assert switched.status_code == 200, switched.text
+    workers = httpx.get(f"{url}/admin/workers", timeout=30).json()["workers"]
+    routed = sorted(w["routing"] for w in workers if w["routing"])
+    assert routed == sorted(roles for roles, on in TOPOLOGIES[topology] if on), (topology, workers)
+
+
+@pytest.fixture(scope="module", params=list(TOPOLOGIES))
+def shapes_server(request, server):
+    _arrange(server, request.param)
+    return request.param, server
 
 
 def test_served_answers_equal_in_process(shapes_server, expected):

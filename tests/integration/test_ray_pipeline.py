@@ -1,5 +1,6 @@
 """The pipeline over Ray actors with NIXL between them: every topology gives the in-process tokens,
-16 concurrent requests complete correctly, and a cancelled request frees its KV on P and D.
+16 concurrent requests complete correctly, a burst twice the decode pool waits for blocks instead of
+failing, and a cancelled request frees its KV on P and D.
 
 One Ray cluster and one set of workers (E, P, D) serve the whole module: a topology is a routing of
 the same workers, so each topology is reached by switching their roles through the actuator (which
@@ -101,6 +102,29 @@ def test_sixteen_concurrent_requests_through_one_e_one_p_one_d(cluster, engine):
         ))  # fmt: skip
 
     results = asyncio.run(run_all())
+    assert [tokens for tokens, _, _ in results] == [exp.token_ids for *_, exp in prepared]
+
+
+def test_a_burst_past_the_decode_pool_waits_for_blocks_and_never_fails(cluster, engine):
+    """Twelve requests that each carry ~43 of D's 256 blocks to their end: about twice the pool. The
+    decode worker counts the blocks of KV still arriving from prefill when it admits work, so what
+    does not fit waits for blocks to free; nothing fails with out-of-blocks, every answer is whole."""
+    prepared = []
+    for i in range(12):
+        spec, arrays, _, _ = requests_for(engine, "text", index=i)
+        params = SamplingParams(max_tokens=150, ignore_eos=True)
+        text = f"Request {i}: describe it."
+        expected = engine.generate([(engine.inputs.from_user_prompt(text, []), params)])[0]
+        prepared.append((spec, arrays, params, expected))
+
+    async def run_all():
+        return await asyncio.gather(*(
+            collect(cluster.pipeline, Request(f"burst-{i}", spec, params, arrays))
+            for i, (spec, arrays, params, _) in enumerate(prepared)
+        ))  # fmt: skip
+
+    results = asyncio.run(run_all())
+    assert [last.finish_reason for *_, last in results] == ["length"] * 12, [r[2].error for r in results]
     assert [tokens for tokens, _, _ in results] == [exp.token_ids for *_, exp in prepared]
 
 

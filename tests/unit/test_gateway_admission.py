@@ -62,7 +62,11 @@ def fake_plane() -> MagicMock:
     plane.pipeline.counters = MagicMock()
     plane.directory.entries.return_value = []
     plane.ready.return_value = {}
-    plane.call = AsyncMock(return_value=None)  # the plane's own calls (refreshing worker stats)
+    plane.refresh_stats = AsyncMock(return_value={})
+    plane.window = None  # no SLO controller
+    plane.gateway_id = "gateway-0"
+    plane.control = (0, "")
+    plane.replicas = {}  # one gateway
     return plane
 
 

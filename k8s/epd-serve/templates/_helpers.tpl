@@ -89,6 +89,7 @@ applications:
       max_worker_restarts: {{ .Values.limits.maxWorkerRestarts }}
       drain_timeout: {{ .Values.limits.drainTimeoutSeconds }}
       wait_for_worker: {{ .Values.limits.waitForWorkerSeconds }}
+      gateway_replicas: {{ .Values.head.gatewayReplicas }}
       dtype: {{ .Values.dtype | quote }}
       image_pruning_rate: {{ .Values.efficiency.imagePruningRate }}
       video_pruning_rate: {{ .Values.efficiency.videoPruningRate }}

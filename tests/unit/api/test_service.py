@@ -53,7 +53,10 @@ def service(tiny_model, pipeline: FakePipeline | None = None, **cfg) -> Generati
     plane.pipeline = pipeline or FakePipeline()
     plane.directory.entries.return_value = []
     plane.ready.return_value = {role: True for role in Role}
-    plane.call = AsyncMock(return_value={})
+    plane.refresh_stats = AsyncMock(return_value={})
+    plane.window = None
+    plane.control = (0, "")
+    plane.replicas = {}  # one gateway
     return GenerationService(GatewayConfig(**cfg), str(tiny_model), "m", plane, 2048)
 
 

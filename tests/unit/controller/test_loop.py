@@ -63,13 +63,12 @@ def loop(mode: str, actuator: RecordingActuator) -> tuple[ControllerLoop, Reques
         SLO,
         LoopConfig(mode, tick_s=1.0, window_s=10.0),
     )
-    controller.plane.controller = controller
     return controller, window
 
 
 def scrape(controller: ControllerLoop) -> str:
     registry = CollectorRegistry()
-    registry.register(ControllerCollector("m", controller.plane))  # type: ignore[arg-type]
+    registry.register(ControllerCollector("m", controller.summary))
     return generate_latest(registry).decode()
 
 
