@@ -19,6 +19,7 @@ from serving.config import (
     default_model,
     default_model_dir,
 )
+from serving.engine.kv_sizing import parse_bytes
 
 
 def _model_dir(arg: str | None) -> str:
@@ -131,11 +132,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # daemons, Serve's controller and the gateway replicas are started from here and inherit its CPUs.
     if not args.address and args.pin_cpus and (spare := spare_cpus(parse_cpus(args.pin_cpus))):
         pin_threads(spare)
-    init_ray(args.address, NAMESPACE, host=_ray_host(args.host))
     import torch
 
     gpus = 1 if torch.cuda.is_available() else 0
+    # Settings first: a deployment that cannot serve (an empty pool, a KV pool smaller than
+    # --max-model-len) is refused before Ray starts.
     settings, plans = serve_settings(args, str(os.getpid()), gpus, local=not args.address)
+    init_ray(args.address, NAMESPACE, host=_ray_host(args.host))
     # Keep the handles: Ray stops an actor once no handle to it is left, named or not.
     workers = start_ray_workers(RayWorkerFactory(settings.worker_template, NAMESPACE, gpus), plans)
     stop = threading.Event()
@@ -238,11 +241,15 @@ def serve_settings(
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         max_step_tokens=args.max_step_tokens,
+        kv_cache_memory_gb=args.kv_cache_memory / 2**30,
+        max_num_seqs=args.max_num_seqs,
+        block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
         image_pruning_method=args.image_pruning_method,
         video_pruning_method=args.video_pruning_method,
         kv_compaction_method=args.visual_kv_method,
     )
+    _check_kv_pool(engine, gpus)
     control = ControlConfig(
         max_worker_restarts=args.max_worker_restarts,
         drain_timeout_s=args.drain_timeout,
@@ -293,6 +300,23 @@ def serve_settings(
         gpus_per_worker=gpus,
     )
     return settings, plans
+
+
+def _check_kv_pool(engine: Any, gpus: int) -> None:
+    """Refuse, before anything starts, a pool that cannot hold one `max_model_len` request (sized by
+    the function the workers size their pools with). The engine alone does not refuse: tests and
+    benchmarks run small pools on purpose."""
+    import torch
+
+    from serving.engine.kv_sizing import check_fits
+    from serving.engine.models.config import load_model_config
+    from serving.engine.runner import resolve_dtype
+
+    device = (
+        torch.device("cuda" if gpus else "cpu") if engine.device == "auto" else torch.device(engine.device)
+    )
+    dtype_bytes = torch.finfo(resolve_dtype(engine.dtype, device)).bits // 8
+    check_fits(engine, load_model_config(engine.model), dtype_bytes)
 
 
 def _ray_host(host: str) -> str:
@@ -383,7 +407,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent", type=int, default=64, help="sequences (prompts x n) in the stages at once"
     )
     srv.add_argument("--max-queued", type=int, default=256, help="requests waiting for admission before 429")
-    srv.add_argument("--max-model-len", type=int, default=8192)
+    srv.add_argument("--max-model-len", type=int, default=8192, help="longest prompt plus output, tokens")
+    engine_fields = EngineConfig.model_fields
+    srv.add_argument(
+        "--kv-cache-memory",
+        type=parse_bytes,
+        default=int(engine_fields["kv_cache_memory_gb"].default * 2**30),
+        help="bytes of each worker's KV pool, e.g. 8GiB (it must hold --max-model-len tokens)",
+    )
+    srv.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=engine_fields["max_num_seqs"].default,
+        help="most sequences in a worker's running batch",
+    )
+    srv.add_argument(
+        "--block-size", type=int, default=engine_fields["block_size"].default, help="tokens per KV block"
+    )
     srv.add_argument(
         "--max-step-tokens",
         type=int,

@@ -338,6 +338,11 @@ class WorkerStats:
     videos_decoded: int = 0
     visual_kv_kept: int = 0  # compacted handoffs: visual tokens' KV rows handed to decode …
     visual_kv_dropped: int = 0  # … and left behind
+    kv_block_size: int = 0  # tokens per KV block: the pool holds kv_blocks_total × this many
+
+    @property
+    def kv_tokens_total(self) -> int:
+        return self.kv_blocks_total * self.kv_block_size
 
     @property
     def kv_cache_usage(self) -> float:

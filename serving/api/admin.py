@@ -28,6 +28,7 @@ def worker_view(entry: WorkerEntry | WorkerRecord, outstanding: int) -> dict[str
         "requests_in_flight": stats.requests_in_flight if stats else 0,
         "kv_cache_usage": round(stats.kv_cache_usage, 4) if stats else 0.0,
         "kv_blocks_total": stats.kv_blocks_total if stats else 0,
+        "kv_tokens_total": stats.kv_tokens_total if stats else 0,
         "leases_active": stats.leases_active if stats else 0,
         "restarts": entry.restarts,
         "phase_since": entry.since,

@@ -16,6 +16,7 @@ from serving.engine.allocator import tune_allocator
 from serving.engine.attention import AttentionBatch
 from serving.engine.image_processor import ProcessedImage
 from serving.engine.kv_cache import KVPool
+from serving.engine.kv_sizing import pool_blocks
 from serving.engine.models.config import ModelConfig, load_model_config
 from serving.engine.models.loader import load_model
 from serving.engine.mrope import mrope_positions
@@ -50,7 +51,7 @@ class ModelRunner:
             num_kv_heads=text.num_kv_heads,
             head_dim=text.head_dim,
             block_size=cfg.block_size,
-            num_blocks=cfg.num_kv_blocks or self._blocks_for_memory(cfg.kv_cache_memory_gb),
+            num_blocks=pool_blocks(cfg, self.model_config, self.dtype_bytes),
             dtype=self.dtype,
             device=self.device,
         )
@@ -71,13 +72,13 @@ class ModelRunner:
         )
 
     @property
+    def dtype_bytes(self) -> int:
+        return torch.finfo(self.dtype).bits // 8
+
+    @property
     def full_pool_blocks(self) -> int:
         """The pool size the engine config asks for: what a decode worker gets."""
-        return self.cfg.num_kv_blocks or self._blocks_for_memory(self.cfg.kv_cache_memory_gb)
-
-    def _blocks_for_memory(self, gigabytes: float) -> int:
-        per_token = self.model_config.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8)
-        return max(1, int(gigabytes * 2**30) // (per_token * self.cfg.block_size))
+        return pool_blocks(self.cfg, self.model_config, self.dtype_bytes)
 
     # -- E ----------------------------------------------------------------------------------------
 

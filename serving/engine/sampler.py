@@ -26,8 +26,9 @@ LOGPROB_FLOOR = -9999.0  # what a -inf logprob is reported as (JSON has no infin
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits (B, V) float32 → one token per sequence (and its logprobs where asked for).
 
-    Sampled rows draw from their own request's generator, so a seeded request gives the same tokens
-    whatever else shares its batch.
+    Sampled rows draw from their own request's random source, so a seeded request gives the same
+    tokens whatever else shares its batch: on the CPU a generator per row; on a device the batched
+    draw (`draw`), keyed by each request's (seed, output index).
     """
     logits = sanitize(logits.float())
     vocab = logits.shape[-1]
@@ -46,14 +47,64 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if sampled:
-        probs = _filtered_probs(logits[sampled], [seqs[i] for i in sampled])
+        rows = [seqs[i] for i in sampled]
+        probs = _filtered_probs(logits[sampled], rows)
         # A row with nothing left to draw from (every logit -inf or NaN) keeps its argmax.
         usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
-        for row, i in enumerate(sampled):
-            if usable[row]:
-                tokens[i] = torch.multinomial(probs[row], 1, generator=seqs[i].generator)[0]
-    token_list = tokens.tolist()
+        if probs.device.type == "cpu":
+            for row, i in enumerate(sampled):
+                if usable[row]:
+                    tokens[i] = torch.multinomial(probs[row], 1, generator=seqs[i].generator)[0]
+        else:
+            index = to_device(sampled, logits.device, torch.int64)
+            drawn = draw(probs, [s.sampling_key for s in rows])
+            tokens[index] = torch.where(usable, drawn, tokens[index])
+    token_list = tokens.tolist()  # the step's one host synchronisation
     return token_list, _logprobs(reported, token_list, seqs)
+
+
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A step's parameters as a tensor where the logits are: built on the host, copied once, and on a
+    GPU from pinned memory without waiting (the copy is queued on the stream like the kernels)."""
+    return _moved(torch.tensor(values, dtype=dtype), device)
+
+
+def _moved(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def draw(probs: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Tensor:
+    """One token per row of `probs` (R, V), drawn where the tensor lives, as a pure function of the
+    row's key: the exponential race (Gumbel-max), argmax of p / E with E = -log U, where U for (key,
+    token) comes from a counter-based hash. No generator state and no host round trip, so a batch of
+    rows is one chain of tensor operations on a GPU, and a seeded request draws the same token on any
+    worker. The uniforms have 24 bits: a token less likely than about 1e-7 cannot win a draw."""
+    lanes = to_device(keys, probs.device, torch.int64)  # (R, 2), each < 2**32
+    token = torch.arange(probs.shape[-1], dtype=torch.int64, device=probs.device)[None, :]
+    bits = _hash32(_hash32(token ^ lanes[:, :1]) ^ lanes[:, 1:])
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return (probs / -torch.log(uniform)).argmax(dim=-1)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) of int64 tensors holding values < 2**32, computed without
+    ever exceeding 63 bits (so without relying on how a device wraps signed overflow)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x < 2**32, in 16-bit halves: each partial product stays below 2**48."""
+    low, high = x & 0xFFFF, x >> 16
+    return (low * c + (((high * c) & 0xFFFF) << 16)) & _MASK32
 
 
 def sanitize(logits: torch.Tensor) -> torch.Tensor:
@@ -69,7 +120,7 @@ def _counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Te
     ids = torch.full((len(rows), width), vocab, dtype=torch.long)  # vocab: a spare column, cut below
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long).clamp(max=vocab)
-    ids = ids.to(device)
+    ids = _moved(ids, device)
     counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(
         1, ids, torch.ones_like(ids, dtype=torch.float)
     )
@@ -86,12 +137,12 @@ def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     params = [seqs[i].params for i in rows]
     out = _counts([seqs[i].output_token_ids for i in rows], vocab, device)
     sub = logits[rows]
-    rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-    if (rep != 1).any():
+    rep = to_device([p.repetition_penalty for p in params], device)[:, None]
+    if any(p.repetition_penalty != 1 for p in params):  # decided on the host: no device round trip
         seen = (_counts([seqs[i].prompt_token_ids for i in rows], vocab, device) + out) > 0
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+    freq = to_device([p.frequency_penalty for p in params], device)[:, None]
+    presence = to_device([p.presence_penalty for p in params], device)[:, None]
     logits[rows] = sub - freq * out - presence * (out > 0)
 
 
@@ -101,8 +152,8 @@ def _bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     if not entries:
         return
     rows, cols, values = zip(*entries, strict=True)
-    index = torch.tensor([rows, cols], device=logits.device)
-    logits.index_put_((index[0], index[1]), torch.tensor(values, device=logits.device), accumulate=True)
+    index = to_device([rows, cols], logits.device, torch.int64)
+    logits.index_put_((index[0], index[1]), to_device(values, logits.device, logits.dtype), accumulate=True)
 
 
 def _mask(
@@ -110,7 +161,7 @@ def _mask(
 ) -> None:
     """Tokens the grammar does not allow next become -inf. A row that min_tokens left with nothing
     the grammar allows (the grammar can only end) takes the grammar's choice: it wins."""
-    allowed = structured.allowed_mask([s.matcher for s in seqs], logits.shape[-1]).to(logits.device)
+    allowed = _moved(structured.allowed_mask([s.matcher for s in seqs], logits.shape[-1]), logits.device)
     masked = logits[rows].masked_fill(~allowed, float("-inf"))
     if unsuppressed is not None:
         empty = ~torch.isfinite(masked).any(dim=-1, keepdim=True)
@@ -123,23 +174,25 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     # Greedy temperatures never reach here (SamplingParams normalises them); the floor keeps a
     # hand-built one from dividing by zero.
     on = dict(dtype=logits.dtype, device=logits.device)  # the sampling parameters, where the logits are
-    temps = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs], **on)[:, None]
+    temps = to_device([max(s.params.temperature, 1e-5) for s in seqs], **on)[:, None]
     # Shift by the row maximum first: every finite entry becomes <= 0, so dividing by a small temperature
     # can only go towards -inf (probability 0), never to +inf or NaN. Rows that are all -inf stay so.
     row_max = logits.max(dim=-1, keepdim=True).values
     shifted = torch.where(torch.isfinite(row_max), logits - row_max, logits)
     logits = torch.nan_to_num(shifted / temps, nan=float("-inf"))
-    min_p = torch.tensor([s.params.min_p for s in seqs], **on)[:, None]
-    if (min_p > 0).any():
+    if any(s.params.min_p > 0 for s in seqs):
+        min_p = to_device([s.params.min_p for s in seqs], **on)[:, None]
         # After the temperature: a token stays when its probability is at least min_p times the top one's.
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     ranked, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=logits.device)[None, :]
-    top_k = torch.tensor([min(s.params.top_k, vocab) or vocab for s in seqs], device=logits.device)[:, None]
+    top_k = to_device([min(s.params.top_k, vocab) or vocab for s in seqs], logits.device, torch.int64)[
+        :, None
+    ]
     ranked = ranked.masked_fill(rank >= top_k, float("-inf"))
     probs = ranked.softmax(dim=-1)
-    top_p = torch.tensor([s.params.top_p for s in seqs], **on)[:, None]
+    top_p = to_device([s.params.top_p for s in seqs], **on)[:, None]
     # Drop a token once the tokens ranked above it already cover top_p (the best one always stays).
     beyond = (probs.cumsum(dim=-1) - probs) >= top_p
     beyond[:, 0] = False

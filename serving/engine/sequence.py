@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,7 @@ class Sequence:
     matcher: Any = None  # the request's grammar state (an llguidance matcher), when it has a grammar
     _held: str = ""  # text withheld from the stream while it could still become a stop string
     _generator: torch.Generator | None = None
+    _key_base: int | None = None
     _stops: StopMatcher | None = None  # incremental stop-string matcher, made on the first token
 
     @property
@@ -95,6 +97,20 @@ class Sequence:
         if self._generator is None:
             self._generator = torch.Generator().manual_seed(random.getrandbits(63))
         return self._generator
+
+    @property
+    def sampling_key(self) -> tuple[int, int]:
+        """The key of the device draw for the next token (`sampler.draw`): a function of (seed, output
+        index) alone for a seeded request, of a random base drawn once for the others."""
+        if self.params.seed is not None:
+            base = self.params.seed
+        else:
+            if self._key_base is None:
+                self._key_base = random.getrandbits(63)
+            base = self._key_base
+        digest = hashlib.blake2b(f"{base}:{len(self.output_token_ids)}".encode(), digest_size=8).digest()
+        value = int.from_bytes(digest, "little")
+        return value & 0xFFFFFFFF, value >> 32
 
     @property
     def suppressed_token_ids(self) -> tuple[int, ...]:

@@ -124,6 +124,7 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
             pid=os.getpid(),
             node=_node(),
             kv_blocks_total=pool.num_blocks,
+            kv_block_size=pool.block_size,
             kv_blocks_used=pool.num_blocks - pool.num_free,
             num_running=len(engine.scheduler.running),
             num_waiting=len(engine.scheduler.waiting),

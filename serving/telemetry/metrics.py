@@ -350,6 +350,11 @@ class WorkerCollector(Collector):
             "Requests queued in a worker's engine for a batch.",
             labels=["model_name", "worker"],
         )
+        pool = GaugeMetricFamily(
+            "epd:kv_cache_tokens",
+            "Tokens a worker's KV pool holds (its blocks times the block size; 0 on an encode-only worker).",
+            labels=["model_name", "worker"],
+        )
         for worker, s in sorted(self.stats.items()):
             labels = [self.model, worker]
             kv.add_metric(labels, s.kv_cache_usage)
@@ -365,6 +370,7 @@ class WorkerCollector(Collector):
             compacted.add_metric([*labels, "dropped"], s.visual_kv_dropped)
             running.add_metric(labels, s.num_running)
             waiting.add_metric(labels, s.num_waiting)
+            pool.add_metric(labels, s.kv_tokens_total)
         yield from (
             kv,
             queries,
@@ -377,6 +383,7 @@ class WorkerCollector(Collector):
             compacted,
             running,
             waiting,
+            pool,
         )
 
 
@@ -416,6 +423,7 @@ CATALOG = (
     "epd:stage_queue_time_seconds",
     "epd:worker_requests_running",
     "epd:worker_requests_waiting",
+    "epd:kv_cache_tokens",
     *CONTROL_CATALOG,
     *CONTROLLER_CATALOG,
 )

@@ -96,7 +96,9 @@ def test_serve_config_means_what_the_same_flags_mean(config_args, tiny_model):
 def test_chart_serve_config_parses_as_epd_serve_flags(helm, tiny_model):
     docs = render(helm, "--set", "topology=ep+d", "--set", "workerGroups.decode.replicas=2",
                   "--set", "allowMediaHosts={images.internal}", "--set", "controller.mode=on",
-                  "--set-json", "slo.attainmentTarget=0.95")  # fmt: skip
+                  "--set-json", "slo.attainmentTarget=0.95", "--set", "engine.kvCacheMemory=96MiB",
+                  "--set", "engine.maxNumSeqs=12", "--set", "engine.blockSize=8",
+                  "--set", "head.gatewayReplicas=3")  # fmt: skip
     (rayservice,) = by_kind(docs, "RayService")
     config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(config)
@@ -107,6 +109,9 @@ def test_chart_serve_config_parses_as_epd_serve_flags(helm, tiny_model):
     assert [p.name for p in plans] == ["ep-0-epd-epd-serve", "d-1-epd-epd-serve", "d-2-epd-epd-serve"]
     assert settings.gateway.allow_media_hosts == ("images.internal",)
     assert settings.controller.mode == "on" and settings.controller.attainment_target == 0.95
+    engine = settings.worker_template.engine
+    assert (engine.kv_cache_memory_gb, engine.max_num_seqs, engine.block_size) == (96 / 1024, 12, 8)
+    assert settings.gateway.replicas == 3
     assert replace(settings, role_resources=False) == cli_settings_for(app["args"], tiny_model)
 
 

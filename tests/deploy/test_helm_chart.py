@@ -263,6 +263,7 @@ def test_engine_changes_start_a_new_cluster_and_serve_changes_do_not(helm):
     assert engine_digest(helm, "--set-json", "slo.ttftSeconds=0.5", "--set", "limits.maxQueued=9") == base
     assert engine_digest(helm, "--set", "dtype=bfloat16") != base
     assert engine_digest(helm, "--set", "model.name=other") != base
+    assert engine_digest(helm, "--set", "engine.kvCacheMemory=1GiB") != base
 
 
 def test_head_drains_before_it_stops(rendered):

@@ -142,9 +142,10 @@ def test_two_gateways_share_one_control_plane_through_its_restart_and_theirs(tin
         # ends normally (the gateways route with the directory they have; streams on the dead worker
         # migrate), and the restarted actor adopts the live workers and starts one in place of the dead.
         control = _admin(url)["control"]["pid"]
-        streams = Streams(url, 8, max_tokens=400)
+        streams = Streams(url, 8, max_tokens=1000)
         _until(streams.started, 60)
         os.kill(control, signal.SIGKILL)
+        assert not any(streams.finish), "the streams are in flight when the control actor dies"
         victim = sorted(n for n, w in churned.items() if w["roles"] == "d")[0]
         os.kill(churned[victim]["pid"], signal.SIGKILL)
         streams.join()
@@ -168,11 +169,12 @@ def test_two_gateways_share_one_control_plane_through_its_restart_and_theirs(tin
 
         # A gateway replica killed under load: its own streams fail, the other replica's all finish;
         # Serve starts a replacement, which serves the same workers.
-        streams = Streams(url, 16, max_tokens=400)
+        streams = Streams(url, 16, max_tokens=1500)
         _until(streams.started, 60)
         killed_pid = listener_pids(port)[0]
         replicas = set(streams.gateway)
         os.kill(killed_pid, signal.SIGKILL)
+        assert not any(streams.finish), "the streams are in flight when the replica dies"
         streams.join()
         assert len(replicas) == 2, "16 streams all on one replica: a 1-in-2^15 chance"
         lost = [i for i, e in enumerate(streams.error) if e is not None]

@@ -98,3 +98,14 @@ def test_a_topology_with_an_empty_pool_is_refused_at_start(tiny_model):
     done = subprocess.run([*cmd, flag, "0"], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert f"needs at least one {role} worker ({flag} is 0)" in done.stderr
+
+
+def test_a_kv_pool_smaller_than_max_model_len_is_refused_at_start(tiny_model):
+    """A pool that could not hold one request of --max-model-len tokens: refused before Ray starts,
+    with the numbers and what to change (the gateway would otherwise admit requests a worker fails)."""
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_model), "--topology", "epd"]
+    cmd += ["--max-model-len", "8192", "--kv-cache-memory", "1MiB", "--block-size", "8"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "fewer than --max-model-len 8192" in done.stderr and "--kv-cache-memory" in done.stderr
+    assert "Traceback" not in done.stderr and "Ray" not in done.stdout

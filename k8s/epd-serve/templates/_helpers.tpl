@@ -91,6 +91,9 @@ applications:
       wait_for_worker: {{ .Values.limits.waitForWorkerSeconds }}
       gateway_replicas: {{ .Values.head.gatewayReplicas }}
       dtype: {{ .Values.dtype | quote }}
+      kv_cache_memory: {{ .Values.engine.kvCacheMemory | quote }}
+      max_num_seqs: {{ .Values.engine.maxNumSeqs }}
+      block_size: {{ .Values.engine.blockSize }}
       image_pruning_rate: {{ .Values.efficiency.imagePruningRate }}
       video_pruning_rate: {{ .Values.efficiency.videoPruningRate }}
       max_pruning_rate: {{ .Values.efficiency.maxPruningRate }}
@@ -171,5 +174,5 @@ A digest of what the workers' engines are built from. A new Serve config reuses 
 which KubeRay treats as a cluster change (a zero-downtime NewCluster upgrade).
 */}}
 {{- define "epd.engineAnnotation" -}}
-epd-serve/engine-config: {{ list .Values.model .Values.dtype .Values.limits.maxModelLen .Values.topology | toJson | sha256sum | trunc 16 | quote }}
+epd-serve/engine-config: {{ list .Values.model .Values.dtype .Values.limits.maxModelLen .Values.topology .Values.engine | toJson | sha256sum | trunc 16 | quote }}
 {{- end -}}
