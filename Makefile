@@ -14,7 +14,8 @@ PORT   ?= 8000
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv and install torch, the project and its test extras
+install: $(STAMP) ## create .venv and install torch, the project and its test extras; build the CPU kernels
+	@$(BIN)/python -m serving.engine.kernels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +48,17 @@ lint: install ## ruff check and format check
 
 test: install tools lint ## lint, then the whole test suite (CPU, no GPU needed)
 	$(BIN)/python -m pytest -q tests
+
+# The engine on a CUDA GPU, engine level (no Ray, no NIXL), with the machine's own CUDA PyTorch and
+# transformers: `python3` on PATH must be that one. Wheels of what it lacks (pydantic, llguidance, av,
+# ...) can travel in .gpu-wheels (`make gpu-wheels` here). Skipped, not failed, without a GPU.
+test-gpu: ## the GPU checks (tests/gpu): transformers equality on CUDA, seeded sampling, KV on the device, a throughput figure
+	@if [ -d .gpu-wheels ]; then python3 -m pip install -q --no-index --find-links .gpu-wheels --target .gpu-site -r requirements-gpu.txt; fi
+	PYTHONPATH=.:.gpu-site timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/gpu
+
+gpu-wheels: ## wheels for the GPU machine's Python 3.12 (no index there)
+	$(BIN)/python -m pip download -q -d .gpu-wheels --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -r requirements-gpu.txt
 
 bench: install ## engine, runtime and control-plane benchmarks on the small preset (prints tables)
 	$(BIN)/python -m benchmarks.engine

@@ -4,6 +4,7 @@ actor runs on its own loop, so a long drain never blocks request handling."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from serving.api.errors import APIError
@@ -29,6 +30,8 @@ def worker_view(entry: WorkerEntry | WorkerRecord, outstanding: int) -> dict[str
         "kv_cache_usage": round(stats.kv_cache_usage, 4) if stats else 0.0,
         "kv_blocks_total": stats.kv_blocks_total if stats else 0,
         "kv_tokens_total": stats.kv_tokens_total if stats else 0,
+        "backend": stats.backend if stats else None,
+        "kernels": stats.kernels if stats else None,
         "leases_active": stats.leases_active if stats else 0,
         "restarts": entry.restarts,
         "phase_since": entry.since,
@@ -39,8 +42,12 @@ class AdminService:
     def __init__(self, plane: ControlClient) -> None:
         self.plane = plane
 
-    def workers(self) -> dict[str, Any]:
-        """The directory: its version, which roles are served, every worker sorted by name."""
+    async def workers(self) -> dict[str, Any]:
+        """The directory: its version, which roles are served, every worker sorted by name. This
+        replica's mirror is brought up to date first, so what an operation did through another
+        replica is seen here at once."""
+        with contextlib.suppress(Exception):  # the control plane unreachable: the last directory
+            await self.plane.sync()
         directory = self.plane.directory
         entries = sorted(directory.entries(), key=lambda e: e.name)
         pid, node = self.plane.control

@@ -17,8 +17,8 @@ class AdminAPI:
     def __init__(self, plane: ControlClient) -> None:
         self.ops = AdminService(plane)
 
-    def workers(self) -> Response:
-        return JSONResponse(self.ops.workers())
+    async def workers(self) -> Response:
+        return JSONResponse(await self.ops.workers())
 
     async def decisions(self) -> Response:
         return JSONResponse(await self.ops.decisions())

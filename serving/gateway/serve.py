@@ -164,7 +164,7 @@ def http_app(service: Any, expose_openapi: bool, on_shutdown: Callable[[], Await
     @app.get("/admin/workers")
     async def admin_workers(request: Request) -> Response:
         service.authorize_admin(request)
-        return service.admin.workers()
+        return await service.admin.workers()
 
     @app.get("/admin/decisions")
     async def admin_decisions(request: Request) -> Response:

@@ -25,9 +25,12 @@ class AdminServicer:
 
     async def ListWorkers(self, request: pb.ListWorkersRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         await self._authorize(context)
-        view = self.ops.workers()
+        view = await self.ops.workers()
         return pb.ListWorkersResponse(
-            version=view["version"], ready=view["ready"], workers=[worker_message(w) for w in view["workers"]]
+            version=view["version"],
+            ready=view["ready"],
+            workers=[worker_message(w) for w in view["workers"]],
+            control=pb.ControlPlane(**view["control"]),
         )
 
     async def SwitchRole(self, request: pb.SwitchRoleRequest, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802

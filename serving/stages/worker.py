@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from serving.config import WorkerConfig
+from serving.engine import kernels
 from serving.engine.llm import LLMEngine
 from serving.stages.decode import Decoder
 from serving.stages.embeddings import EmbeddingCache
@@ -78,6 +79,10 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
         self.roles: Roles = parse_roles(cfg.roles)
         self.phase = WorkerPhase.STARTING
         self.engine = LLMEngine(cfg.engine)
+        # On a CPU the kernels are built (or found in the cache) now, not on the first request, and
+        # how they stand is reported: a missing compiler is a 2-5x slowdown nobody should have to guess.
+        device = self.engine.runner.device.type
+        self.backend = (device, kernels.status() if device == "cpu" else "none")
         self.transport: Transport = make_transport(cfg.transport, cfg.name, **transport_kwargs)
         self.ledger = Ledger(accepting=frozenset())
         self.leases = LeaseTable(cfg.name)
@@ -125,6 +130,8 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
             node=_node(),
             kv_blocks_total=pool.num_blocks,
             kv_block_size=pool.block_size,
+            backend=self.backend[0],
+            kernels=self.backend[1],
             kv_blocks_used=pool.num_blocks - pool.num_free,
             num_running=len(engine.scheduler.running),
             num_waiting=len(engine.scheduler.waiting),

@@ -350,6 +350,12 @@ class WorkerCollector(Collector):
             "Requests queued in a worker's engine for a batch.",
             labels=["model_name", "worker"],
         )
+        backend = GaugeMetricFamily(
+            "epd:engine_backend_info",
+            "1 per worker, labelled with its engine's device and how its CPU kernels stand "
+            "(built, off, no-compiler, failed: the torch paths run, 2-5x slower).",
+            labels=["model_name", "worker", "backend", "kernels"],
+        )
         pool = GaugeMetricFamily(
             "epd:kv_cache_tokens",
             "Tokens a worker's KV pool holds (its blocks times the block size; 0 on an encode-only worker).",
@@ -371,6 +377,7 @@ class WorkerCollector(Collector):
             running.add_metric(labels, s.num_running)
             waiting.add_metric(labels, s.num_waiting)
             pool.add_metric(labels, s.kv_tokens_total)
+            backend.add_metric([*labels, s.backend, s.kernels], 1)
         yield from (
             kv,
             queries,
@@ -384,6 +391,7 @@ class WorkerCollector(Collector):
             running,
             waiting,
             pool,
+            backend,
         )
 
 
@@ -424,6 +432,7 @@ CATALOG = (
     "epd:worker_requests_running",
     "epd:worker_requests_waiting",
     "epd:kv_cache_tokens",
+    "epd:engine_backend_info",
     *CONTROL_CATALOG,
     *CONTROLLER_CATALOG,
 )

@@ -109,3 +109,22 @@ def test_a_kv_pool_smaller_than_max_model_len_is_refused_at_start(tiny_model):
     assert done.returncode != 0
     assert "fewer than --max-model-len 8192" in done.stderr and "--kv-cache-memory" in done.stderr
     assert "Traceback" not in done.stderr and "Ray" not in done.stdout
+
+
+def test_without_a_compiler_the_torch_paths_answer_the_same_and_say_so(tiny_model, engine, tmp_path):
+    """No C compiler on PATH and an empty kernel cache: the kernels' status says so (what a worker
+    reports in /admin/workers and epd:engine_backend_info), a warning names the cause, and the engine
+    still answers, the same tokens as with the kernels."""
+    env = {**os.environ, "PATH": str(tmp_path / "nothing"), "EPD_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("CC", None)
+    code = "from serving.engine import kernels; print(kernels.status())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "no-compiler", done.stderr
+    assert done.stderr.count("no C compiler") == 1  # said once, as a warning
+    result = run_epd(
+        "generate", "--model", str(tiny_model), "--prompt", "Hi", "--max-tokens", "10", "--json", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    prompt = engine.inputs.from_user_prompt("Hi", [])
+    assert out["token_ids"] == engine.generate([(prompt, SamplingParams(max_tokens=10))])[0].token_ids

@@ -49,7 +49,10 @@ def _cpu_key() -> str:
 def _build(source: Path, extra: tuple[str, ...] = ()) -> Path | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.info("no C compiler: CPU kernels off, using the torch paths")
+        missing = "no C compiler (cc, gcc or $CC): the CPU kernels are off and the torch paths run"
+        _problem(
+            "no-compiler", f"{missing} instead, 2-5x slower; install one, or build them with `make install`"
+        )
         return None
     try:
         text = source.read_text()
@@ -75,7 +78,9 @@ def _build(source: Path, extra: tuple[str, ...] = ()) -> Path | None:
         os.replace(tmp, target)
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
-        log.warning("building %s failed, using the torch path: %s %s", source.name, e, detail.decode()[-500:])
+        _problem(
+            "failed", f"building {source.name} failed, using the torch path: {e} {detail.decode()[-500:]}"
+        )
         Path(tmp).unlink(missing_ok=True)
         return None
     finally:
@@ -137,6 +142,7 @@ _SOURCES: dict[str, Callable[[ctypes.CDLL], None]] = {
 # OpenMP they still run, on one thread.
 _VARIANTS: dict[str, tuple[tuple[str, ...], ...]] = {"small_linear": (("-fopenmp",), ())}
 _libraries: dict[str, ctypes.CDLL | None] = {}
+_state = ""  # why a kernel is missing, once one is: "no-compiler" or "failed"
 
 
 def load(name: str) -> ctypes.CDLL | None:
@@ -153,12 +159,38 @@ def load(name: str) -> ctypes.CDLL | None:
                     try:
                         lib = None if path is None else ctypes.CDLL(str(path))
                     except OSError as e:  # e.g. a runtime library the built object needs is missing
-                        log.warning("loading %s failed, using the torch path: %s", path, e)
+                        _problem("failed", f"loading {path} failed, using the torch path: {e}")
                     if lib is not None:
                         _SOURCES[name](lib)
                         break
             _libraries[name] = lib
     return _libraries[name]
+
+
+def _problem(state: str, message: str) -> None:
+    """Say once per process why the kernels are not used (a warning: it is a 2-5x slowdown)."""
+    global _state
+    if _state not in ("no-compiler", "failed"):
+        log.warning(message)
+    _state = state
+
+
+def status() -> str:
+    """How this process's CPU kernels stand, after trying them all (`load_all`): `built`, `off`
+    (`EPD_CPU_KERNELS=0`), `no-compiler` or `failed` (the torch paths run in the last three)."""
+    load_all()
+    if not cpu_kernels_enabled():
+        return "off"
+    if all(_libraries.get(name) is not None for name in _SOURCES):
+        return "built"
+    return _state if _state in ("no-compiler", "failed") else "failed"
+
+
+def load_all() -> None:
+    """Build (or find in the cache) and load every kernel: a worker does it at start, so its first
+    request pays nothing and its status is known; `make install` does it once for the machine."""
+    for name in _SOURCES:
+        load(name)
 
 
 def library() -> ctypes.CDLL | None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x65pd/v1/admin.proto\x12\x06\x65pd.v1\"\xab\x02\n\x06Worker\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x01(\t\x12\x0f\n\x07routing\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x10\n\x03pid\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x12\n\x05\x65poch\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x0boutstanding\x18\x08 \x01(\r\x12\x1a\n\x12requests_in_flight\x18\t \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\n \x01(\x01\x12\x17\n\x0fkv_blocks_total\x18\x0b \x01(\r\x12\x15\n\rleases_active\x18\x0c \x01(\r\x12\x10\n\x08restarts\x18\r \x01(\r\x12\x13\n\x0bphase_since\x18\x0e \x01(\x01\x42\x06\n\x04_pidB\x08\n\x06_epoch\"\x14\n\x12ListWorkersRequest\"\xac\x01\n\x13ListWorkersResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x35\n\x05ready\x18\x02 \x03(\x0b\x32&.epd.v1.ListWorkersResponse.ReadyEntry\x12\x1f\n\x07workers\x18\x03 \x03(\x0b\x32\x0e.epd.v1.Worker\x1a,\n\nReadyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\"\x19\n\tWorkerRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x11SwitchRoleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x01(\t\"!\n\x10\x41\x64\x64WorkerRequest\x12\r\n\x05roles\x18\x01 \x01(\t\"5\n\x14RemoveWorkerResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x08\"\x0f\n\rGetSLORequest\"\xb7\x01\n\tSLOStatus\x12\x15\n\rttft_target_s\x18\x01 \x01(\x01\x12\x15\n\rtpot_target_s\x18\x02 \x01(\x01\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x10\n\x08ttft_met\x18\x04 \x01(\x04\x12\x10\n\x08tpot_met\x18\x05 \x01(\x04\x12\x0b\n\x03met\x18\x06 \x01(\x04\x12\x12\n\nattainment\x18\x07 \x01(\x01\x12\x13\n\x0bgoodput_rps\x18\x08 \x01(\x01\x12\x10\n\x08window_s\x18\t \x01(\x01\x32\x8d\x03\n\x05\x41\x64min\x12\x46\n\x0bListWorkers\x12\x1a.epd.v1.ListWorkersRequest\x1a\x1b.epd.v1.ListWorkersResponse\x12\x37\n\nSwitchRole\x12\x19.epd.v1.SwitchRoleRequest\x1a\x0e.epd.v1.Worker\x12*\n\x05\x44rain\x12\x11.epd.v1.WorkerRef\x1a\x0e.epd.v1.Worker\x12+\n\x06Resume\x12\x11.epd.v1.WorkerRef\x1a\x0e.epd.v1.Worker\x12\x35\n\tAddWorker\x12\x18.epd.v1.AddWorkerRequest\x1a\x0e.epd.v1.Worker\x12?\n\x0cRemoveWorker\x12\x11.epd.v1.WorkerRef\x1a\x1c.epd.v1.RemoveWorkerResponse\x12\x32\n\x06GetSLO\x12\x15.epd.v1.GetSLORequest\x1a\x11.epd.v1.SLOStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x65pd/v1/admin.proto\x12\x06\x65pd.v1\"\xe6\x02\n\x06Worker\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x01(\t\x12\x0f\n\x07routing\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x10\n\x03pid\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x12\n\x05\x65poch\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x0boutstanding\x18\x08 \x01(\r\x12\x1a\n\x12requests_in_flight\x18\t \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\n \x01(\x01\x12\x17\n\x0fkv_blocks_total\x18\x0b \x01(\r\x12\x15\n\rleases_active\x18\x0c \x01(\r\x12\x10\n\x08restarts\x18\r \x01(\r\x12\x13\n\x0bphase_since\x18\x0e \x01(\x01\x12\x17\n\x0fkv_tokens_total\x18\x0f \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x10 \x01(\t\x12\x0f\n\x07kernels\x18\x11 \x01(\tB\x06\n\x04_pidB\x08\n\x06_epoch\"\x14\n\x12ListWorkersRequest\")\n\x0c\x43ontrolPlane\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x0c\n\x04node\x18\x02 \x01(\t\"\xd3\x01\n\x13ListWorkersResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x35\n\x05ready\x18\x02 \x03(\x0b\x32&.epd.v1.ListWorkersResponse.ReadyEntry\x12\x1f\n\x07workers\x18\x03 \x03(\x0b\x32\x0e.epd.v1.Worker\x12%\n\x07\x63ontrol\x18\x04 \x01(\x0b\x32\x14.epd.v1.ControlPlane\x1a,\n\nReadyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\"\x19\n\tWorkerRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x11SwitchRoleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x01(\t\"!\n\x10\x41\x64\x64WorkerRequest\x12\r\n\x05roles\x18\x01 \x01(\t\"5\n\x14RemoveWorkerResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x08\"\x0f\n\rGetSLORequest\"\xb7\x01\n\tSLOStatus\x12\x15\n\rttft_target_s\x18\x01 \x01(\x01\x12\x15\n\rtpot_target_s\x18\x02 \x01(\x01\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x10\n\x08ttft_met\x18\x04 \x01(\x04\x12\x10\n\x08tpot_met\x18\x05 \x01(\x04\x12\x0b\n\x03met\x18\x06 \x01(\x04\x12\x12\n\nattainment\x18\x07 \x01(\x01\x12\x13\n\x0bgoodput_rps\x18\x08 \x01(\x01\x12\x10\n\x08window_s\x18\t \x01(\x01\x32\x8d\x03\n\x05\x41\x64min\x12\x46\n\x0bListWorkers\x12\x1a.epd.v1.ListWorkersRequest\x1a\x1b.epd.v1.ListWorkersResponse\x12\x37\n\nSwitchRole\x12\x19.epd.v1.SwitchRoleRequest\x1a\x0e.epd.v1.Worker\x12*\n\x05\x44rain\x12\x11.epd.v1.WorkerRef\x1a\x0e.epd.v1.Worker\x12+\n\x06Resume\x12\x11.epd.v1.WorkerRef\x1a\x0e.epd.v1.Worker\x12\x35\n\tAddWorker\x12\x18.epd.v1.AddWorkerRequest\x1a\x0e.epd.v1.Worker\x12?\n\x0cRemoveWorker\x12\x11.epd.v1.WorkerRef\x1a\x1c.epd.v1.RemoveWorkerResponse\x12\x32\n\x06GetSLO\x12\x15.epd.v1.GetSLORequest\x1a\x11.epd.v1.SLOStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWORKERSRESPONSE_READYENTRY']._loaded_options = None
   _globals['_LISTWORKERSRESPONSE_READYENTRY']._serialized_options = b'8\001'
   _globals['_WORKER']._serialized_start=31
-  _globals['_WORKER']._serialized_end=330
-  _globals['_LISTWORKERSREQUEST']._serialized_start=332
-  _globals['_LISTWORKERSREQUEST']._serialized_end=352
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=355
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=527
-  _globals['_LISTWORKERSRESPONSE_READYENTRY']._serialized_start=483
-  _globals['_LISTWORKERSRESPONSE_READYENTRY']._serialized_end=527
-  _globals['_WORKERREF']._serialized_start=529
-  _globals['_WORKERREF']._serialized_end=554
-  _globals['_SWITCHROLEREQUEST']._serialized_start=556
-  _globals['_SWITCHROLEREQUEST']._serialized_end=604
-  _globals['_ADDWORKERREQUEST']._serialized_start=606
-  _globals['_ADDWORKERREQUEST']._serialized_end=639
-  _globals['_REMOVEWORKERRESPONSE']._serialized_start=641
-  _globals['_REMOVEWORKERRESPONSE']._serialized_end=694
-  _globals['_GETSLOREQUEST']._serialized_start=696
-  _globals['_GETSLOREQUEST']._serialized_end=711
-  _globals['_SLOSTATUS']._serialized_start=714
-  _globals['_SLOSTATUS']._serialized_end=897
-  _globals['_ADMIN']._serialized_start=900
-  _globals['_ADMIN']._serialized_end=1297
+  _globals['_WORKER']._serialized_end=389
+  _globals['_LISTWORKERSREQUEST']._serialized_start=391
+  _globals['_LISTWORKERSREQUEST']._serialized_end=411
+  _globals['_CONTROLPLANE']._serialized_start=413
+  _globals['_CONTROLPLANE']._serialized_end=454
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=457
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=668
+  _globals['_LISTWORKERSRESPONSE_READYENTRY']._serialized_start=624
+  _globals['_LISTWORKERSRESPONSE_READYENTRY']._serialized_end=668
+  _globals['_WORKERREF']._serialized_start=670
+  _globals['_WORKERREF']._serialized_end=695
+  _globals['_SWITCHROLEREQUEST']._serialized_start=697
+  _globals['_SWITCHROLEREQUEST']._serialized_end=745
+  _globals['_ADDWORKERREQUEST']._serialized_start=747
+  _globals['_ADDWORKERREQUEST']._serialized_end=780
+  _globals['_REMOVEWORKERRESPONSE']._serialized_start=782
+  _globals['_REMOVEWORKERRESPONSE']._serialized_end=835
+  _globals['_GETSLOREQUEST']._serialized_start=837
+  _globals['_GETSLOREQUEST']._serialized_end=852
+  _globals['_SLOSTATUS']._serialized_start=855
+  _globals['_SLOSTATUS']._serialized_end=1038
+  _globals['_ADMIN']._serialized_start=1041
+  _globals['_ADMIN']._serialized_end=1438
 # @@protoc_insertion_point(module_scope)

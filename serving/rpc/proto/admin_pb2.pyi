@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Worker(_message.Message):
-    __slots__ = ("name", "roles", "routing", "phase", "pid", "node", "epoch", "outstanding", "requests_in_flight", "kv_cache_usage", "kv_blocks_total", "leases_active", "restarts", "phase_since")
+    __slots__ = ("name", "roles", "routing", "phase", "pid", "node", "epoch", "outstanding", "requests_in_flight", "kv_cache_usage", "kv_blocks_total", "leases_active", "restarts", "phase_since", "kv_tokens_total", "backend", "kernels")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     ROUTING_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,9 @@ class Worker(_message.Message):
     LEASES_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     PHASE_SINCE_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     roles: str
     routing: str
@@ -37,14 +40,25 @@ class Worker(_message.Message):
     leases_active: int
     restarts: int
     phase_since: float
-    def __init__(self, name: _Optional[str] = ..., roles: _Optional[str] = ..., routing: _Optional[str] = ..., phase: _Optional[str] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., epoch: _Optional[int] = ..., outstanding: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., kv_blocks_total: _Optional[int] = ..., leases_active: _Optional[int] = ..., restarts: _Optional[int] = ..., phase_since: _Optional[float] = ...) -> None: ...
+    kv_tokens_total: int
+    backend: str
+    kernels: str
+    def __init__(self, name: _Optional[str] = ..., roles: _Optional[str] = ..., routing: _Optional[str] = ..., phase: _Optional[str] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ..., epoch: _Optional[int] = ..., outstanding: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., kv_blocks_total: _Optional[int] = ..., leases_active: _Optional[int] = ..., restarts: _Optional[int] = ..., phase_since: _Optional[float] = ..., kv_tokens_total: _Optional[int] = ..., backend: _Optional[str] = ..., kernels: _Optional[str] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ControlPlane(_message.Message):
+    __slots__ = ("pid", "node")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    node: str
+    def __init__(self, pid: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
+
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("version", "ready", "workers")
+    __slots__ = ("version", "ready", "workers", "control")
     class ReadyEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,10 +69,12 @@ class ListWorkersResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
     version: int
     ready: _containers.ScalarMap[str, bool]
     workers: _containers.RepeatedCompositeFieldContainer[Worker]
-    def __init__(self, version: _Optional[int] = ..., ready: _Optional[_Mapping[str, bool]] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ...) -> None: ...
+    control: ControlPlane
+    def __init__(self, version: _Optional[int] = ..., ready: _Optional[_Mapping[str, bool]] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., control: _Optional[_Union[ControlPlane, _Mapping]] = ...) -> None: ...
 
 class WorkerRef(_message.Message):
     __slots__ = ("name",)
