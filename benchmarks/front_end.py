@@ -3,7 +3,7 @@ topology, one run on this machine: requests/s at saturation with short text requ
 tokens, many concurrent connections) and the gateway processes' CPU per request; then, on the
 two-replica server, the time from a worker's death to its replacement serving, from the control
 actor's death to its restart adopting the workers, and from a gateway replica's death to its
-replacement serving.
+replacement serving (and, on the one-replica server, until the port serves again at all).
 
     python -m benchmarks.front_end [--concurrency 32] [--seconds 15]
 """
@@ -92,13 +92,17 @@ def main() -> None:
             ok, failed = asyncio.run(saturate(url, args.concurrency, args.seconds))
             used = sum(cpu_seconds(p) for p in gateways) - before
             print(f"| {replicas} | {ok / args.seconds:.1f} | {1000 * used / max(ok, 1):.2f} | {failed} |")
-            if replicas == 2:
-                recovery(url, port)
+            if replicas == 1:
+                (only,) = gateways
+                os.kill(only, signal.SIGKILL)
+                lone_s = wait_for(lambda url=url: serves(url))
+            else:
+                recovery(url, port, lone_s)
         finally:
             stop_server(proc)
 
 
-def recovery(url: str, port: int) -> None:
+def recovery(url: str, port: int, lone_s: float) -> None:
     """Times to serve again after a worker, the control actor, and a gateway replica die."""
     view = admin(url)
     (worker,) = view["workers"]
@@ -119,6 +123,7 @@ def recovery(url: str, port: int) -> None:
     print("| event (two gateway replicas) | seconds until |")
     print("|---|---:|")
     for event, seconds, until in (
+        ("the only gateway replica SIGKILLed (one replica)", lone_s, "a new replica serving the port"),
         ("the only worker SIGKILLed", worker_s, "its replacement active and answering"),
         ("the control actor SIGKILLed", control_s, "restarted, workers adopted; serving never stopped"),
         ("a gateway replica SIGKILLed", gateway_s, "its replacement listening; the other served on"),

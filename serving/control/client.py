@@ -19,6 +19,7 @@ from typing import Any
 from serving.config import ControlConfig
 from serving.control.actuator import StartingHandle
 from serving.control.directory import PoolDirectory, WorkerEntry
+from serving.control.plane import pipeline_over
 from serving.control.records import (
     REPORT_INTERVAL_S,
     ControlReport,
@@ -28,7 +29,6 @@ from serving.control.records import (
     WorkerRecord,
 )
 from serving.controller.observation import Kind, RequestRecord
-from serving.pipeline import Pipeline
 from serving.stages.handles import WorkerHandle
 from serving.types import Role, Roles, WorkerPhase, WorkerStats
 
@@ -83,13 +83,7 @@ class ControlClient:
     ) -> None:
         self.actor, self.gateway_id, self._resolve = actor, gateway_id, resolve
         self.directory = PoolDirectory()
-        self.pipeline = Pipeline(
-            self.directory,
-            on_worker_died=self.worker_died,
-            max_leg_attempts=cfg.max_leg_attempts,
-            max_migrations=cfg.max_migrations,
-            wait_for_worker_s=cfg.wait_for_worker_s,
-        )
+        self.pipeline = pipeline_over(self.directory, cfg, self.worker_died)
         self.window = ForwardingWindow() if forward_requests else None
         self.report = ControlReport()  # the deployment's counters, as of the latest scrape
         self.admission_limit: int | None = None  # this replica's share of the controller's limit

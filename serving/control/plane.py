@@ -44,13 +44,7 @@ class ControlPlane:
         self.cfg = cfg
         self.directory = PoolDirectory()
         self.actuator = Actuator(self.directory, factory, cfg, name_for, first_index)
-        self.pipeline = Pipeline(
-            self.directory,
-            on_worker_died=self.worker_died,
-            max_leg_attempts=cfg.max_leg_attempts,
-            max_migrations=cfg.max_migrations,
-            wait_for_worker_s=cfg.wait_for_worker_s,
-        )
+        self.pipeline = pipeline_over(self.directory, cfg, self.worker_died)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="control-plane", daemon=True)
         self._thread.start()
@@ -159,6 +153,19 @@ class ControlPlane:
             self.directory.mark_failed(entry.name)
             return
         self.directory.update(entry.name, stats=stats)
+
+
+def pipeline_over(
+    directory: PoolDirectory, cfg: ControlConfig, on_worker_died: Callable[[str], None]
+) -> Pipeline:
+    """The request pipeline over `directory`, with the deployment's retry, migration and wait limits."""
+    return Pipeline(
+        directory,
+        on_worker_died=on_worker_died,
+        max_leg_attempts=cfg.max_leg_attempts,
+        max_migrations=cfg.max_migrations,
+        wait_for_worker_s=cfg.wait_for_worker_s,
+    )
 
 
 def _finished(replacing: dict[str, asyncio.Task], name: str, task: asyncio.Task) -> None:

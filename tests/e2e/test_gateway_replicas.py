@@ -148,7 +148,7 @@ def test_two_gateways_share_one_control_plane_through_its_restart_and_theirs(tin
         # ends normally (the gateways route with the directory they have; streams on the dead worker
         # migrate), and the restarted actor adopts the live workers and starts one in place of the dead.
         control = _admin(url)["control"]["pid"]
-        streams = Streams(url, 8, max_tokens=3000)
+        streams = Streams(url, 8, max_tokens=1500)
         _until(streams.started, 60, every_s=0.02)
         os.kill(control, signal.SIGKILL)
         assert not all(streams.finish), "streams are in flight when the control actor dies"
@@ -175,7 +175,7 @@ def test_two_gateways_share_one_control_plane_through_its_restart_and_theirs(tin
 
         # A gateway replica killed under load: its own streams fail, the other replica's all finish;
         # Serve starts a replacement, which serves the same workers.
-        streams = Streams(url, 16, max_tokens=3000)
+        streams = Streams(url, 16, max_tokens=1500)
         _until(streams.started, 60, every_s=0.02)
         killed_pid = listener_pids(port)[0]
         replicas = set(streams.gateway)
@@ -198,7 +198,7 @@ def test_two_gateways_share_one_control_plane_through_its_restart_and_theirs(tin
         # SIGTERM to `epd serve` (what Kubernetes and systemd send), streams running on both replicas:
         # every replica stops admitting (503 + Retry-After), every stream runs to its end, then every
         # process the server started is gone.
-        streams = Streams(url, 8, max_tokens=3000)
+        streams = Streams(url, 8, max_tokens=2000)
         _until(streams.started, 60, every_s=0.02)
         assert _children(proc.pid), "the server runs Ray processes"
         proc.send_signal(signal.SIGTERM)  # the server process only, as an orchestrator would

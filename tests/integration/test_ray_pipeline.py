@@ -60,6 +60,18 @@ async def collect(pipeline: Pipeline, request: Request) -> tuple[list[int], str,
     return tokens, "".join(text), last
 
 
+def run_together(cluster: Cluster, prepared: list, tag: str) -> list:
+    """Every prepared (spec, arrays, params, expected) request at once; their (tokens, text, last)."""
+
+    async def run_all():
+        return await asyncio.gather(*(
+            collect(cluster.pipeline, Request(f"{tag}-{i}", spec, params, arrays))
+            for i, (spec, arrays, params, _) in enumerate(prepared)
+        ))  # fmt: skip
+
+    return asyncio.run(run_all())
+
+
 def requests_for(engine: LLMEngine, case: str, index: int = 0, max_tokens: int = 12):
     images = [make_image(w, h, seed=index + i) for i, (w, h) in enumerate(CASES[case])]
     text = f"Request {index}: describe it."
@@ -95,13 +107,7 @@ def test_sixteen_concurrent_requests_through_one_e_one_p_one_d(cluster, engine):
     cases = list(CASES)
     prepared = [requests_for(engine, cases[i % 3], index=i, max_tokens=6 + i % 5) for i in range(16)]
 
-    async def run_all():
-        return await asyncio.gather(*(
-            collect(cluster.pipeline, Request(f"c16-{i}", spec, params, arrays))
-            for i, (spec, arrays, params, _) in enumerate(prepared)
-        ))  # fmt: skip
-
-    results = asyncio.run(run_all())
+    results = run_together(cluster, prepared, "c16")
     assert [tokens for tokens, _, _ in results] == [exp.token_ids for *_, exp in prepared]
 
 
@@ -117,13 +123,7 @@ def test_a_burst_past_the_decode_pool_waits_for_blocks_and_never_fails(cluster, 
         expected = engine.generate([(engine.inputs.from_user_prompt(text, []), params)])[0]
         prepared.append((spec, arrays, params, expected))
 
-    async def run_all():
-        return await asyncio.gather(*(
-            collect(cluster.pipeline, Request(f"burst-{i}", spec, params, arrays))
-            for i, (spec, arrays, params, _) in enumerate(prepared)
-        ))  # fmt: skip
-
-    results = asyncio.run(run_all())
+    results = run_together(cluster, prepared, "burst")
     assert [last.finish_reason for *_, last in results] == ["length"] * 12, [r[2].error for r in results]
     assert [tokens for tokens, _, _ in results] == [exp.token_ids for *_, exp in prepared]
 
