@@ -333,15 +333,16 @@ class GenerationService:
         its own timeout, and one that does not answer is left out of this scrape alone."""
         answered = await self.plane.refresh_stats()
         self.worker_stats.stats = dict(answered or {})
-        self.metrics.running.labels(self.model_id).set(self.admission.running)
-        self.metrics.waiting.labels(self.model_id).set(self.admission.waiting)
-        self.metrics.sequences_running.labels(self.model_id).set(self.admission.sequences)
         own = self._own_metrics()
         if self.plane.replicas:  # several gateways: every one's request series, labelled by gateway
             own = merge_replicas({**self.plane.replicas, self.plane.gateway_id: own})
         return own + generate_latest(self.deployment)
 
     def _own_metrics(self) -> bytes:
+        """This replica's request series, its admission gauges read now."""
+        self.metrics.running.labels(self.model_id).set(self.admission.running)
+        self.metrics.waiting.labels(self.model_id).set(self.admission.waiting)
+        self.metrics.sequences_running.labels(self.model_id).set(self.admission.sequences)
         self.metrics.image_pixels.labels(self.model_id).set(self.admission.pixels)
         return generate_latest(self.metrics.registry)
 

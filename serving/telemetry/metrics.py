@@ -358,7 +358,7 @@ class WorkerCollector(Collector):
         )
         pool = GaugeMetricFamily(
             "epd:kv_cache_tokens",
-            "Tokens a worker's KV pool holds (its blocks times the block size; 0 on an encode-only worker).",
+            "Tokens a worker's KV pool holds: its blocks times the block size (an encode-only worker: one).",
             labels=["model_name", "worker"],
         )
         for worker, s in sorted(self.stats.items()):
