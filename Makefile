@@ -58,7 +58,8 @@ test-gpu: ## the GPU checks (tests/gpu): transformers equality on CUDA, seeded s
 
 gpu-wheels: ## wheels for the GPU machine's Python 3.12 (no index there)
 	$(BIN)/python -m pip download -q -d .gpu-wheels --only-binary=:all: --python-version 3.12 \
-		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -r requirements-gpu.txt
+		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_31_x86_64 \
+		-r requirements-gpu.txt
 
 bench: install ## engine, runtime and control-plane benchmarks on the small preset (prints tables)
 	$(BIN)/python -m benchmarks.engine
