@@ -152,8 +152,11 @@ class ControlClient:
         for record in snapshot.workers:
             handle = await self._handle(record)
             routing, phase = record.routing, record.phase
-            if record.name in self._dead and phase in _UP:
+            # Seen dead here (until the actor drops it), or not found by name now (tried again with the
+            # next snapshot): listed, not routed.
+            if phase in _UP and (record.name in self._dead or handle is None):
                 phase, routing = WorkerPhase.FAILED, frozenset()
+            handle = handle or StartingHandle(record.name)
             self.directory.put(
                 WorkerEntry(
                     record.name,
@@ -185,16 +188,16 @@ class ControlClient:
                 if self.on_admission_limit is not None:
                     self.on_admission_limit(share)
 
-    async def _handle(self, record: WorkerRecord) -> WorkerHandle:
+    async def _handle(self, record: WorkerRecord) -> WorkerHandle | None:
+        """The worker's handle in this process; None when it is up but cannot be found by name."""
         if (known := self._handles.get(record.name)) is not None:
             return known
         if record.phase not in _UP:
             return StartingHandle(record.name)
         try:
             handle = await asyncio.to_thread(self._resolve, record.name)
-        except Exception:  # noqa: BLE001 - gone since the actor listed it: out of routing here
-            self._dead.add(record.name)
-            return StartingHandle(record.name)
+        except Exception:  # noqa: BLE001 - gone since the actor listed it, or not yet visible
+            return None
         self._handles[record.name] = handle
         return handle
 

@@ -138,3 +138,24 @@ def test_an_unreachable_actor_keeps_the_last_directory_and_operations_say_so():
         assert refused.value.status == 409
 
     asyncio.run(run())
+
+
+def test_a_worker_not_found_by_name_is_not_routed_until_it_is():
+    async def run() -> None:
+        actor = FakeActor([DirectorySnapshot(1, (record("d-1-x", "d"),))])
+        missing = {"d-1-x"}
+
+        def resolve(name: str) -> Handle:
+            if name in missing:
+                raise ValueError(f"no actor {name}")
+            return Handle(name)
+
+        c = ControlClient(actor, ControlConfig(), "gw-test", resolve=resolve)
+        await c.sync()
+        assert c.directory.get("d-1-x") is not None and c.directory.pick(Role.DECODE) is None
+        missing.clear()  # visible now: the next snapshot routes to it
+        actor.snapshots.append(DirectorySnapshot(2, (record("d-1-x", "d"),)))
+        await c.sync()
+        assert c.directory.pick(Role.DECODE).name == "d-1-x"
+
+    asyncio.run(run())
