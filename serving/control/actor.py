@@ -236,11 +236,6 @@ class ControlService:
         except Exception:  # noqa: BLE001 - logged; the health monitor does not see what never started
             log.exception("starting a %s worker in place of a lost one failed", roles_label(roles))
 
-    def stop(self) -> None:
-        """Stop watching and stop every worker (the deployment is being taken down)."""
-        self._membership.cancel()
-        self.plane.stop()
-
     # -- membership ---------------------------------------------------------------------------------
 
     def _set_limit(self, limit: int) -> None:
