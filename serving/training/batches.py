@@ -81,7 +81,7 @@ def task_schedule(weights: dict[str, float], data_seed: int, step: int, batch_si
 def step_batch(inputs: InputProcessor, recipe: Recipe, step: int) -> dict[str, torch.Tensor]:
     """One training step's batch: a pure function of the recipe and the step."""
     size, first = recipe.batch_at(step)
-    tasks = task_schedule(recipe.task_weights, recipe.data_seed, step, size)
+    tasks = task_schedule(recipe.weights_at(step), recipe.data_seed, step, size)
     examples = [draw_example(inputs, recipe.data_seed, task, first + j) for j, task in enumerate(tasks)]
     cfg = inputs.model_config
     return collate(

@@ -21,8 +21,14 @@ from serving.evals.prompts import DIRECTIONS, SHAPE_NAMES
 from serving.evals.tasks import MOVES, Scene
 
 # Per-token heads and their classes (0 is always "nothing of it here"): the colour under the token
-# (the four colours, 5 = black ink), the kind of shape, the digit, the direction the shape moves.
-HEADS = {"colour": 6, "kind": 4, "digit": 11, "motion": 5}
+# (the four colours, 5 = black ink), the kind of shape, the digit, the direction the shape moves; the
+# colour of a shape whose centre falls in the token (one token per shape: what counting counts); for
+# a shape with exactly one other in its image, whether it is the left or the right one (what `side`
+# asks); and the digit under each of the token's four patches, in the order the merger concatenates
+# them (a merged token is 28 px at the encoded size, wider than one digit: reading needs the order
+# inside it). `GROUPS`: heads whose classes are several softmaxes side by side.
+HEADS = {"colour": 6, "kind": 4, "digit": 11, "motion": 5, "centre": 5, "side": 3, "subdigit": 44}
+GROUPS = {"subdigit": 4}
 CLASSES = HEADS["colour"]
 _NEAR = 45  # per channel: the jitter plus room for resizing and the video codec
 SAMPLES = 7  # pixels sampled along each side of a merged token (of its 28): cheap, and shares to 1/49
@@ -64,12 +70,63 @@ def scene_maps(scene: Scene, size: tuple[int, int], frame: int) -> dict[str, np.
     motion = np.zeros_like(kinds)
     if scene.direction is not None:
         motion[kinds > 0] = 1 + DIRECTIONS.index(scene.direction)
-    return {"kind": kinds, "digit": digits, "motion": motion}
+    side = np.zeros_like(kinds)
+    if len(scene.shapes) == 2 and scene.direction is None:
+        a, b = scene.shapes
+        for shape, other in ((a, b), (b, a)):
+            k = 1 + SHAPE_NAMES.index(shape.kind)
+            mine = np.zeros_like(kinds)
+            mine[kinds == k] = 1  # two shapes of one kind: each labelled by its own box below
+            x0, y0, n = shape.box.x, shape.box.y, shape.box.size
+            box = np.zeros_like(kinds, dtype=bool)
+            box[max(0, y0) : y0 + n, max(0, x0) : x0 + n] = True
+            side[(mine > 0) & box] = 1 if shape.box.centre[0] < other.box.centre[0] else 2
+    return {"kind": kinds, "digit": digits, "motion": motion, "side": side}
+
+
+def _centres(scene: Scene, size: tuple[int, int], frame: int, gh: int, gw: int) -> np.ndarray:
+    """(gh, gw) colour class (1-4) of the shape whose centre falls in each merged token, else 0."""
+    out = np.zeros((gh, gw), dtype=np.int64)
+    for shape in scene.shapes:
+        cx, cy = shape.box.centre
+        if scene.direction is not None and scene.step is not None:
+            dx, dy = MOVES[scene.direction]
+            cx, cy = cx + dx * scene.step * frame, cy + dy * scene.step * frame
+        row = min(gh - 1, int(cy * gh / size[1]))
+        col = min(gw - 1, int(cx * gw / size[0]))
+        out[row, col] = 1 + list(COLOURS).index(shape.colour)
+    return out
+
+
+def _subdigits(digits: np.ndarray, gh: int, gw: int, merge: int) -> np.ndarray:
+    """(gh·gw, merge²·11): per merged token, the share of each digit class under each of its patches,
+    patches in the merger's order (row-major inside the token)."""
+    per = 4  # samples along a patch's side
+    small = np.asarray(
+        Image.fromarray(digits.astype(np.uint8)).resize(
+            (gw * merge * per, gh * merge * per), resample=Image.Resampling.NEAREST
+        )
+    ).astype(np.int64)
+    onehot = np.eye(11, dtype=np.float32)[small]  # (H, W, 11)
+    shares = _inked(onehot.reshape(gh, merge, per, gw, merge, per, 11).mean(axis=(2, 5)))
+    return shares.transpose(0, 2, 1, 3, 4).reshape(gh * gw, merge * merge * 11)
 
 
 def _shares(classes: np.ndarray, n: int, gh: int, gw: int) -> np.ndarray:
     onehot = np.eye(n, dtype=np.float32)[classes]  # (H, W, n)
     return onehot.reshape(gh, SAMPLES, gw, SAMPLES, n).mean(axis=(1, 3))
+
+
+# A digit's strokes are thin: they cover a fifth of the patches they cross or less, so shares would
+# call nearly every inked patch "nothing". A patch (or token) with this much ink is its main digit's.
+INK = 0.08
+
+
+def _inked(shares: np.ndarray) -> np.ndarray:
+    """Shares over (none, digits) made one-hot: the main digit where ink covers at least INK."""
+    ink = 1 - shares[..., 0]
+    main = 1 + shares[..., 1:].argmax(-1)
+    return np.eye(shares.shape[-1], dtype=np.float32)[np.where(ink >= INK, main, 0)]
 
 
 def token_targets(
@@ -94,6 +151,10 @@ def token_targets(
                 Image.fromarray(m.astype(np.uint8)).resize(size, resample=Image.Resampling.NEAREST)
             )
             shares[name] = _shares(small.astype(np.int64), HEADS[name], gh, gw)
+        shares["digit"] = _inked(shares["digit"])
+        centres = _centres(scene, frame.size, i, gh, gw)
+        shares["centre"] = np.eye(HEADS["centre"], dtype=np.float32)[centres]
+        shares["subdigit"] = _subdigits(maps["digit"], gh, gw, merge).reshape(gh, gw, -1)
         per_frame.append(shares)
     per_frame += [per_frame[-1]] * (-len(per_frame) % t)  # the processor repeats the last frame so
     out = {}
@@ -135,13 +196,49 @@ class MergerProbe(nn.Module):
         self.outputs: list[torch.Tensor] = []
         model.model.visual.merger.register_forward_hook(lambda _m, _i, out: self.outputs.append(out))
 
-    def loss(self, targets: dict[str, torch.Tensor], scene: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, targets: dict[str, torch.Tensor], scene: torch.Tensor, scene_weight: float = 1.0
+    ) -> torch.Tensor:
         features = torch.cat(self.outputs)
         self.outputs.clear()
-        local = sum(
-            -(targets[name] * torch.log_softmax(head(features), dim=-1)).sum(-1).mean()
-            for name, head in self.heads.items()
-        )
+        local = sum(_balanced(targets[name], head(features), name) for name, head in self.heads.items())
+        if not scene_weight:
+            return local
         logits = self.scene(features).split(SLOTS, dim=-1)
         whole = sum(F.cross_entropy(lg, scene[:, i]) for i, lg in enumerate(logits)) / len(SLOTS)
-        return local + whole
+        return local + scene_weight * whole
+
+    @torch.no_grad()
+    def accuracy(self, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Per head, how often the argmax is the main class of the tokens that cover something (class
+        0's share under a half): what the tower has learned to see, logged while it trains."""
+        features = torch.cat(self.outputs)
+        self.outputs.clear()
+        out = {}
+        for name, head in self.heads.items():
+            target, logits = _grouped(targets[name], name), _log_probs(head(features), name)
+            covered = target[..., 0] < 0.5
+            if covered.any():
+                hits = target.argmax(-1)[covered] == logits.argmax(-1)[covered]
+                out[name] = round(hits.float().mean().item(), 3)
+        return out
+
+
+def _balanced(target: torch.Tensor, logits: torch.Tensor, name: str) -> torch.Tensor:
+    """Cross-entropy averaged over the tokens that cover something and, apart, over those that do
+    not, then added: most tokens are background, and a plain mean let the heads whose things are
+    rare (a video's motion, a number's digits, the side of one of two shapes) learn "nothing here"
+    everywhere and stop."""
+    target = _grouped(target, name)
+    loss = -(target * _log_probs(logits, name)).sum(-1)
+    covered = target[..., 0] < 0.5
+    parts = [loss[mask].mean() for mask in (covered, ~covered) if mask.any()]
+    return sum(parts) if parts else loss.sum() * 0
+
+
+def _grouped(x: torch.Tensor, name: str) -> torch.Tensor:
+    return x.unflatten(-1, (GROUPS[name], -1)) if name in GROUPS else x
+
+
+def _log_probs(logits: torch.Tensor, name: str) -> torch.Tensor:
+    return torch.log_softmax(_grouped(logits, name), dim=-1)

@@ -124,11 +124,11 @@ class Trainer:
         self.probe.outputs.clear()
         if self.step < r.tower_steps:
             self._encode_media(batch)
-            loss = self.probe.loss(targets, scene)
+            loss = self.probe.loss(targets, scene, r.scene_weight)
         else:
             loss = self.model(**batch).loss
             if r.probe_weight:
-                loss = loss + r.probe_weight * self.probe.loss(targets, scene)
+                loss = loss + r.probe_weight * self.probe.loss(targets, scene, r.scene_weight)
         self.probe.outputs.clear()
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -147,24 +147,27 @@ class Trainer:
             visual(batch["pixel_values_videos"], grid_thw=batch["video_grid_thw"])
 
     @torch.no_grad()
-    def check(self) -> dict[str, float]:
+    def check(self) -> tuple[dict[str, float], dict[str, float]]:
         """Teacher-forced exact match per task: every answer token (and the end) is the argmax. When
-        all are, greedy decoding emits exactly the answer, so this equals greedy accuracy."""
+        all are, greedy decoding emits exactly the answer, so this equals greedy accuracy. Beside it,
+        the probes' accuracy per head over the same items' tokens (what the tower sees)."""
         self.model.eval()
         hits: dict[str, list[bool]] = {}
+        seen: dict[str, list[float]] = {}
         for start in range(0, len(self._check), 16):
             chunk = self._check[start : start + 16]
             batch = collate([e for _, e in chunk], *self.pad_args)
             labels = batch.pop("labels")
-            pop_probe_targets(batch)
+            targets, _ = pop_probe_targets(batch)
             logits = self.model(**batch).logits
-            self.probe.outputs.clear()
+            for head, accuracy in self.probe.accuracy(targets).items():
+                seen.setdefault(head, []).append(accuracy)
             predicted = logits[:, :-1].argmax(-1)
             target = labels[:, 1:]
             ok = ((predicted == target) | (target == IGNORE)).all(dim=1)
             for (task, _), good in zip(chunk, ok.tolist(), strict=True):
                 hits.setdefault(task, []).append(good)
-        return {t: sum(v) / len(v) for t, v in hits.items()}
+        return {t: sum(v) / len(v) for t, v in hits.items()}, {h: sum(v) / len(v) for h, v in seen.items()}
 
     def save_checkpoint(self) -> None:
         _save_atomic(
@@ -204,7 +207,7 @@ class Trainer:
             losses.append(self.train_step())
             self.elapsed += time.perf_counter() - t0
             if self.step % r.checkpoint_every == 0 or self.step == r.steps:
-                accuracy = self.check()
+                accuracy, probes = self.check()
                 mean_loss = sum(losses) / len(losses)
                 self.history.append(
                     {
@@ -212,6 +215,7 @@ class Trainer:
                         "minutes": round(self.elapsed / 60, 2),
                         "loss": round(mean_loss, 4),
                         "check": {t: round(a, 3) for t, a in accuracy.items()},
+                        "probes": {h: round(a, 3) for h, a in probes.items()},
                     }  # fmt: skip
                 )
                 self.log(json.dumps(self.history[-1]))

@@ -31,7 +31,9 @@ def test_loss_falls(tmp_path, one_thread):
     trainer = Trainer(tmp_path / "m", RECIPE, log=lambda _: None)
     losses = [trainer.train_step() for _ in range(RECIPE.steps)]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.6 * first, (first, last)
+    # The answers' loss and the probes' together: each probe head's few covered tokens weigh as much
+    # as the rest, so the probes' part starts high and falls slower than the answers'.
+    assert last < 0.8 * first, (first, last)
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path):
@@ -107,6 +109,30 @@ def test_the_tower_stage_draws_its_own_items():
     assert drawn == list(range(3 * 4 + 3 * 8))
 
 
+def test_the_tower_stage_sees_mostly_crowded_images():
+    """The tower stage draws its tasks from its own weights (many shapes, numbers, videos), the full
+    stage from the tasks' own."""
+    r = Recipe(steps=400, tower_steps=200, tower_batch_size=16, batch_size=16)
+    tower = [t for step in range(200) for t in task_schedule(r.weights_at(step), 7, step, 16)]
+    full = [t for step in range(200, 400) for t in task_schedule(r.weights_at(step), 7, step, 16)]
+    assert tower.count("count") > 2 * tower.count("shape") and full.count("count") < 2 * full.count("shape")
+
+
+def test_probe_losses_weigh_covered_tokens_apart():
+    """A head whose targets are rare (one token of a hundred covers something) is not trained to say
+    "nothing" everywhere: the covered tokens' mean counts as much as the rest's."""
+    from serving.training.dense import _balanced
+
+    target = torch.zeros(100, 3)
+    target[:, 0] = 1
+    target[7] = torch.tensor([0.0, 1.0, 0.0])
+    nothing = torch.tensor([5.0, 0.0, 0.0]).expand(100, 3)  # "nothing here" everywhere, confidently
+    right = nothing.clone()
+    right[7] = torch.tensor([0.0, 5.0, 0.0])
+    assert _balanced(target, nothing, "kind") > 4.0  # the covered token's loss is not diluted by 99
+    assert _balanced(target, right, "kind") < 0.1
+
+
 def test_a_tower_step_trains_the_vision_tower_alone(tmp_path, one_thread):
     recipe = replace(RECIPE, steps=2, tower_steps=1, batch_size=4, tower_batch_size=4)
     trainer = Trainer(tmp_path / "m", recipe, log=lambda _: None)
@@ -138,6 +164,9 @@ def test_probe_targets_say_what_each_token_covers():
     assert targets["colour"][0].tolist() == [0, 1, 0, 0, 0, 0]
     assert targets["colour"][7].tolist() == [0, 0, 0, 0, 0, 1]
     assert targets["kind"][0].tolist() == [0, 0, 1, 0] and targets["kind"][1, 0] == 1
+    # One token per shape says "a red shape's centre is here"; none says it elsewhere.
+    assert targets["centre"][0].tolist() == [0, 1, 0, 0, 0] and targets["centre"][1:, 0].eq(1).all()
+    assert targets["side"][:, 0].eq(1).all(), "one shape: no side"
     blank = Image.new("RGB", (112, 56), (255, 255, 255))
     video = token_targets([image, blank, blank], Scene(), (2, 4, 8), merge=2)
     assert video["colour"].shape == (16, HEADS["colour"])
@@ -146,6 +175,30 @@ def test_probe_targets_say_what_each_token_covers():
     digits = token_targets([read.image], read.scene, (1, 16, 16), merge=2)["digit"]
     seen = {int(c) for c in digits[:, 1:].argmax(-1)[digits[:, 0] < 1]}  # class k + 1 is digit k
     assert seen == {int(ch) for ch in read.answer}
+    # Per patch: read left to right along the rows of patches that carry ink, the digits come in
+    # the number's order (each digit once, where a digit spans several patches).
+    patches = token_targets([read.image], read.scene, (1, 16, 16), merge=2)["subdigit"]
+    grid = patches.reshape(8, 8, 2, 2, 11).permute(0, 2, 1, 3, 4).reshape(16, 16, 11)
+    inked = grid[..., 0] < 0.5
+    columns = [int(grid[:, c][inked[:, c]][:, 1:].sum(0).argmax()) for c in range(16) if inked[:, c].any()]
+    read_back = [d for i, d in enumerate(columns) if i == 0 or d != columns[i - 1]]
+    assert read_back == [int(ch) for ch in read.answer], (read_back, read.answer)
+
+
+def test_side_targets_say_which_of_two_shapes_is_left():
+    from PIL import Image
+
+    from serving.evals.drawing import Box, Shape
+    from serving.evals.tasks import Scene
+    from serving.training.dense import token_targets
+
+    image = Image.new("RGB", (112, 56), (255, 255, 255))
+    left = Shape("square", "red", Box(0, 0, 28), (220, 40, 40))
+    right = Shape("circle", "blue", Box(84, 28, 28), (40, 80, 220))
+    targets = token_targets([image], Scene((right, left)), (1, 4, 8), merge=2)
+    assert targets["side"][0].tolist() == [0, 1, 0]  # the red square, the left one
+    assert targets["side"][7].argmax() == 2  # the blue circle, the right one
+    assert targets["centre"][7].tolist() == [0, 0, 0, 1, 0]
 
 
 def test_prefetched_batches_equal_direct_ones(tmp_path):
