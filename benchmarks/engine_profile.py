@@ -50,15 +50,17 @@ class Timers:
 def instrument(engine: LLMEngine, timers: Timers) -> None:
     import serving.engine.llm as llm_mod
     from serving.engine import attention, scheduler, sequence
+    from serving.engine.backends import cpu as cpu_backend
+    from serving.engine.kernels import fused
     from serving.engine.models import cpu_linear
     from serving.engine.models.decode_layers import DecodeLayers
 
     timers.wrap(scheduler.Scheduler, "schedule", "scheduling")
     timers.wrap(attention.AttentionBatch, "build", "batch building (attention metadata)")
-    timers.wrap(attention, "_write_kv", "attention: KV write")
-    timers.wrap(attention, "_decode_kernel", "attention: decode tokens (in place)")
-    timers.wrap(attention, "_prefill_kernel", "attention: prompt tokens (kernel)")
-    timers.wrap(attention, "_attend_gathered", "attention: gathered tokens (no kernel: gather + SDPA)")
+    timers.wrap(fused, "write_kv", "attention: KV write")
+    timers.wrap(cpu_backend, "_decode_kernel", "attention: decode tokens (in place)")
+    timers.wrap(cpu_backend, "_prefill_kernel", "attention: prompt tokens (kernel)")
+    timers.wrap(cpu_backend, "attend_padded", "attention: no kernel (gather + batched SDPA)")
     timers.wrap(torch.nn.functional, "linear", "linear layers (matmuls)")
     timers.wrap(cpu_linear.PackedLinear, "forward", "linear layers (matmuls)")
     timers.wrap(DecodeLayers, "__call__", "decode steps' layers as one C call (decode_layers.c)")

@@ -339,7 +339,7 @@ class WorkerStats:
     visual_kv_kept: int = 0  # compacted handoffs: visual tokens' KV rows handed to decode …
     visual_kv_dropped: int = 0  # … and left behind
     kv_block_size: int = 0  # tokens per KV block: the pool holds kv_blocks_total × this many
-    backend: str = ""  # the engine's device type: cpu, cuda
+    backend: str = ""  # the engine's attention backend: cpu (C kernels), triton (CUDA), torch
     kernels: str = ""  # the CPU kernels: built, off, no-compiler, failed (none on another device)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,11 @@ from PIL import Image
 from serving.config import EngineConfig
 from serving.engine.llm import LLMEngine
 from serving.engine.models.builder import build_model
+
+# Without a GPU, Triton kernels run under Triton's CPU interpreter (the attention backend's tests). It
+# is read when Triton is imported, so it is set before any test can import it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

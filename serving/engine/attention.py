@@ -1,37 +1,27 @@
-"""Paged attention over a packed batch of sequences with different query and context lengths.
+"""One step's attention plan: which sequences feed how many new tokens, where their keys and values
+lie in the paged pool, and where each new token's key and value go.
 
-One entry point serves prefill chunks (many new tokens, causal) and decode (one new token per
-sequence), mixed in one step. New keys and values are written into the pool first; then the batch is
-served in two groups:
+`AttentionBatch` is built once per step by the worker's attention backend (`serving.engine.backends`,
+`plan`) and read by every layer's `forward`. The batch is split into two groups, served apart by every
+backend that distinguishes them:
 
-- **Decode tokens** (one query, the whole context visible) go to a C kernel (`serving.engine.kernels`)
-  that reads each sequence's blocks where they lie in the pool: no copy of the context, the heads that
-  share a KV head read each key once, and nothing is padded.
-- **Prompt tokens** (a whole prompt or a chunk of one) go to a second C kernel: causal flash attention
-  over the same blocks in place, the mask aligned to each sequence's end (a chunk after cached tokens
-  sees them and itself causally), key tiles past a query tile skipped rather than masked.
+- **Decode tokens**: one query per sequence, the whole context visible;
+- **Prompt tokens**: a whole prompt or a chunk of one, causal, a chunk after cached tokens seeing them.
 
-When a kernel is unavailable (no C compiler, a non-CPU device, a dtype it does not take) its tokens
-read the blocks they use with one `index_select` per layer into packed contiguous keys and values, and
-each sequence attends over its own rows with `scaled_dot_product_attention`: plainly causal for a
-prompt prefilled at once, with a causal mask offset by what is cached for a chunk. The kernels are a
-speed-up, never a requirement.
-
-Why not attend in place with plain tensor ops: the pool is block-major (`(blocks, layers, 2,
-block_size, ...)`, kept so one request's KV is one transportable region), so a layer's keys are strided
-across blocks and no matmul reads them where they lie.
+Why the pool is block-major (`(blocks, layers, 2, block_size, ...)`): one request's KV is one
+transportable region; so a layer's keys are strided across blocks and a backend reads them through
+the group's block lists, never as one dense tensor.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
-from serving.engine import kernels
-from serving.engine.kernels import fused
+if TYPE_CHECKING:
+    from serving.engine.backends import AttentionBackend
 
 
 @dataclass
@@ -48,6 +38,8 @@ class _Group:
     ctx: torch.Tensor  # (S,) int64 context lengths
     first_rows: torch.Tensor  # (S,) int64, q_starts on the CPU (for the prefill kernel)
     row_counts: torch.Tensor  # (S,) int64, q_lens on the CPU
+    tables: list[list[int]]  # each sequence's used blocks (for the backends' own layouts)
+    padded: Any = None  # the batched torch path's layout of this group, built on its first use
 
     @classmethod
     def build(
@@ -66,10 +58,12 @@ class _Group:
         blocks: list[int] = []
         starts: list[int] = []
         rows: list[int] = []
+        used: list[list[int]] = []
         for i in members:
             q_len, ctx = q_lens[i], ctx_lens[i]
             starts.append(len(blocks))
-            blocks.extend(tables[i][: -(-ctx // block_size)])
+            used.append(tables[i][: -(-ctx // block_size)])
+            blocks.extend(used[-1])
             rows.extend(range(q_starts[i], q_starts[i] + q_len))
         everything = len(rows) == total_rows  # members are in batch order, so all rows means arange
         return cls(
@@ -83,6 +77,7 @@ class _Group:
             ctx=torch.tensor([ctx_lens[i] for i in members], dtype=torch.long),
             first_rows=torch.tensor([q_starts[i] for i in members], dtype=torch.long),
             row_counts=torch.tensor([q_lens[i] for i in members], dtype=torch.long),
+            tables=used,
         )
 
 
@@ -92,8 +87,11 @@ class AttentionBatch:
     slot_offsets: torch.Tensor  # (T,) offset inside that block
     decode: _Group | None  # sequences feeding one token after their whole prompt is cached
     prompt: _Group | None  # the rest: whole prompts and prompt chunks
+    block_size: int = 0
     # Sequences whose window queries score their prompt for visual-KV compaction (compaction.py).
     observers: list = field(default_factory=list)
+    backend: AttentionBackend | None = None  # the backend that planned this step and runs its layers
+    extra: Any = None  # that backend's own per-step layout, if it needs one
 
     @classmethod
     def build(
@@ -123,125 +121,19 @@ class AttentionBatch:
             slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
             decode=_Group.build(decode, *args),
             prompt=_Group.build(prompt, *args),
+            block_size=block_size,
         )
 
 
-def _chunk_mask(q_len: int, ctx: int, device: torch.device) -> torch.Tensor:
-    """(q_len, ctx) bool, True = attend: query i sits at position ctx - q_len + i."""
-    q_pos = torch.arange(ctx - q_len, ctx, device=device)[:, None]
-    return torch.arange(ctx, device=device)[None, :] <= q_pos
-
-
 def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_cache: torch.Tensor,
-    batch: AttentionBatch,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch
 ) -> torch.Tensor:
     """q (T, H, D), k/v (T, KV, D) packed; kv_cache one layer of the pool, (num_blocks, 2, block_size,
-    KV, D). Returns (T, H * D)."""
-    _write_kv(k, v, kv_cache, batch)
-    heads, dim = q.shape[1], q.shape[2]
-    out = q.new_empty(q.shape[0], heads * dim)
-    if batch.decode is not None and not _decode_kernel(q, kv_cache, batch.decode, out):
-        _attend_gathered(q, kv_cache, batch.decode, out)
-    if batch.prompt is not None and not _prefill_kernel(q, kv_cache, batch.prompt, out):
-        _attend_gathered(q, kv_cache, batch.prompt, out)
-    return out
+    KV, D). Returns (T, H * D), through the backend that planned the batch (the CPU one for a batch
+    built directly)."""
+    backend = batch.backend
+    if backend is None:
+        from serving.engine.backends.cpu import CpuBackend
 
-
-def _write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch) -> None:
-    if fused.write_kv(k, v, kv_cache, batch.slot_blocks, batch.slot_offsets):
-        return
-    kv_cache[batch.slot_blocks, 0, batch.slot_offsets] = k
-    kv_cache[batch.slot_blocks, 1, batch.slot_offsets] = v
-
-
-def _decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out: torch.Tensor) -> bool:
-    """The decode group through the C kernel; False when it cannot run here."""
-    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    queries = q if group.rows is None else q.index_select(0, group.rows)
-    # A batch of decode tokens only, in float32: the kernel writes the output rows where they go.
-    direct = group.rows is None and out.dtype == torch.float32
-    result = kernels.paged_decode(
-        queries.to(torch.float32).contiguous(),
-        kv_cache,
-        group.block_index,
-        group.block_starts,
-        group.ctx,
-        1.0 / math.sqrt(q.shape[2]),
-        out=out.view(q.shape) if direct else None,
-    )
-    if result is None:
-        return False
-    if not direct:
-        _store_rows(out, group.rows, result.view(result.shape[0], -1))
-    return True
-
-
-def _store_rows(out: torch.Tensor, rows: torch.Tensor | None, flat: torch.Tensor) -> None:
-    """A kernel's float32 output for a group's rows (all of them when rows is None) into `out`."""
-    if rows is None:
-        out.copy_(flat)
-    else:
-        out.index_copy_(0, rows, flat.to(out.dtype))
-
-
-def _prefill_kernel(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out: torch.Tensor) -> bool:
-    """The prompt group through the C kernel; False when it cannot run here."""
-    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    # The kernel reads and writes only the group's rows, so the whole batch goes in as it is; in
-    # float32 the output rows land where they go.
-    direct = q.dtype == torch.float32
-    target = out.view(q.shape) if direct else torch.empty(q.shape, dtype=torch.float32)
-    if not kernels.paged_prefill(
-        q.to(torch.float32).contiguous(),
-        kv_cache,
-        group.block_index,
-        group.block_starts,
-        group.ctx,
-        group.first_rows,
-        group.row_counts,
-        1.0 / math.sqrt(q.shape[2]),
-        target,
-    ):
-        return False
-    if not direct:
-        flat = target.view(q.shape[0], -1)
-        _store_rows(out, group.rows, flat if group.rows is None else flat.index_select(0, group.rows))
-    return True
-
-
-def _attend_gathered(q: torch.Tensor, kv_cache: torch.Tensor, group: _Group, out: torch.Tensor) -> None:
-    """Read the group's used blocks into packed contiguous keys and values, then attend per sequence."""
-    heads, dim = q.shape[1], q.shape[2]
-    kv_heads = kv_cache.shape[3]
-    # Keys and values read separately so each comes out contiguous and flattens to rows as a view.
-    keys = kv_cache[:, 0].index_select(0, group.block_index).flatten(0, 1)  # (P * block_size, KV, D)
-    values = kv_cache[:, 1].index_select(0, group.block_index).flatten(0, 1)
-    block_size = kv_cache.shape[2]
-    for q_len, ctx, t, first_block in zip(
-        group.q_lens, group.ctx_lens, group.q_starts, group.starts, strict=True
-    ):
-        row = first_block * block_size
-        ks = keys[row : row + ctx].transpose(0, 1)[None]  # (1, KV, ctx, D), a view
-        vs = values[row : row + ctx].transpose(0, 1)[None]
-        if q_len == 1:
-            # One query: the heads that share a KV head become that head's query rows, so the call
-            # needs no GQA expansion and no mask (a decode token sees its whole context).
-            o = F.scaled_dot_product_attention(q[t].view(1, kv_heads, heads // kv_heads, dim), ks, vs)
-            out[t] = o.view(heads * dim)
-        else:
-            mask = _chunk_mask(q_len, ctx, q.device) if q_len < ctx else None
-            o = F.scaled_dot_product_attention(
-                q[t : t + q_len].transpose(0, 1)[None],
-                ks,
-                vs,
-                attn_mask=mask,
-                is_causal=mask is None,
-                enable_gqa=kv_heads != heads,
-            )
-            out[t : t + q_len] = o[0].transpose(0, 1).reshape(q_len, heads * dim)
+        backend = batch.backend = CpuBackend()
+    return backend.forward(q, k, v, kv_cache, batch)

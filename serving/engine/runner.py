@@ -13,7 +13,7 @@ import torch
 from serving.config import EngineConfig
 from serving.engine import compaction
 from serving.engine.allocator import tune_allocator
-from serving.engine.attention import AttentionBatch
+from serving.engine.backends import backend_for
 from serving.engine.image_processor import ProcessedImage
 from serving.engine.kv_cache import KVPool
 from serving.engine.kv_sizing import pool_blocks
@@ -45,6 +45,9 @@ class ModelRunner:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.model = load_model(cfg.model, self.dtype, self.device, self.model_config)
+        # How attention runs here (C kernels on a CPU, Triton on CUDA, batched torch anywhere): each
+        # step is planned by it once and every layer runs through it (serving/engine/backends).
+        self.attention = backend_for(self.device)
         text = self.model_config.text
         self.pool = KVPool(
             num_layers=text.num_layers,
@@ -214,7 +217,7 @@ class ModelRunner:
         observe: bool = False,
     ) -> torch.Tensor:
         ctx_lens = [s.num_cached + q for s, q in zip(seqs, q_lens, strict=True)]
-        batch = AttentionBatch.build(
+        batch = self.attention.plan(
             q_lens, ctx_lens, [s.block_table for s in seqs], self.pool.block_size, self.device
         )
         if observe:  # steps with prompt tokens only: a decode-only step holds no compaction window

@@ -82,7 +82,7 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
         # On a CPU the kernels are built (or found in the cache) now, not on the first request, and
         # how they stand is reported: a missing compiler is a 2-5x slowdown nobody should have to guess.
         device = self.engine.runner.device.type
-        self.backend = (device, kernels.status() if device == "cpu" else "none")
+        self.backend = (self.engine.runner.attention.name, kernels.status() if device == "cpu" else "none")
         self.transport: Transport = make_transport(cfg.transport, cfg.name, **transport_kwargs)
         self.ledger = Ledger(accepting=frozenset())
         self.leases = LeaseTable(cfg.name)

@@ -110,3 +110,30 @@ def test_negative_control_plain_positions_break_equality(pair, monkeypatch):
     monkeypatch.setattr(runner_module, "mrope_positions", one_d_positions)
     ours = engine.generate([(prompt, SamplingParams(max_tokens=MAX_TOKENS))])[0]
     assert ours.token_ids != expected
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_greedy_tokens_equal_transformers_without_the_c_kernels(tiny_model, backend, monkeypatch):
+    """The engine with its C kernels off (as with no compiler): every op on its torch path, attention
+    through the batched torch backend or the Triton kernel (under Triton's CPU interpreter here), all
+    four prompts in one batch so steps mix prefill and decode."""
+    import os
+
+    from serving.engine import kernels
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton runs here only under its interpreter")
+    monkeypatch.setenv("EPD_CPU_KERNELS", "0")
+    monkeypatch.setenv("EPD_ATTENTION_BACKEND", backend)
+    # This process's loaded kernels set aside: the engine built now finds none.
+    monkeypatch.setattr(kernels, "_libraries", dict.fromkeys(kernels._SOURCES))
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), num_kv_blocks=256, block_size=8))
+    assert engine.runner.attention.name == backend
+    assert engine.runner.model.model.decode_layers is None
+    reference = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    prompts = [prompt_for(engine, case) for case in sorted(CASES)]
+    ours = engine.generate([(p, SamplingParams(max_tokens=MAX_TOKENS)) for p in prompts])
+    for prompt, out in zip(prompts, ours, strict=True):
+        assert out.token_ids == reference_tokens(reference, engine, prompt)

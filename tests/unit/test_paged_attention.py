@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
-from serving.engine import attention, kernels
+from serving.engine import kernels
 from serving.engine.attention import AttentionBatch, paged_attention
+from serving.engine.backends.torch_sdpa import TorchBackend
 
 HEADS, KV_HEADS, DIM, BLOCK = 8, 2, 16, 4
 
@@ -375,15 +376,11 @@ def test_a_prefill_kernel_that_cannot_run_falls_back_to_sdpa(monkeypatch) -> Non
 
 @needs_kernel
 def test_kernel_and_torch_paths_agree_in_a_mixed_batch() -> None:
-    """paged_attention sends decode tokens and prompt tokens to their kernels; forcing both down the
-    gather path (SDPA) instead gives the same step output."""
+    """paged_attention sends decode tokens and prompt tokens to their kernels; the batched torch
+    backend (SDPA over padded contexts) gives the same step output."""
     layer, q, k, v, batch = _mixed_batch(3, [1, 7, 1, 12, 1], [30, 7, 9, 20, 41], 12)
     with_kernel = paged_attention(q, k, v, layer.clone(), batch)
-    torch_only = layer.clone()
-    attention._write_kv(k, v, torch_only, batch)
-    expected = torch.empty_like(with_kernel)
-    attention._attend_gathered(q, torch_only, batch.decode, expected)
-    attention._attend_gathered(q, torch_only, batch.prompt, expected)
+    expected = TorchBackend().forward(q, k, v, layer.clone(), batch)
     torch.testing.assert_close(with_kernel, expected, rtol=1e-5, atol=1e-5)
     assert batch.decode is not None and batch.decode.rows is not None  # the decode rows were scattered
 

@@ -1,0 +1,176 @@
+"""Every attention backend (the C kernels, the batched torch path, the Triton kernel under Triton's CPU
+interpreter) equals plain attention over each sequence's dense context, on random ragged batches that
+mix decode tokens, whole prompts and chunks continuing a cached prompt, with block sizes that do not
+divide anything, and heads sharing KV heads."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from serving.engine.backends import backend_for
+from serving.engine.backends.cpu import CpuBackend
+from serving.engine.backends.torch_sdpa import TorchBackend
+
+HEADS, KV_HEADS = 8, 2
+
+
+def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """q (q_len, H, D) at the last q_len positions of keys/values (ctx, KV, D): causal softmax attention."""
+    q_len, ctx, dim = q.shape[0], keys.shape[0], q.shape[2]
+    group = q.shape[1] // keys.shape[1]
+    k = keys.repeat_interleave(group, dim=1).transpose(0, 1).double()
+    v = values.repeat_interleave(group, dim=1).transpose(0, 1).double()
+    scores = q.transpose(0, 1).double() @ k.transpose(1, 2) / math.sqrt(dim)
+    q_pos = torch.arange(ctx - q_len, ctx)[:, None]
+    scores = scores.masked_fill(torch.arange(ctx)[None, :] > q_pos, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(0, 1).reshape(q_len, -1)
+
+
+def ragged_batch(seed: int, block: int, dim: int, dtype: torch.dtype, spare: int = 2):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    num_blocks = 160
+    layer = torch.randn(num_blocks, 2, block, KV_HEADS, dim).to(dtype)
+    free = list(range(num_blocks))
+    rng.shuffle(free)  # scattered, out-of-order block tables
+    q_lens, ctx_lens, tables = [], [], []
+    for _ in range(rng.randint(1, 7)):
+        kind = rng.choice(["decode", "decode", "prompt", "chunk"])
+        ctx = rng.randint(1, 45)
+        q_len = {"decode": 1, "prompt": ctx, "chunk": rng.randint(1, ctx)}[kind]
+        tables.append([free.pop() for _ in range(-(-ctx // block) + rng.randint(0, spare))])
+        q_lens.append(q_len)
+        ctx_lens.append(ctx)
+    total = sum(q_lens)
+    q, k, v = (torch.randn(total, n, dim).to(dtype) for n in (HEADS, KV_HEADS, KV_HEADS))
+    return layer, q_lens, ctx_lens, tables, q, k, v
+
+
+def slots(table: list[int], block: int, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks, offsets) of these positions of a sequence, to index a pool layer's keys or values."""
+    return torch.tensor([table[p // block] for p in positions]), torch.tensor([p % block for p in positions])
+
+
+def check(backend, seed: int, block: int, dim: int, dtype: torch.dtype, tolerance: float) -> None:
+    layer, q_lens, ctx_lens, tables, q, k, v = ragged_batch(seed, block, dim, dtype)
+    before = layer.clone()
+    batch = backend.plan(q_lens, ctx_lens, tables, block, torch.device("cpu"))
+    out = backend.forward(q, k, v, layer, batch)
+    assert out.shape == (q.shape[0], HEADS * dim) and out.dtype == dtype
+    t = 0
+    for q_len, ctx, table in zip(q_lens, ctx_lens, tables, strict=True):
+        rows = (
+            torch.tensor([table[p // block] for p in range(ctx)]),
+            torch.tensor([p % block for p in range(ctx)]),
+        )
+        keys, values = layer[:, 0][rows], layer[:, 1][rows]
+        # The new tokens landed in their slots; what was cached before them is untouched.
+        assert torch.equal(keys[ctx - q_len :], k[t : t + q_len])
+        assert torch.equal(values[ctx - q_len :], v[t : t + q_len])
+        assert torch.equal(keys[: ctx - q_len], before[:, 0][rows][: ctx - q_len])
+        expected = reference(q[t : t + q_len], keys, values)
+        error = (out[t : t + q_len].double() - expected).abs().max().item()
+        assert error < tolerance, (backend.name, q_len, ctx, error)
+        t += q_len
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("block", [3, 16])
+def test_cpu_and_torch_backends_equal_the_reference(seed: int, block: int) -> None:
+    for backend in (CpuBackend(), TorchBackend()):
+        check(backend, seed, block, 16, torch.float32, 1e-5)
+        check(backend, seed, block, 16, torch.bfloat16, 3e-2)
+
+
+def test_the_torch_backend_makes_two_calls_per_layer(monkeypatch) -> None:
+    """The fallback is batched: one attention call per group (decode, prompt), not one per sequence."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    seed = next(s for s in range(50) if len({n > 1 for n in ragged_batch(s, 4, 16, torch.float32)[1]}) == 2)
+    layer, q_lens, ctx_lens, tables, q, k, v = ragged_batch(seed, 4, 16, torch.float32)
+    assert len(q_lens) > 2, "decode tokens and prompt tokens of several sequences"
+    backend = TorchBackend()
+    backend.forward(q, k, v, layer, backend.plan(q_lens, ctx_lens, tables, 4, torch.device("cpu")))
+    assert len(calls) == 2
+
+
+def test_a_wrong_context_is_caught() -> None:
+    """Negative control: the reference over one key fewer differs from what the backends return."""
+    layer, q_lens, ctx_lens, tables, q, k, v = ragged_batch(1, 5, 16, torch.float32, spare=0)
+    i = max(range(len(ctx_lens)), key=lambda j: ctx_lens[j] - q_lens[j])
+    assert ctx_lens[i] > q_lens[i], "a sequence with cached context"
+    backend = TorchBackend()
+    out = backend.forward(q, k, v, layer, backend.plan(q_lens, ctx_lens, tables, 5, torch.device("cpu")))
+    t = sum(q_lens[:i])
+    ctx, table = ctx_lens[i], tables[i]
+    rows = (
+        torch.tensor([table[p // 5] for p in range(1, ctx)]),
+        torch.tensor([p % 5 for p in range(1, ctx)]),
+    )
+    wrong = reference(q[t : t + q_lens[i]], layer[:, 0][rows], layer[:, 1][rows])
+    assert (out[t : t + q_lens[i]].double() - wrong).abs().max() > 1e-3
+
+
+def test_the_backend_follows_the_device_and_the_override(monkeypatch) -> None:
+    monkeypatch.delenv("EPD_ATTENTION_BACKEND", raising=False)
+    assert backend_for(torch.device("cpu")).name == "cpu"
+    assert backend_for(torch.device("meta")).name == "torch"
+    monkeypatch.setenv("EPD_ATTENTION_BACKEND", "torch")
+    assert backend_for(torch.device("cpu")).name == "torch"
+    monkeypatch.setenv("EPD_ATTENTION_BACKEND", "flash")
+    with pytest.raises(ValueError, match="cpu, triton, torch"):
+        backend_for(torch.device("cpu"))
+
+
+@pytest.fixture
+def triton_interpreter():
+    """The Triton kernel runs on the CPU under Triton's interpreter (tests/conftest.py sets it)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter runs where there is no GPU (tests/gpu runs the kernel on one)")
+    from serving.engine.backends import triton_paged
+
+    return triton_paged
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(("block", "dim"), [(3, 16), (16, 24)])
+def test_the_triton_kernel_equals_the_reference(triton_interpreter, seed: int, block: int, dim: int) -> None:
+    """One launch for the whole mixed batch; odd block sizes and a head size that is not a power of 2."""
+    check(triton_interpreter.TritonBackend(), seed, block, dim, torch.float32, 1e-5)
+
+
+def test_the_triton_kernel_reads_bfloat16_pools(triton_interpreter) -> None:
+    check(triton_interpreter.TritonBackend(), 7, 16, 16, torch.bfloat16, 3e-2)
+
+
+def test_a_step_runs_one_triton_launch_per_layer(triton_interpreter, monkeypatch) -> None:
+    launches = []
+    real = triton_interpreter.paged_attention_triton
+    monkeypatch.setattr(
+        triton_interpreter, "paged_attention_triton", lambda *a: launches.append(1) or real(*a)
+    )
+    layer, q_lens, ctx_lens, tables, q, k, v = ragged_batch(2, 4, 16, torch.float32)
+    backend = triton_interpreter.TritonBackend()
+    batch = backend.plan(q_lens, ctx_lens, tables, 4, torch.device("cpu"))
+    backend.forward(q, k, v, layer, batch)
+    assert len(launches) == 1 and batch.extra.tiles == sum(-(-n // 16) for n in q_lens)
+
+
+@pytest.mark.skipif(os.environ.get("EPD_CPU_KERNELS") == "0", reason="checks the kernels' own path")
+def test_the_cpu_backend_runs_the_kernels_not_the_fallback(monkeypatch) -> None:
+    from serving.engine import kernels
+    from serving.engine.backends import cpu
+
+    if kernels.library() is None:
+        pytest.skip("no C kernels here")
+    monkeypatch.setattr(cpu, "attend_padded", lambda *a: pytest.fail("the torch path ran"))
+    check(CpuBackend(), 3, 5, 16, torch.float32, 1e-5)
