@@ -242,6 +242,7 @@ def serve_settings(
         max_model_len=args.max_model_len,
         max_step_tokens=args.max_step_tokens,
         kv_cache_memory_gb=args.kv_cache_memory / 2**30,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
@@ -249,7 +250,13 @@ def serve_settings(
         video_pruning_method=args.video_pruning_method,
         kv_compaction_method=args.visual_kv_method,
     )
-    _check_kv_pool(engine, gpus)
+    if engine.gpu_memory_utilization is None:
+        _check_kv_pool(engine, gpus)
+    elif not gpus and engine.device != "cuda":
+        raise SystemExit(
+            "epd serve: --gpu-memory-utilization sizes the KV pool from GPU memory, and no GPU is "
+            "used here: give the pool's size with --kv-cache-memory"
+        )
     control = ControlConfig(
         max_worker_restarts=args.max_worker_restarts,
         drain_timeout_s=args.drain_timeout,
@@ -414,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_bytes,
         default=int(engine_fields["kv_cache_memory_gb"].default * 2**30),
         help="bytes of each worker's KV pool, e.g. 8GiB (it must hold --max-model-len tokens)",
+    )
+    srv.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="on GPUs: size each worker's KV pool to this fraction of its GPU's memory, less the weights, "
+        "a profiled activation peak and other processes' use (instead of --kv-cache-memory); a pool "
+        "that cannot hold --max-model-len stops the worker at start",
     )
     srv.add_argument(
         "--max-num-seqs",

@@ -56,6 +56,13 @@ class EngineConfig(BaseModel):
     kv_cache_memory_gb: float = Field(
         0.25, gt=0, description="Memory for the KV pool when num_kv_blocks is unset."
     )
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="On CUDA: size the KV pool to this fraction of the device's memory, less the weights, "
+        "a profiled activation peak and what other processes hold (replaces kv_cache_memory_gb).",
+    )
     max_num_seqs: int = Field(64, ge=1, description="Most requests in the running decode batch.")
     max_prefill_tokens: int = Field(
         8192, ge=16, description="Most prompt tokens prefilled in one step (within max_step_tokens)."

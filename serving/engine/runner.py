@@ -14,9 +14,9 @@ from serving.config import EngineConfig
 from serving.engine import compaction
 from serving.engine.allocator import tune_allocator
 from serving.engine.backends import backend_for
-from serving.engine.image_processor import ProcessedImage
+from serving.engine.image_processor import ImageProcessorConfig, ProcessedImage
 from serving.engine.kv_cache import KVPool
-from serving.engine.kv_sizing import pool_blocks
+from serving.engine.kv_sizing import DeviceMemory, budget_blocks, check_fits, pool_blocks
 from serving.engine.models.config import ModelConfig, load_model_config
 from serving.engine.models.loader import load_model
 from serving.engine.mrope import mrope_positions
@@ -49,15 +49,31 @@ class ModelRunner:
         # step is planned by it once and every layer runs through it (serving/engine/backends).
         self.attention = backend_for(self.device)
         text = self.model_config.text
+        # Sized from the device's memory: a pool for one profiling step first, then the measured size.
+        self.profiled_blocks: int | None = None
+        profiling = cfg.gpu_memory_utilization is not None
+        if profiling and self.device.type != "cuda":
+            raise ValueError(
+                "gpu_memory_utilization sizes the KV pool from a CUDA device's memory; on "
+                f"{self.device.type} give the pool's size (--kv-cache-memory)"
+            )
+        step_blocks = -(-min(cfg.max_step_tokens, cfg.max_model_len) // cfg.block_size)
         self.pool = KVPool(
             num_layers=text.num_layers,
             num_kv_heads=text.num_kv_heads,
             head_dim=text.head_dim,
             block_size=cfg.block_size,
-            num_blocks=pool_blocks(cfg, self.model_config, self.dtype_bytes),
+            num_blocks=step_blocks if profiling else pool_blocks(cfg, self.model_config, self.dtype_bytes),
             dtype=self.dtype,
             device=self.device,
         )
+        if profiling:
+            memory = self.profile_memory()
+            per_block = self.model_config.kv_bytes_per_token(self.dtype_bytes) * cfg.block_size
+            blocks = budget_blocks(memory, cfg.gpu_memory_utilization, per_block)
+            source = f"--gpu-memory-utilization (now {cfg.gpu_memory_utilization})"
+            self.profiled_blocks = check_fits(cfg, self.model_config, self.dtype_bytes, blocks, source)
+            self.resize_pool(self.profiled_blocks)
 
     def resize_pool(self, num_blocks: int) -> None:
         """Replace the KV pool with one of `num_blocks` blocks (the old one must hold nothing)."""
@@ -80,8 +96,43 @@ class ModelRunner:
 
     @property
     def full_pool_blocks(self) -> int:
-        """The pool size the engine config asks for: what a decode worker gets."""
+        """The pool size the engine config asks for (or the device's memory buys): a decode worker's."""
+        if self.profiled_blocks is not None:
+            return self.profiled_blocks
         return pool_blocks(self.cfg, self.model_config, self.dtype_bytes)
+
+    @torch.inference_mode()
+    def profile_forward(self) -> None:
+        """The largest step this worker runs, on dummy inputs: `max_step_tokens` tokens of one
+        sequence through the decoder and the LM head for `max_num_seqs` rows, then the vision tower on
+        an image at the pixel budget. Its KV lands in the pool's first blocks (nothing is cached)."""
+        cfg, text = self.cfg, self.model_config.text
+        n = min(cfg.max_step_tokens, cfg.max_model_len)
+        embeds = torch.zeros(n, text.hidden_size, dtype=self.dtype, device=self.device)
+        positions = torch.arange(n, device=self.device).expand(3, n)
+        table = list(range(-(-n // cfg.block_size)))
+        batch = self.attention.plan([n], [n], [table], cfg.block_size, self.device)
+        hidden = self.model(embeds, positions, self.pool, batch)
+        self.model.logits(hidden[-min(n, cfg.max_num_seqs) :])
+        images = ImageProcessorConfig.from_dir(cfg.model)
+        side = int(images.max_pixels**0.5) // (images.patch_size * images.merge_size) * images.merge_size
+        width = 3 * images.temporal_patch_size * images.patch_size**2
+        pixels = torch.zeros(side * side, width, dtype=torch.float32, device=self.device)
+        self.model.encode(pixels, [(1, side, side)])
+
+    def profile_memory(self) -> DeviceMemory:
+        """The device's memory around one `profile_forward` (CUDA only)."""
+        device = self.device
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        weights = torch.cuda.memory_allocated(device)
+        self.profile_forward()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - weights
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        return DeviceMemory(total, free, torch.cuda.memory_reserved(device), weights, peak)
 
     # -- E ----------------------------------------------------------------------------------------
 

@@ -115,6 +115,20 @@ def test_chart_serve_config_parses_as_epd_serve_flags(helm, tiny_model):
     assert replace(settings, role_resources=False) == cli_settings_for(app["args"], tiny_model)
 
 
+def test_chart_gpu_memory_fraction_reaches_the_workers(helm, tiny_model):
+    docs = render(helm, "--set-json", "engine.gpuMemoryUtilization=0.85")
+    (rayservice,) = by_kind(docs, "RayService")
+    (app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["gpu_memory_utilization"] == 0.85
+    settings, _, _ = settings_from_args({**app["args"], "model": str(tiny_model)}, 1)
+    assert settings.worker_template.engine.gpu_memory_utilization == 0.85
+    (default,) = by_kind(render(helm), "RayService")
+    assert (
+        "gpu_memory_utilization"
+        not in yaml.safe_load(default["spec"]["serveConfigV2"])["applications"][0]["args"]
+    )
+
+
 def cli_settings_for(args: dict, model) -> object:
     flags = flags_from_args({k: v for k, v in args.items() if k not in ("deployment_id", "role_resources")})
     settings, _ = serve_settings(build_parser().parse_args(["serve", *flags, "--model", str(model)]),

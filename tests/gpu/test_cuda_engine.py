@@ -115,3 +115,17 @@ def test_decode_throughput_is_printed(small_model):
         print(
             f"\nsmall preset, bfloat16, batch {batch}: {tokens / (time.perf_counter() - start):.0f} tokens/s"
         )
+
+
+def test_the_pool_fills_the_fraction_of_the_gpu_asked_for(tiny_model):
+    """`gpu_memory_utilization`: the pool is what the fraction leaves after the weights and a profiled
+    step; after serving, this process holds no more than that fraction (plus what other processes
+    hold, counted against it)."""
+    total = torch.cuda.mem_get_info()[1]
+    e = engine(tiny_model, "bfloat16", gpu_memory_utilization=0.3)
+    pool_bytes = e.runner.pool.data.numel() * e.runner.pool.data.element_size()
+    assert e.runner.full_pool_blocks == e.runner.pool.num_blocks > 0
+    assert 0.2 * total < pool_bytes < 0.3 * total
+    e.generate([(prompt(e, "one-image"), SamplingParams(max_tokens=8))])
+    assert torch.cuda.memory_reserved() < 0.3 * total
+    print(f"\n0.3 of {total / 2**30:.1f} GiB: a pool of {pool_bytes / 2**30:.2f} GiB")

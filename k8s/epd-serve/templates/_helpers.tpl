@@ -92,6 +92,9 @@ applications:
       gateway_replicas: {{ .Values.head.gatewayReplicas }}
       dtype: {{ .Values.dtype | quote }}
       kv_cache_memory: {{ .Values.engine.kvCacheMemory | quote }}
+      {{- with .Values.engine.gpuMemoryUtilization }}
+      gpu_memory_utilization: {{ . }}
+      {{- end }}
       max_num_seqs: {{ .Values.engine.maxNumSeqs }}
       block_size: {{ .Values.engine.blockSize }}
       image_pruning_rate: {{ .Values.efficiency.imagePruningRate }}
