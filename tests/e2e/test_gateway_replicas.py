@@ -205,10 +205,21 @@ def test_two_gateways_share_one_control_plane_through_its_restart_and_theirs(tin
         time.sleep(1.0)
         assert not any(streams.finish), "the streams are still running"
         body = {"model": "epd-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        resets = []
         for _ in range(8):  # new connections: each replica gets some
-            refused = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+            # One new connection in ~6 runs of this test was reset instead of answered (not yet
+            # explained; suspected: a listening socket of the port's SO_REUSEPORT group closing with
+            # it queued). A client retries a reset; what it must never get is a 200 or a 500.
+            for attempt in range(3):
+                try:
+                    refused = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+                    break
+                except httpx.TransportError as e:
+                    resets.append(repr(e))
+                    assert attempt < 2, resets
             assert refused.status_code == 503 and refused.headers.get("retry-after"), refused.text
             assert refused.json()["error"]["code"] == "shutting_down"
+        assert len(resets) <= 1, resets
         streams.join()
         assert streams.error == [None] * 8 and streams.finish == ["length"] * 8, "streams run to their end"
         proc.wait(timeout=90)
