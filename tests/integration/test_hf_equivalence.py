@@ -115,8 +115,9 @@ def test_negative_control_plain_positions_break_equality(pair, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_greedy_tokens_equal_transformers_without_the_c_kernels(tiny_model, backend, monkeypatch):
     """The engine with its C kernels off (as with no compiler): every op on its torch path, attention
-    through the batched torch backend or the Triton kernel (under Triton's CPU interpreter here), all
-    four prompts in one batch so steps mix prefill and decode."""
+    through the batched torch backend or the Triton kernel (under Triton's CPU interpreter here). Three
+    prompts in one batch with a small step budget, so prompts are prefilled in chunks after cached
+    tokens while the text prompt already decodes: steps mix all three kinds of attention."""
     import os
 
     from serving.engine import kernels
@@ -129,11 +130,14 @@ def test_greedy_tokens_equal_transformers_without_the_c_kernels(tiny_model, back
     monkeypatch.setenv("EPD_ATTENTION_BACKEND", backend)
     # This process's loaded kernels set aside: the engine built now finds none.
     monkeypatch.setattr(kernels, "_libraries", dict.fromkeys(kernels._SOURCES))
-    engine = LLMEngine(EngineConfig(model=str(tiny_model), num_kv_blocks=256, block_size=8))
+    engine = LLMEngine(
+        EngineConfig(model=str(tiny_model), num_kv_blocks=64, block_size=32, max_step_tokens=40)
+    )
     assert engine.runner.attention.name == backend
     assert engine.runner.model.model.decode_layers is None
     reference = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    prompts = [prompt_for(engine, case) for case in sorted(CASES)]
-    ours = engine.generate([(p, SamplingParams(max_tokens=MAX_TOKENS)) for p in prompts])
+    prompts = [prompt_for(engine, case) for case in ("text", "one-image", "two-images-different-sizes")]
+    assert all(len(p.token_ids) > 40 for p in prompts[1:]), "the image prompts take several steps"
+    ours = engine.generate([(p, SamplingParams(max_tokens=12)) for p in prompts])
     for prompt, out in zip(prompts, ours, strict=True):
-        assert out.token_ids == reference_tokens(reference, engine, prompt)
+        assert out.token_ids == reference_tokens(reference, engine, prompt)[:12]
