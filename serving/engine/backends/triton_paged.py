@@ -56,24 +56,12 @@ class TritonPlan:
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def plan(
-        self,
-        q_lens: list[int],
-        ctx_lens: list[int],
-        tables: list[list[int]],
-        block_size: int,
-        device: torch.device,
-    ) -> AttentionBatch:
-        batch = super().plan(q_lens, ctx_lens, tables, block_size, device)
-        batch.extra = tile_plan(q_lens, ctx_lens, tables, block_size, device)
-        return batch
-
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
         write_kv(k, v, kv_cache, batch)
         plan = batch.extra
-        if plan is None:  # a batch planned by another backend
+        if plan is None:  # the step's first layer lays out the tiles every layer then reuses
             plan = batch.extra = tile_plan(*_lists(batch), batch.block_size, q.device)
         out = torch.empty_like(q)
         paged_attention_triton(q, kv_cache, plan, out)
