@@ -47,7 +47,8 @@ def ragged_batch(seed: int, block: int, dim: int, dtype: torch.dtype, spare: int
         q_lens.append(q_len)
         ctx_lens.append(ctx)
     total = sum(q_lens)
-    q, k, v = (torch.randn(total, n, dim).to(dtype) for n in (HEADS, KV_HEADS, KV_HEADS))
+    # Views into one fused row per token, as the model's Q/K/V projection hands them over: not contiguous.
+    q, k, v = torch.randn(total, HEADS + 2 * KV_HEADS, dim).to(dtype).split([HEADS, KV_HEADS, KV_HEADS], 1)
     return layer, q_lens, ctx_lens, tables, q, k, v
 
 
