@@ -23,9 +23,14 @@ def main() -> None:
     tasks = list(record["history"][-1]["check"])
     print(f"{'step':>6}{'min':>7}{'loss':>8}" + "".join(f"{t[:12]:>13}" for t in tasks))
     for row in record["history"]:
+        if "note" in row:  # what happened to the run at that step (a resume with another recipe)
+            print(f"{row['step']:>6}  -- {row['note']}")
+            continue
         cells = "".join(f"{row['check'][t] * 100:>12.0f}%" for t in tasks)
-        print(f"{row['step']:>6}{row['minutes']:>7.1f}{row['loss']:>8.3f}{cells}")
-    print("(the check: teacher-forced exact match on 8 held-out items per task, seed 99991)")
+        probes = "  probes " + " ".join(f"{h} {a:.2f}" for h, a in row.get("probes", {}).items())
+        print(f"{row['step']:>6}{row['minutes']:>7.1f}{row['loss']:>8.3f}{cells}{probes}")
+    print("(the check: teacher-forced exact match on 8 held-out items per task, seed 99991; the probes:")
+    print(" each head's accuracy on the same items' visual tokens that cover something)")
 
 
 if __name__ == "__main__":

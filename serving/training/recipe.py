@@ -51,7 +51,11 @@ class Recipe:
     grad_clip: float = 1.0
     checkpoint_every: int = 50
     probe_weight: float = 1.0  # the merger probe's loss (serving/training/dense.py); 0 turns it off
-    scene_weight: float = 0.0  # within it, the whole-scene slots' share; 0: the per-token heads alone
+    # Within it, the whole-scene slots' share, per stage. The tower stage learns what each token
+    # covers; in the whole-model stage every token is also taught the scene (counts, digits, direction)
+    # so that the decoder, whose attention starts uniform, finds it wherever it looks.
+    tower_scene_weight: float = 0.0
+    scene_weight: float = 1.0
     threads: int = 2
     prefetch: bool = True  # draw batches in a worker process, ahead of the optimiser
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))

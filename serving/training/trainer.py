@@ -124,7 +124,7 @@ class Trainer:
         self.probe.outputs.clear()
         if self.step < r.tower_steps:
             self._encode_media(batch)
-            loss = self.probe.loss(targets, scene, r.scene_weight)
+            loss = self.probe.loss(targets, scene, r.tower_scene_weight)
         else:
             loss = self.model(**batch).loss
             if r.probe_weight:
