@@ -2,10 +2,11 @@
 
 One answer word per image is a weak signal for a vision tower learned from scratch: the decoder first
 learns the answers' priors and then has to find a shape covering a few of 64 tokens, through attention
-that starts uniform. Trained alone on the tasks, the model sat at its priors for hundreds of steps. A
-linear probe on the merger's output, trained beside the tasks to say which colour (or ink) each token
-covers, gives every token a target from the first step; the probe is dropped at export, so the shipped
-checkpoint is a plain Qwen2-VL.
+that starts uniform. Trained alone on the tasks, the model sat at its priors for hundreds of steps.
+Linear probes on the merger's output, trained beside the tasks (and alone in the recipe's first
+stage), give every token targets from the first step: what it covers (`HEADS`, each head's loss
+weighing the few covered tokens as much as the background) and, from every token, the whole scene
+(`SLOTS`). The probes are dropped at export, so the shipped checkpoint is a plain Qwen2-VL.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Attention backends: how one step's packed, paged attention runs on the device it runs on.
 
-A step is planned once (`plan`: the block tables, query rows and masks the step's sequences need, as
-tensors on the device) and each layer then calls `forward(q, k, v, kv_cache, batch)`, which writes the
-step's new keys and values into the layer's pool blocks and returns the attention output. The model
+A step is planned once (`plan`: the step's `AttentionBatch` — each sequence's used blocks and each new
+token's slot, as tensors on the device; a backend that needs its own layout, padded tables and masks
+or Triton tiles, makes it at the step's first layer and every other layer reuses it) and each layer
+then calls `forward(q, k, v, kv_cache, batch)`, which writes the step's new keys and values into the
+layer's pool blocks and returns the attention output. The model
 code calls this interface and nothing else; which backend runs is chosen per device:
 
 - `cpu`: the C kernels (decode and prefill attention over the blocks in place), with the batched torch

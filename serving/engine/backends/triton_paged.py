@@ -1,12 +1,13 @@
 """The Triton backend (CUDA): one kernel launch per layer for a step's whole mixed prefill/decode batch,
 reading keys and values from the block-major pool where they lie.
 
-The plan cuts every sequence's new tokens into tiles of `BLOCK_M` query rows (a decode token is a tile
-of one row); the kernel runs one program per (tile, head): it loads the tile's queries, walks the
-sequence's blocks up to the tile's last visible position, and keeps a flash-attention running
-maximum, sum and weighted value in float32 (online softmax), so no score matrix is ever stored. Causal
-masking is by absolute position (query r of a sequence with context c and n new tokens sits at
-c - n + r), which covers a whole prompt, a chunk after cached tokens and a decode token alike.
+A step's first layer cuts every sequence's new tokens into tiles of `BLOCK_M` query rows (a decode token
+is a tile of one row; the layout is kept on the batch for the other layers); the kernel runs one program
+per (tile, head): it loads the tile's queries, walks the sequence's blocks up to the tile's last visible
+position, and keeps a flash-attention running maximum, sum and weighted value in float32 (online
+softmax), so no score matrix is ever stored. Causal masking is by absolute position (query r of a
+sequence with context c and n new tokens sits at c - n + r), which covers a whole prompt, a chunk
+after cached tokens and a decode token alike.
 
 Why Triton rather than a vendored CUDA library: it ships with every CUDA PyTorch, compiles for the card
 it finds, and the same kernel runs on the CPU under `TRITON_INTERPRET=1`, which is how the CPU test
