@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from serving.config import EngineConfig
@@ -231,3 +232,42 @@ def test_scene_slots_summarise_what_was_drawn():
     assert scene_slots(number).tolist()[7:10] == digits
     motion = draw(3, "motion", 0).scene
     assert scene_slots(motion).tolist()[10] == ("left", "right", "up", "down").index(motion.direction) + 1
+
+
+def test_the_prefetch_worker_ends_when_its_trainer_is_killed(tmp_path):
+    """A trainer killed outright shuts nothing down; its batch worker notices and ends by itself."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from serving.engine.models.builder import build_model
+
+    build_model(tmp_path / "m", "shapes-tiny")
+    script = (
+        "import sys, time\n"
+        "from serving.training.prefetch import Prefetcher\n"
+        "from serving.training.recipe import Recipe\n"
+        "recipe = Recipe(preset='shapes-tiny', batch_size=2, tower_steps=0)\n"
+        f"p = Prefetcher({str(tmp_path / 'm')!r}, recipe)\n"
+        "p.get(0)\n"
+        "print(*p.pool._processes, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        (worker,) = (int(pid) for pid in trainer.stdout.readline().split())
+        os.kill(worker, 0)  # alive while its trainer is
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        pytest.fail(f"the worker {worker} outlived its trainer")
+    finally:
+        trainer.kill()
