@@ -63,43 +63,38 @@ class TritonBackend(AttentionBackend):
         write_kv(k, v, kv_cache, batch)
         plan = batch.extra
         if plan is None:  # the step's first layer lays out the tiles every layer then reuses
-            plan = batch.extra = tile_plan(*_lists(batch), batch.block_size, q.device)
+            plan = batch.extra = tile_plan(batch, q.device)
         out = torch.empty_like(q)
         paged_attention_triton(q, kv_cache, plan, out)
         return out.view(q.shape[0], -1)
 
 
-def _lists(batch: AttentionBatch) -> tuple[list[int], list[int], list[list[int]]]:
-    """Per-sequence lengths and tables back from a plan's groups, in batch order."""
-    members = []
+def tile_plan(batch: AttentionBatch, device: torch.device) -> TritonPlan:
+    """The kernel's view of a plan: its groups' sequences (each with its first batch row and used
+    blocks, as the plan already holds them; the kernel needs no batch order) and their tiles."""
+    q_start, q_len, ctx, block_start, blocks, tile_seq, tile_row = [], [], [], [], [], [], []
     for group in (batch.decode, batch.prompt):
-        if group is not None:
-            members.extend(zip(group.q_starts, group.q_lens, group.ctx_lens, group.tables, strict=True))
-    members.sort()
-    return [m[1] for m in members], [m[2] for m in members], [m[3] for m in members]
-
-
-def tile_plan(
-    q_lens: list[int], ctx_lens: list[int], tables: list[list[int]], block_size: int, device: torch.device
-) -> TritonPlan:
-    q_start, block_start, blocks, tile_seq, tile_row = [], [], [], [], []
-    row = 0
-    for i, (q_len, ctx) in enumerate(zip(q_lens, ctx_lens, strict=True)):
-        q_start.append(row)
-        block_start.append(len(blocks))
-        blocks.extend(tables[i][: -(-ctx // block_size)])
-        for first in range(0, q_len, BLOCK_M):
-            tile_seq.append(i)
-            tile_row.append(first)
-        row += q_len
+        if group is None:
+            continue
+        for first, n, c, table in zip(
+            group.q_starts, group.q_lens, group.ctx_lens, group.tables, strict=True
+        ):
+            for row in range(0, n, BLOCK_M):
+                tile_seq.append(len(q_start))
+                tile_row.append(row)
+            q_start.append(first)
+            q_len.append(n)
+            ctx.append(c)
+            block_start.append(len(blocks))
+            blocks.extend(table)
 
     def ints(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 
     return TritonPlan(
         q_start=ints(q_start),
-        q_len=ints(q_lens),
-        ctx=ints(ctx_lens),
+        q_len=ints(q_len),
+        ctx=ints(ctx),
         block_start=ints(block_start),
         blocks=ints(blocks),
         tile_seq=ints(tile_seq),
