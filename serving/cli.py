@@ -241,6 +241,7 @@ def serve_settings(
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         max_step_tokens=args.max_step_tokens,
+        max_encode_patches=args.max_encode_patches,
         kv_cache_memory_gb=args.kv_cache_memory / 2**30,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
@@ -443,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=EngineConfig.model_fields["max_step_tokens"].default,
         help="token budget of one engine step (decode tokens first, then prefill chunks)",
+    )
+    srv.add_argument(
+        "--max-encode-patches",
+        type=int,
+        default=EngineConfig.model_fields["max_encode_patches"].default,
+        help="vision patches encoded between two engine steps (queued requests' images, whole)",
     )
     srv.add_argument(
         "--no-prefix-caching",

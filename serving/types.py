@@ -266,8 +266,9 @@ class StageTimings:
     """Where one request's time went, stage by stage (seconds, and bytes moved between stages).
     Each stage fills its own fields; the orchestrator merges them into the request's total."""
 
-    encode_s: float | None = None
-    encode_queue_s: float | None = None
+    media_s: float | None = None  # decoding and preprocessing the media that missed the cache
+    encode_s: float | None = None  # the vision batch
+    encode_queue_s: float | None = None  # from the hand-over to the engine thread to its vision batch
     e2p_transfer_s: float | None = None
     e2p_bytes: float | None = None
     prefill_s: float | None = None

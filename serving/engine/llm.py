@@ -41,7 +41,7 @@ from serving.engine.scheduler import Batch, Scheduler
 from serving.engine.sequence import Sequence
 from serving.engine.tokenizer import Tokenizer
 from serving.engine.video_processor import VideoProcessor, video_config
-from serving.types import FinishReason, RequestStatus, SamplingParams, TokenDelta
+from serving.types import FinishReason, RequestStatus, SamplingParams, StageTimings, TokenDelta
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,10 @@ class LLMEngine:
         self._reserved: dict[str, Sequence] = {}  # blocks set aside for KV arriving from a prefill
         self._ids = itertools.count()
         self.last_batch: Batch | None = None  # what the latest step ran: its sequences and token counts
-        # Requests whose prefill completed in the latest step -> their prefill time: from the start of the
-        # step that took their first prompt chunk to the end of this one (vLLM's prefill time).
-        self.last_prefilled: dict[str, float] = {}
+        # Requests whose prefill completed in the latest step -> their prefill time (from the start of the
+        # step that took their first prompt chunk to the end of this one: vLLM's prefill time) and their
+        # wait before it (from being queued here to that step's start).
+        self.last_prefilled: dict[str, StageTimings] = {}
         self.requests_failed = 0  # requests that failed alone inside a step
         self.visual_kv_kept = 0  # compacted handoffs: visual tokens' KV rows handed on …
         self.visual_kv_dropped = 0  # … and left behind
@@ -176,6 +177,7 @@ class LLMEngine:
         self._seqs[request_id] = seq
         if prefill_only:
             self._prefill_only.add(request_id)
+        seq.queued_at = time.perf_counter()
         self.scheduler.add(seq)
         return request_id
 
@@ -380,7 +382,10 @@ class LLMEngine:
         for i in complete:
             if i >= num_decode:
                 seq = seqs[i]
-                self.last_prefilled[seq.request_id] = done - (seq.prefill_started or done)
+                started = seq.prefill_started or done
+                self.last_prefilled[seq.request_id] = StageTimings(
+                    prefill_s=done - started, prefill_queue_s=max(0.0, started - seq.queued_at)
+                )
         deltas = [self._resumed(seqs[i]) for i in complete if seqs[i].resume_pending]
         for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
             try:

@@ -12,7 +12,7 @@ from serving.observability.panels import MW, RATE, M, base, panel, target
 
 # The stages up to the first streamed token and the hand-over after it: the first token leaves with
 # the prefill result, and P→D is what the second token waits for; stacked in request order.
-TTFT_STAGES = ("encode", "e2p_transfer", "prefill", "p2d_transfer")
+TTFT_STAGES = ("media", "encode", "e2p_transfer", "prefill", "p2d_transfer")
 
 
 def stage_mean(stages: str) -> str:

@@ -4,6 +4,7 @@ into, and the encode stage's cache keyed by image content."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -65,7 +66,9 @@ def image_key(pixels: np.ndarray) -> str:
 
 
 class EmbeddingCache:
-    """LRU of visual embeddings, bounded in bytes, with hit and miss counters."""
+    """LRU of visual embeddings, bounded in bytes, with hit and miss counters. Safe to use from any
+    thread: a request looks its media up from its own thread, without waiting for the engine thread's
+    next pass (a whole engine step under load)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -73,25 +76,28 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: str) -> torch.Tensor | None:
-        value = self._entries.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return value
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return value
 
     def put(self, key: str, value: torch.Tensor) -> None:
         size = value.numel() * value.element_size()
-        if size > self.max_bytes or key in self._entries:
-            return
-        self._entries[key] = value
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+        with self._lock:
+            if size > self.max_bytes or key in self._entries:
+                return
+            self._entries[key] = value
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()

@@ -6,12 +6,14 @@ Mixed into `StageWorker`."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from serving.stages.embeddings import image_key
+from serving.stages.loop import Encoded, VisionBatchFailed
 from serving.types import (
     EmbeddingRef,
     MediaItem,
@@ -25,6 +27,7 @@ from serving.types import (
 # What a stage is handed to encode: media the gateway planned (bytes, decoded here), or pixels a local
 # caller decoded itself.
 Media = MediaItem | np.ndarray
+T = TypeVar("T")
 
 
 class EncodePath:
@@ -41,59 +44,66 @@ class EncodePath:
             raise
 
     def _encode(self: Any, request_id: str, images: list[Media], keep: list[int]) -> EmbeddingRef:
-        start = time.perf_counter()
-        packed, kept, run_s = self._embed_images(request_id, images, keep)
-        rows = packed.shape[0]
+        timings = StageTimings()
 
-        def hold() -> EmbeddingRef:
+        def hold(packed: torch.Tensor, kept: list[list[int] | None] | None) -> EmbeddingRef:
+            rows = packed.shape[0]
             if not self._room(rows):
                 raise WorkerUnavailable("no embedding slots free")
             slots = self.embeddings.allocate(rows)
             self.embeddings.write(slots, packed)
             lease = self._hold(request_id, Role.ENCODE, lambda: self.embeddings.free(slots))
             source = self.transport.publish("emb", self.embeddings.regions(slots, rows))
-            timings = StageTimings(encode_s=run_s, encode_queue_s=time.perf_counter() - start - run_s)
             return EmbeddingRef(source, rows, lease, timings, kept)
 
-        return self.loop.call(hold)
+        return self._embed_images(request_id, images, keep, timings, hold)
 
     def _embed_images(
-        self: Any, request_id: str, images: list[Media], keep: list[int]
-    ) -> tuple[torch.Tensor, list[list[int] | None] | None, float]:
-        """Packed embeddings of the media, from the cache where possible (whole: pruning applies
-        after, so one entry serves every rate), cut to what pruning keeps (`keep`, per item); the kept
-        tokens' indices per item; and the vision time."""
+        self: Any,
+        request_id: str,
+        images: list[Media],
+        keep: list[int],
+        timings: StageTimings,
+        then: Callable[[torch.Tensor, list[list[int] | None] | None], T],
+    ) -> T:
+        """The media's packed embeddings, from the cache where possible (whole: pruning applies after,
+        so one entry serves every rate), cut to what pruning keeps (`keep`, per item), and the kept
+        tokens' indices per item, handed to `then` on the engine thread -- in the same pass as their
+        vision batch, so what follows (admission, holding them for a peer) waits for no further step.
+        Returns what `then` returns; sets the media, encode and encode-queue timings."""
         keys = [im.key if isinstance(im, MediaItem) else image_key(im) for im in images]
-        found = self.loop.call(lambda: [self.cache.get(k) for k in keys])
+        found = [self.cache.get(k) for k in keys]
         missing = [i for i, hit in enumerate(found) if hit is None]
-        run_s = 0.0
-        if missing:
-            pixels = self._decode([images[i] for i in missing])
-            processed = [self.engine.inputs.process(p) for p in pixels]
-            for i, p in zip(missing, processed, strict=True):
-                item = images[i]
-                if isinstance(item, MediaItem) and tuple(p.grid_thw) != self.engine.inputs.grid(item):
-                    raise RequestFailed("the media did not match their plan", Role.ENCODE)
-            t0 = time.perf_counter()
-            try:
-                fresh = self.loop.encode(request_id, processed)
-            except WorkerUnavailable:
-                raise
-            except Exception as exc:  # noqa: BLE001 - this request's images failed, alone
-                raise RequestFailed("the images could not be encoded", Role.ENCODE) from exc
-            run_s = time.perf_counter() - t0
-
-            def remember() -> None:
-                for i, emb in zip(missing, fresh, strict=True):
-                    self.cache.put(keys[i], emb)
-
-            self.loop.call(remember)
-            for i, emb in zip(missing, fresh, strict=True):
-                found[i] = emb
         inputs = self.engine.inputs
         items = [(inputs.grid(im), im.video if isinstance(im, MediaItem) else im.ndim == 4) for im in images]
-        rows, kept = self.engine.prune(found, items, keep)
-        return torch.cat(rows), kept, run_s
+
+        def finish(fresh: list[torch.Tensor]) -> T:
+            for i, emb in zip(missing, fresh, strict=True):
+                self.cache.put(keys[i], emb)
+                found[i] = emb
+            rows, kept = self.engine.prune(found, items, keep)
+            return then(torch.cat(rows), kept)
+
+        if not missing:  # all cached: the encode stage took no time
+            timings.encode_s = timings.encode_queue_s = 0.0
+            return self.loop.call(lambda: finish([]))
+        start = time.perf_counter()
+        pixels = self._decode([images[i] for i in missing])
+        processed = [inputs.process(p) for p in pixels]
+        for i, p in zip(missing, processed, strict=True):
+            item = images[i]
+            if isinstance(item, MediaItem) and tuple(p.grid_thw) != inputs.grid(item):
+                raise RequestFailed("the media did not match their plan", Role.ENCODE)
+        timings.media_s = time.perf_counter() - start
+
+        def encoded(done: Encoded) -> T:
+            timings.encode_s, timings.encode_queue_s = done.run_s, done.queued_s
+            return finish(done.embeds)
+
+        try:
+            return self.loop.encode(request_id, processed, encoded)
+        except VisionBatchFailed as exc:  # this request's media failed, alone
+            raise RequestFailed("the images could not be encoded", Role.ENCODE) from exc.__cause__
 
     def _decode(self: Any, media: list[Media]) -> list[np.ndarray]:
         """Pixels of each item: planned items decoded on the worker's decode threads."""
@@ -112,8 +122,15 @@ class EncodePath:
         return self.embeddings.num_free >= self.embeddings.slots_for(rows)
 
     def _pull_embeddings(
-        self: Any, request_id: str, ref: EmbeddingRef, timings: StageTimings
-    ) -> torch.Tensor:
+        self: Any,
+        request_id: str,
+        ref: EmbeddingRef,
+        timings: StageTimings,
+        then: Callable[[torch.Tensor], T],
+    ) -> T:
+        """Pull the embeddings into slots of this worker, then, on the engine thread, read them out,
+        free the slots and hand them to `then`; returns what `then` returns."""
+
         def take() -> list[int] | None:
             if not self._room(ref.num_tokens):
                 return None
@@ -128,10 +145,10 @@ class EncodePath:
         timings.e2p_transfer_s = time.perf_counter() - start
         timings.e2p_bytes = float(ref.source.nbytes)
 
-        def read_and_free() -> torch.Tensor:
+        def read_and_free() -> T:
             out = self.embeddings.read(slots, ref.num_tokens)
             self.embeddings.free(slots)
             self.ledger.update(request_id, lambda e: e.slot_lists.remove(slots))
-            return out
+            return then(out)
 
         return self.loop.call(read_and_free)

@@ -1,10 +1,15 @@
 """The engine thread of a worker: the only thread that touches the engine, its pools and leases.
 
 Other threads hand it work with `call` (run a function there, wait for its result) or `encode`
-(images joining the next vision batch). Each pass it runs the queued calls, housekeeping (pull
-notifications, lease expiry), one batched encode of everything queued, and one engine step, then hands
-the step's token deltas to `deliver`. With nothing to run it sleeps until work is handed to it: only
-while `housekeeping_due` says something is pending (leases a peer may pull) does it wake every few
+(media joining the next vision batch, with what to do with the embeddings). Each pass it runs the
+queued calls, housekeeping (pull notifications, lease expiry), one vision batch of the queued encodes
+in arrival order (up to `max_encode_patches`; the rest wait for the next pass), and one engine step,
+then hands the step's token deltas to `deliver`. What an encode asks to run after its batch (admitting
+the request into the engine, holding its embeddings for a peer) runs in the same pass, before the step:
+a colocated request's prefill starts in the step right after its vision batch, not one or two steps
+later; and a burst of image requests no longer holds the running decodes back for all its vision
+batches at once. With nothing to run it sleeps until work is handed to it: only while
+`housekeeping_due` says something is pending (leases a peer may pull) does it wake every few
 milliseconds, so an idle worker costs no CPU.
 
 A failure inside one request is contained by the engine (that request ends with an error). A failure
@@ -22,6 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -37,6 +43,33 @@ _LIVENESS_CHECK_S = 0.5
 log = logging.getLogger(__name__)
 
 Deliver = Callable[[list[TokenDelta]], None]  # one step's deltas
+
+
+class VisionBatchFailed(Exception):
+    """An encode's own vision batch failed (its cause says why); raised by `EngineLoop.encode`, so a
+    caller tells it from a failure of what it asked to run after the batch."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One encode's share of a vision batch, handed to what it asked to run next."""
+
+    embeds: list[torch.Tensor]  # one per item, in the order given
+    queued_s: float  # from the hand-over to the start of its vision batch
+    run_s: float  # the vision batch's time (shared with the jobs batched with it)
+
+
+@dataclass
+class _EncodeJob:
+    request_id: str
+    images: list[ProcessedImage]
+    then: Callable[[Encoded], object]
+    future: Future
+    queued_at: float
+
+    @property
+    def patches(self) -> int:
+        return sum(im.pixel_values.shape[0] for im in self.images)
 
 
 class EngineLoop:
@@ -59,7 +92,8 @@ class EngineLoop:
         self._on_broken = on_broken
         self.stuck_after_s = stuck_after_s
         self._calls: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
-        self._encodes: queue.Queue[tuple[str, list[ProcessedImage], Future]] = queue.Queue()
+        self._encodes: queue.Queue[_EncodeJob] = queue.Queue()
+        self._encode_backlog: list[_EncodeJob] = []  # taken off the queue, waiting for a later pass
         self.images_encoded = 0
         # CPU seconds of this thread (`time.thread_time`) per part, for `benchmarks.delivery_profile`:
         # a few clock reads per step, cheap enough to keep on.
@@ -67,6 +101,7 @@ class EngineLoop:
         self.tokens = 0
         self.step_cpu_s = 0.0
         self.deliver_cpu_s = 0.0
+        self.encode_s = 0.0  # wall time in vision batches
         self.broken: str | None = None  # why the loop stopped serving, once it has
         self._pass_started: float | None = None  # when the current pass began; None while idle-waiting
         self._stop = threading.Event()
@@ -96,11 +131,12 @@ class EngineLoop:
             except FutureTimeout:
                 self._check_alive()
 
-    def encode(self, request_id: str, images: list[ProcessedImage]) -> list[torch.Tensor]:
-        """The images' embeddings, from the next vision batch (shared with other requests' images)."""
+    def encode(self, request_id: str, images: list[ProcessedImage], then: Callable[[Encoded], T]) -> T:
+        """Run the images through a vision batch (shared with other requests' images), then `then` on
+        the embeddings, on the engine thread in the same pass; returns what `then` returns."""
         future: Future = Future()
         self._check_alive()
-        self._encodes.put((request_id, images, future))
+        self._encodes.put(_EncodeJob(request_id, images, then, future, time.perf_counter()))
         self._wake.set()
         while True:
             try:
@@ -128,7 +164,7 @@ class EngineLoop:
             if self._on_start is not None:
                 self._on_start()
             while not self._stop.is_set() and self.broken is None:
-                busy = self.engine.has_unfinished()
+                busy = self.engine.has_unfinished() or bool(self._encode_backlog)
                 self._run_calls(block=not busy)
                 self._pass_started = time.monotonic()
                 self._housekeeping()
@@ -169,34 +205,49 @@ class EngineLoop:
                 return
 
     def _run_encodes(self) -> None:
-        jobs: list[tuple[str, list[ProcessedImage], Future]] = []
         while not self._encodes.empty():
-            jobs.append(self._encodes.get_nowait())
-        if jobs:
-            self._encode_jobs(jobs)
+            self._encode_backlog.append(self._encodes.get_nowait())
+        if not self._encode_backlog:
+            return
+        # Whole jobs in arrival order up to the patch budget, at least one: one request's images stay
+        # in one batch, and a burst of image requests is spread over passes with steps between them.
+        budget, jobs = self.engine.cfg.max_encode_patches, []
+        while self._encode_backlog and (not jobs or self._encode_backlog[0].patches <= budget):
+            job = self._encode_backlog.pop(0)
+            budget -= job.patches
+            jobs.append(job)
+        self._encode_jobs(jobs)
 
-    def _encode_jobs(self, jobs: list[tuple[str, list[ProcessedImage], Future]]) -> None:
-        """One vision batch for every queued job; if it fails, each job alone, so only the job that
-        fails by itself gets the error."""
+    def _encode_jobs(self, jobs: list[_EncodeJob]) -> None:
+        """One vision batch for these jobs; if it fails, each job alone, so only the job that fails by
+        itself gets the error. Then each job's `then`, whose failure is that job's alone."""
+        started = time.perf_counter()
         try:
             if self.engine.fault_hook is not None:
-                self.engine.fault_hook("encode", [request_id for request_id, _, _ in jobs])
-            flat = [im for _, images, _ in jobs for im in images]
+                self.engine.fault_hook("encode", [job.request_id for job in jobs])
+            flat = [im for job in jobs for im in job.images]
             embeds: list[torch.Tensor] = []
             limit = self.engine.cfg.max_encode_images
             for start in range(0, len(flat), limit):
                 embeds.extend(self.engine.runner.encode(flat[start : start + limit]))
         except Exception as exc:  # noqa: BLE001 - narrowed down to the failing job
             if len(jobs) == 1:
-                jobs[0][2].set_exception(exc)
+                failed = VisionBatchFailed(f"the vision batch failed: {type(exc).__name__}")
+                failed.__cause__ = exc
+                jobs[0].future.set_exception(failed)
                 return
             for job in jobs:
                 self._encode_jobs([job])
             return
+        run_s = time.perf_counter() - started
         self.images_encoded += len(flat)
-        for _, images, future in jobs:
-            future.set_result(embeds[: len(images)])
-            embeds = embeds[len(images) :]
+        self.encode_s += run_s
+        for job in jobs:
+            mine, embeds = embeds[: len(job.images)], embeds[len(job.images) :]
+            try:
+                job.future.set_result(job.then(Encoded(mine, started - job.queued_at, run_s)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                job.future.set_exception(exc)
 
     def _step(self) -> None:
         cpu = time.thread_time()
@@ -211,11 +262,17 @@ class EngineLoop:
     def _fail_queued(self) -> None:
         """Whoever still waits on the loop learns that it stopped."""
         error = WorkerUnavailable("the worker's engine stopped")
-        for q in (self._calls, self._encodes):
-            while True:
-                try:
-                    future = q.get_nowait()[-1]
-                except queue.Empty:
-                    break
-                if not future.done():
-                    future.set_exception(error)
+        futures = [job.future for job in self._encode_backlog]
+        while True:
+            try:
+                futures.append(self._calls.get_nowait()[1])
+            except queue.Empty:
+                break
+        while True:
+            try:
+                futures.append(self._encodes.get_nowait().future)
+            except queue.Empty:
+                break
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)

@@ -36,16 +36,18 @@ class DeltaTimings:
     """Stamps a request's stage timings on its stream: what came before (encode, transfers) and the
     prefill on the first delta, the decode time on the last."""
 
-    def __init__(self, request_id: str, timings: StageTimings | None, prefill_s: dict[str, float]) -> None:
+    def __init__(
+        self, request_id: str, timings: StageTimings | None, prefilled: dict[str, StageTimings]
+    ) -> None:
         self.request_id = request_id
         self._pending = timings
-        self._prefill_s = prefill_s  # the worker's: filled by deliver when the request's prefill ends
+        self._prefilled = prefilled  # the worker's: filled by deliver when the request's prefill ends
         self._first_at: float | None = None
 
     def stamp(self, delta: TokenDelta) -> TokenDelta:
         self._first_at = self._first_at or time.perf_counter()
-        if (run_s := self._prefill_s.pop(self.request_id, None)) is not None:
-            self._pending = (self._pending or StageTimings()).merge(StageTimings(prefill_s=run_s))
+        if (prefill := self._prefilled.pop(self.request_id, None)) is not None:
+            self._pending = (self._pending or StageTimings()).merge(prefill)
         if delta.finished:
             decode_s = time.perf_counter() - self._first_at
             self._pending = (self._pending or StageTimings()).merge(StageTimings(decode_s=decode_s))

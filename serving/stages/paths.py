@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 import queue
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from serving.types import (
     WorkerUnavailable,
 )
 
+T = TypeVar("T")
 _EVICTED = object()  # put in a stream's sink: the request must continue on another worker
 
 
@@ -64,12 +65,10 @@ class RequestPaths:
         resume: list[int] | None,
     ) -> PrefillResult:
         timings = StageTimings()
-        prompt, embeds = self._prompt_inputs(request_id, spec, embeddings, images, timings)
-        start = time.perf_counter()
-        sink = self._admit(request_id, prompt, params, embeds, prefill_only=True, resume=resume)
+        sink: queue.Queue[TokenDelta] = queue.Queue()
+        self._admit(request_id, spec, embeddings, images, timings, params, True, resume, sink)
         delta = self._next(sink)
-        timings.prefill_s = self._prefill_s.pop(request_id, 0.0)
-        timings.prefill_queue_s = time.perf_counter() - start - timings.prefill_s
+        timings.merge(self._prefilled.pop(request_id, None))
         if delta.finish_reason == FinishReason.ERROR:
             raise RequestFailed(delta.error or "the prefill failed", Role.PREFILL)
         if delta.finished:
@@ -125,19 +124,19 @@ class RequestPaths:
     def _admit(
         self: Any,
         request_id: str,
-        prompt: Prompt,
+        spec: PromptSpec,
+        embeddings: EmbeddingRef | None,
+        images: list[np.ndarray] | None,
+        timings: StageTimings,
         params: SamplingParams,
-        embeds: torch.Tensor | None,
         prefill_only: bool,
-        resume: list[int] | None = None,
-        sink: Any = None,
-    ) -> Any:
-        """Queue the request in the engine; its deltas arrive in the returned sink (a new queue, unless
-        a consumer's `StreamSink` is given)."""
-        if sink is None:
-            sink = queue.Queue()
+        resume: list[int] | None,
+        sink: Any,
+    ) -> None:
+        """Queue the request in the engine with its visual embeddings (pulled from an encode worker,
+        encoded here, or none); its deltas go to `sink` (a queue, or a consumer's `StreamSink`)."""
 
-        def add() -> None:
+        def add(prompt: Prompt, embeds: torch.Tensor | None) -> None:
             self.ledger.update(request_id, lambda e: setattr(e, "sink", sink))
             try:
                 self.engine.add_request(
@@ -147,8 +146,7 @@ class RequestPaths:
                 raise RequestFailed(str(exc), Role.PREFILL) from None
             self.ledger.update(request_id, lambda e: setattr(e, "in_engine", True))
 
-        self.loop.call(add)
-        return sink
+        self._prompt_inputs(request_id, spec, embeddings, images, timings, add)
 
     def _prompt_inputs(
         self: Any,
@@ -157,19 +155,24 @@ class RequestPaths:
         embeddings: EmbeddingRef | None,
         images: list[np.ndarray] | None,
         timings: StageTimings,
-    ) -> tuple[Prompt, torch.Tensor | None]:
-        """The prompt and its visual embeddings: pulled from an encode worker, encoded here, or none."""
+        then: Callable[[Prompt, torch.Tensor | None], T],
+    ) -> T:
+        """The prompt and its visual embeddings (pulled from an encode worker, encoded here, or none)
+        handed to `then` on the engine thread, in the same pass as the last work they need there (the
+        vision batch, or the read of the pulled embeddings): the step right after can prefill them."""
         prompt = Prompt(spec.token_ids, grids=spec.grids, video_seconds=spec.video_seconds, keep=spec.keep)
         if embeddings is not None:
             timings.merge(embeddings.timings)
             prompt.kept = embeddings.kept
-            return prompt, self._pull_embeddings(request_id, embeddings, timings)
+            return self._pull_embeddings(request_id, embeddings, timings, lambda embeds: then(prompt, embeds))
         if images:
-            t0 = time.perf_counter()
-            embeds, prompt.kept, run_s = self._embed_images(request_id, images, spec.keep)
-            timings.encode_s, timings.encode_queue_s = run_s, time.perf_counter() - t0 - run_s
-            return prompt, embeds
-        return prompt, None
+
+            def encoded(embeds: torch.Tensor, kept: list[list[int] | None] | None) -> T:
+                prompt.kept = kept
+                return then(prompt, embeds)
+
+            return self._embed_images(request_id, images, spec.keep, timings, encoded)
+        return self.loop.call(lambda: then(prompt, None))
 
     def _wait_for(self: Any, attempt: Any) -> Any:
         """Run `attempt` on the engine thread until it gives something, within the admission timeout."""
@@ -283,8 +286,8 @@ class RequestPaths:
         try:
             self.ledger.admit(request_id, Role.DECODE)
             timings = StageTimings()
-            prompt, embeds = self._prompt_inputs(request_id, spec, embeddings, images, timings)
-            sink = self._admit(request_id, prompt, params, embeds, prefill_only=False, resume=resume)
+            sink: queue.Queue[TokenDelta] = queue.Queue()
+            self._admit(request_id, spec, embeddings, images, timings, params, False, resume, sink)
         except BaseException:
             self._quiet_free(request_id)
             raise
@@ -294,7 +297,7 @@ class RequestPaths:
         self: Any, request_id: str, sink: queue.Queue[TokenDelta], timings: StageTimings
     ) -> Iterator[TokenDelta]:
         """Deltas of a request until it finishes; timings ride on the first and the last delta."""
-        stamp = DeltaTimings(request_id, timings, self._prefill_s)
+        stamp = DeltaTimings(request_id, timings, self._prefilled)
         try:
             while True:
                 delta = stamp.stamp(self._next(sink))

@@ -85,9 +85,8 @@ class ConsumerStreams:
         try:
             self.ledger.admit(request_id, Role.DECODE)
             timings = StageTimings()
-            prompt, embeds = self._prompt_inputs(request_id, spec, embeddings, images, timings)
             sink = self._stream_sink(consumer, request_id, timings)
-            self._admit(request_id, prompt, params, embeds, prefill_only=False, resume=resume, sink=sink)
+            self._admit(request_id, spec, embeddings, images, timings, params, False, resume, sink)
         except BaseException:
             self._quiet_free(request_id)
             raise
@@ -118,5 +117,5 @@ class ConsumerStreams:
         return self._outboxes.setdefault(consumer, Outbox())  # atomic under the GIL
 
     def _stream_sink(self: Any, consumer: str, request_id: str, timings: StageTimings) -> StreamSink:
-        stamp = DeltaTimings(request_id, timings, self._prefill_s)
+        stamp = DeltaTimings(request_id, timings, self._prefilled)
         return StreamSink(self._outbox(consumer), stamp, _EVICTED)

@@ -57,6 +57,7 @@ from serving.transport.leases import LeaseTable
 from serving.types import (
     FinishReason,
     Roles,
+    StageTimings,
     TokenDelta,
     WorkerInfo,
     WorkerPhase,
@@ -93,7 +94,7 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
         self.decoder = Decoder()  # the gateway ships media compressed: decoded here, off the engine thread
         self.faults = FaultPlan()
         self.engine.fault_hook = self.faults.check
-        self._prefill_s: dict[str, float] = {}
+        self._prefilled: dict[str, StageTimings] = {}  # prefill timings until its stream takes them
         self._outboxes: dict[str, Outbox] = {}  # consumer → its deltas not yet taken
         self.stream_counters = StreamCounters()
         self.loop = EngineLoop(
@@ -176,7 +177,7 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
         """On the engine thread: release every lease, engine slot, embedding slot and sink."""
         self.leases.release_request(request_id)
         self.engine.abort(request_id)
-        self._prefill_s.pop(request_id, None)
+        self._prefilled.pop(request_id, None)
         entry = self.ledger.pop(request_id)
         if entry is None:
             return
@@ -189,8 +190,8 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
         prefilled = self.engine.last_prefilled
         touched: dict[int, Outbox] = {}
         for delta in deltas:
-            if (prefill_s := prefilled.get(delta.request_id)) is not None:
-                self._prefill_s[delta.request_id] = prefill_s
+            if (prefill := prefilled.get(delta.request_id)) is not None:
+                self._prefilled[delta.request_id] = prefill
             entry = self.ledger.get(delta.request_id)
             sink = entry.sink if entry is not None else None
             if isinstance(sink, StreamSink):

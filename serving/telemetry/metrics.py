@@ -24,7 +24,7 @@ from serving.types import StageTimings, WorkerStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
-STAGES = ("encode", "e2p_transfer", "prefill", "p2d_transfer", "decode")
+STAGES = ("media", "encode", "e2p_transfer", "prefill", "p2d_transfer", "decode")
 QUEUED_STAGES = ("encode", "prefill")  # the stages whose workers queue requests for a batch
 ERROR_TYPES = (
     "invalid_request",  # 4xx for the request itself (schema, media, context length, content type)
@@ -280,6 +280,9 @@ def _record(
     their token count is not known here, so it is left at 0 and the controller's cost model is
     calibrated per request kind instead."""
     kind = Kind.IMAGE if timings.encode_s is not None else Kind.TEXT
+    # The encode worker's service is its media decoding and its vision batch: both grow with the
+    # images, and another encode worker takes both on.
+    encode_s = None if timings.encode_s is None else timings.encode_s + (timings.media_s or 0.0)
     return RequestRecord.finished(
         arrival,
         first_token,
@@ -289,7 +292,7 @@ def _record(
         finish_reason in ("stop", "length"),
         queue_s=queue_s,
         encode_queue_s=timings.encode_queue_s,
-        encode_s=timings.encode_s,
+        encode_s=encode_s,
         e2p_s=timings.e2p_transfer_s,
         prefill_queue_s=timings.prefill_queue_s,
         prefill_s=timings.prefill_s,

@@ -156,16 +156,21 @@ def test_prefill_time_spans_every_chunk_not_only_the_last(chunked):
     time) runs from the step that took its first chunk to the step that computed its first token:
     with chunked prefill, every chunk's step is in it, not only the last one's."""
     prompt = long_prompt(chunked, seed=11)
+    queued = time.perf_counter()
     chunked.add_request(prompt, SamplingParams(max_tokens=2), request_id="spanned")
+    time.sleep(0.05)  # a wait in the queue before the first step: its queue time
     steps: list[tuple[float, float]] = []
     while "spanned" not in chunked.last_prefilled:
         start = time.perf_counter()
         chunked.step()
         steps.append((start, time.perf_counter()))
-    span = chunked.last_prefilled["spanned"]
+    span = chunked.last_prefilled["spanned"].prefill_s
+    waited = chunked.last_prefilled["spanned"].prefill_queue_s
     assert len(steps) >= 4
     first_begun, last_begun, last_done = steps[0][0], steps[-1][0], steps[-1][1]
     # Inside [first step's start, last step's end], and longer than everything before the last step.
     assert last_begun - first_begun < span <= last_done - first_begun
+    # The queue time runs from joining the engine to the first chunk's step, no more.
+    assert 0.05 <= waited <= first_begun - queued
     while chunked.has_unfinished():
         chunked.step()

@@ -72,7 +72,7 @@ def test_embeddings_arrive_byte_for_byte(workers):
     _, arrays = spec_for(e, images)
     ref = e.encode("r1", arrays)
     sent = torch.cat([e.cache.get(image_key(a)) for a in arrays])
-    received = p._pull_embeddings("r1", ref, StageTimings())
+    received = p._pull_embeddings("r1", ref, StageTimings(), lambda embeds: embeds)
     assert received.shape == sent.shape and torch.equal(received.view(torch.uint8), sent.view(torch.uint8))
     assert wait_for(lambda: e.stats().leases_active == 0), "the pull's notification releases E's lease"
     assert e.stats().leases_released == 1 and e.stats().embedding_slots_free == e.cfg.embedding_slots
