@@ -101,7 +101,6 @@ class EngineLoop:
         self.tokens = 0
         self.step_cpu_s = 0.0
         self.deliver_cpu_s = 0.0
-        self.encode_s = 0.0  # wall time in vision batches
         self.broken: str | None = None  # why the loop stopped serving, once it has
         self._pass_started: float | None = None  # when the current pass began; None while idle-waiting
         self._stop = threading.Event()
@@ -241,7 +240,6 @@ class EngineLoop:
             return
         run_s = time.perf_counter() - started
         self.images_encoded += len(flat)
-        self.encode_s += run_s
         for job in jobs:
             mine, embeds = embeds[: len(job.images)], embeds[len(job.images) :]
             try:
