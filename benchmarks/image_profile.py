@@ -24,7 +24,6 @@ environment's packages), then the current tree, one after the other on the same 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -33,7 +32,7 @@ from types import SimpleNamespace
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadgen.cli import bench
-from loadgen.server import start_server, stop_server
+from loadgen.server import checkout, start_server, stop_server
 
 PARTS = (
     ("media", "epd:stage_duration_seconds", "media"),
@@ -92,14 +91,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tables = []
     if args.before:
-        with tempfile.TemporaryDirectory() as tmp:
-            tree = Path(tmp) / "before"
-            subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before], check=True)
-            try:
-                rows = profile(args, model, out / "before", tree)
-                tables.append((f"before: {args.before}", rows))
-            finally:
-                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=True)
+        with checkout(args.before) as tree:
+            tables.append((f"before: {args.before}", profile(args, model, out / "before", tree)))
     tables.append(("this tree", profile(args, model, out / "after", None)))
     for label, rows in tables:
         print_table(args, label, rows)

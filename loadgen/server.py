@@ -1,4 +1,5 @@
-"""Start `epd serve` as a child process on a free loopback port, wait until it is ready, stop it."""
+"""Start `epd serve` as a child process on a free loopback port, wait until it is ready, stop it; check
+out an older revision to serve the same way."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -31,6 +34,20 @@ def start_server(
     if source is not None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])}
     return launch(cmd, port, "/ready", log, timeout_s, env=env, cwd=source)
+
+
+@contextlib.contextmanager
+def checkout(rev: str) -> Iterator[Path]:
+    """A detached git worktree of this repository at `rev` for the length of the block: an older tree
+    for `start_server(source=...)`, removed afterwards."""
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), rev], check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False)
 
 
 def launch(
