@@ -177,7 +177,6 @@ class LLMEngine:
         self._seqs[request_id] = seq
         if prefill_only:
             self._prefill_only.add(request_id)
-        seq.queued_at = time.perf_counter()
         self.scheduler.add(seq)
         return request_id
 

@@ -19,6 +19,7 @@ the admission nothing. After each step the engine offers newly completed prompt 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ class Scheduler:
         self.prefix_hit_tokens = 0  # of those, tokens whose KV came from the prefix cache
 
     def add(self, seq: Sequence) -> None:
+        seq.queued_at = time.perf_counter()  # its prefill queue time runs from here
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:

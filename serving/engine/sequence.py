@@ -45,7 +45,7 @@ class Sequence:
     kv_scores: torch.Tensor | None = None  # visual-KV compaction: attention each position received
     resume_pending: bool = False  # restored outputs whose KV a prefill must recompute, not sample
     prompt_positions: torch.Tensor | None = None  # (3, prompt) M-RoPE positions, made on the first chunk
-    queued_at: float = 0.0  # perf_counter when it joined the engine's queue
+    queued_at: float = 0.0  # perf_counter when it joined the scheduler's waiting queue
     prefill_started: float | None = None  # perf_counter at the start of the step that took its first chunk
     matcher: Any = None  # the request's grammar state (an llguidance matcher), when it has a grammar
     _held: str = ""  # text withheld from the stream while it could still become a stop string

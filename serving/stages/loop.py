@@ -45,6 +45,16 @@ log = logging.getLogger(__name__)
 Deliver = Callable[[list[TokenDelta]], None]  # one step's deltas
 
 
+def _drain(q: queue.Queue) -> list:
+    """Everything queued on `q` now."""
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
+
+
 class VisionBatchFailed(Exception):
     """An encode's own vision batch failed (its cause says why); raised by `EngineLoop.encode`, so a
     caller tells it from a failure of what it asked to run after the batch."""
@@ -261,16 +271,8 @@ class EngineLoop:
         """Whoever still waits on the loop learns that it stopped."""
         error = WorkerUnavailable("the worker's engine stopped")
         futures = [job.future for job in self._encode_backlog]
-        while True:
-            try:
-                futures.append(self._calls.get_nowait()[1])
-            except queue.Empty:
-                break
-        while True:
-            try:
-                futures.append(self._encodes.get_nowait().future)
-            except queue.Empty:
-                break
+        futures += [fn_future[1] for fn_future in _drain(self._calls)]
+        futures += [job.future for job in _drain(self._encodes)]
         for future in futures:
             if not future.done():
                 future.set_exception(error)
