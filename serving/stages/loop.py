@@ -92,8 +92,12 @@ class EngineLoop:
         stuck_after_s: float = 120.0,
         housekeeping_due: Callable[[], bool] = lambda: False,
         on_start: Callable[[], None] | None = None,
+        wanted: Callable[[str], bool] = lambda _request_id: True,
     ) -> None:
         self.engine = engine
+        # Whether a request still wants its encode: one cancelled while its media waited for a vision
+        # batch is dropped when the batch is formed (cancels run on this thread too, so no later).
+        self._wanted = wanted
         self._on_start = on_start  # run first on the engine thread (CPU placement)
         self._housekeeping = housekeeping
         self._housekeeping_due = housekeeping_due
@@ -216,6 +220,9 @@ class EngineLoop:
     def _run_encodes(self) -> None:
         while not self._encodes.empty():
             self._encode_backlog.append(self._encodes.get_nowait())
+        for job in [j for j in self._encode_backlog if not self._wanted(j.request_id)]:
+            self._encode_backlog.remove(job)
+            job.future.set_exception(WorkerUnavailable("the request was cancelled before its vision batch"))
         if not self._encode_backlog:
             return
         # Whole jobs in arrival order up to the patch budget, at least one: one request's images stay

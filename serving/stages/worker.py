@@ -109,6 +109,7 @@ class StageWorker(RoleControl, TransferEndpoint, EncodePath, RequestPaths, Consu
                 if cfg.cpus and cfg.runtime_cpus
                 else None
             ),
+            wanted=lambda request_id: self.ledger.get(request_id) is not None,
         )
         self.ledger.accept(self.roles)
         self.phase = WorkerPhase.ACTIVE

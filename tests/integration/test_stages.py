@@ -150,3 +150,44 @@ def test_cancel_mid_decode_frees_kv_everywhere(workers):
     stream.close()  # the consumer goes away mid-decode
     assert wait_for(lambda: d.stats().kv_blocks_used == 0 and d.stats().num_running == 0)
     assert wait_for(lambda: p.stats().kv_blocks_used == 0)
+
+
+def test_cancel_while_waiting_for_a_vision_batch_frees_everything(workers):
+    """A client that goes away while its images wait behind another request's vision batch: they are
+    never encoded, no embedding slot or lease is taken for them, and the request's call fails."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.types import WorkerUnavailable
+
+    e = workers["e"]
+    encode, entered, release = e.engine.runner.encode, threading.Event(), threading.Event()
+    batches: list[int] = []
+
+    def held(images):
+        batches.append(len(images))
+        if len(batches) == 1:  # the first request's batch waits while the second queues behind it
+            entered.set()
+            assert release.wait(10)
+        return encode(images)
+
+    e.engine.runner.encode = held
+    _, first = spec_for(e, [make_image(56, 56, seed=31)])
+    _, second = spec_for(e, [make_image(56, 56, seed=32), make_image(28, 56, seed=33)])
+    with ThreadPoolExecutor(3) as pool:
+        a = pool.submit(e.encode, "first", first)
+        assert entered.wait(10)
+        b = pool.submit(e.encode, "gone", second)
+        assert wait_for(lambda: e.ledger.get("gone") is not None)
+        time.sleep(0.1)  # its images are queued for the next vision batch
+        cancel = pool.submit(e.cancel, "gone")  # runs on the engine thread once the held pass ends
+        release.set()
+        cancel.result(10)
+        with pytest.raises(WorkerUnavailable, match="cancelled"):
+            b.result(10)
+        ref = a.result(10)
+    assert batches == [1], "the cancelled request's two images were never encoded"
+    stats = e.stats()
+    assert stats.leases_active == 1 and e.ledger.get("gone") is None  # the first request's lease only
+    e.loop.call(lambda: e.leases.release(ref.lease_id))
+    assert wait_for(lambda: e.stats().embedding_slots_free == e.cfg.embedding_slots)

@@ -68,9 +68,12 @@ def image(patches: int) -> ProcessedImage:
 def make_loop():
     loops: list[EngineLoop] = []
 
-    def make(budget: int = 4096) -> tuple[EngineLoop, RecordingEngine]:
+    def make(budget: int = 4096, cancelled: set[str] | None = None) -> tuple[EngineLoop, RecordingEngine]:
         engine = RecordingEngine(budget)
-        loop = EngineLoop(engine, lambda: None, lambda _: None, lambda _: None)
+        gone = cancelled if cancelled is not None else set()
+        loop = EngineLoop(
+            engine, lambda: None, lambda _: None, lambda _: None, wanted=lambda r: r not in gone
+        )
         loops.append(loop)
         return loop, engine
 
@@ -130,6 +133,34 @@ def test_a_poisoned_image_fails_its_request_alone_with_the_cause(make_loop):
         bad.result(10)
     assert isinstance(failed.value.__cause__, RuntimeError)
     assert good.result(10) == 5.0
+
+
+def test_a_request_cancelled_while_waiting_is_not_encoded_nor_followed_up(make_loop):
+    """A client that goes away while its media wait behind another vision batch: its images are not
+    encoded and what was to follow (admission, holding embeddings for a peer) never runs."""
+    cancelled: set[str] = set()
+    loop, engine = make_loop(cancelled=cancelled)
+    followed: list[str] = []
+
+    def then(rid):
+        return lambda d: followed.append(rid) or d.embeds[0].item()
+
+    pool = ThreadPoolExecutor(3)
+    engine.held = True
+    first = pool.submit(loop.encode, "r0", [image(2)], then("r0"))
+    engine.wait_for_batch()
+    gone = pool.submit(loop.encode, "r1", [image(3)], then("r1"))
+    kept = pool.submit(loop.encode, "r2", [image(5)], then("r2"))
+    time.sleep(0.2)  # both queued behind r0's batch
+    cancelled.add("r1")  # the worker's cancel has freed r1 (it runs on the engine thread, after r0's pass)
+    engine.held = False
+    engine.release()
+    pool.shutdown(wait=False)
+    assert first.result(10) == 2.0 and kept.result(10) == 5.0
+    with pytest.raises(WorkerUnavailable, match="cancelled"):
+        gone.result(10)
+    assert followed == ["r0", "r2"]
+    assert "encode [5]" in engine.events and "encode [3, 5]" not in engine.events
 
 
 def test_a_burst_is_spread_over_passes_by_the_patch_budget(make_loop):
