@@ -98,6 +98,7 @@ def test_chart_serve_config_parses_as_epd_serve_flags(helm, tiny_model):
                   "--set", "allowMediaHosts={images.internal}", "--set", "controller.mode=on",
                   "--set-json", "slo.attainmentTarget=0.95", "--set", "engine.kvCacheMemory=96MiB",
                   "--set", "engine.maxNumSeqs=12", "--set", "engine.blockSize=8",
+                  "--set", "engine.maxStepTokens=512", "--set", "engine.maxEncodePatches=4096",
                   "--set", "head.gatewayReplicas=3")  # fmt: skip
     (rayservice,) = by_kind(docs, "RayService")
     config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
@@ -111,6 +112,7 @@ def test_chart_serve_config_parses_as_epd_serve_flags(helm, tiny_model):
     assert settings.controller.mode == "on" and settings.controller.attainment_target == 0.95
     engine = settings.worker_template.engine
     assert (engine.kv_cache_memory_gb, engine.max_num_seqs, engine.block_size) == (96 / 1024, 12, 8)
+    assert (engine.max_step_tokens, engine.max_encode_patches) == (512, 4096)
     assert settings.gateway.replicas == 3
     assert replace(settings, role_resources=False) == cli_settings_for(app["args"], tiny_model)
 

@@ -265,6 +265,7 @@ def test_engine_changes_start_a_new_cluster_and_serve_changes_do_not(helm):
     assert engine_digest(helm, "--set", "model.name=other") != base
     assert engine_digest(helm, "--set", "engine.kvCacheMemory=1GiB") != base
     assert engine_digest(helm, "--set-json", "engine.gpuMemoryUtilization=0.9") != base
+    assert engine_digest(helm, "--set", "engine.maxEncodePatches=4096") != base
 
 
 def test_head_drains_before_it_stops(rendered):

@@ -97,6 +97,8 @@ applications:
       {{- end }}
       max_num_seqs: {{ .Values.engine.maxNumSeqs }}
       block_size: {{ .Values.engine.blockSize }}
+      max_step_tokens: {{ .Values.engine.maxStepTokens }}
+      max_encode_patches: {{ .Values.engine.maxEncodePatches }}
       image_pruning_rate: {{ .Values.efficiency.imagePruningRate }}
       video_pruning_rate: {{ .Values.efficiency.videoPruningRate }}
       max_pruning_rate: {{ .Values.efficiency.maxPruningRate }}
