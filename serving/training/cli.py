@@ -23,6 +23,11 @@ def add_train_parser(model_sub: Any) -> None:
     p.add_argument("--threads", type=int, default=Recipe.threads)
     p.add_argument("--checkpoint-every", type=int, default=Recipe.checkpoint_every)
     p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
+    p.add_argument(
+        "--init",
+        metavar="DIR",
+        help="start at the readout stage from this trained model directory's weights and record",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -38,4 +43,4 @@ def cmd_train(args: argparse.Namespace) -> None:
         threads=args.threads,
         checkpoint_every=args.checkpoint_every,
     )
-    print(train(args.out, recipe, args.max_minutes))
+    print(train(args.out, recipe, args.max_minutes, args.init))

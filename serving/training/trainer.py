@@ -12,6 +12,7 @@ Lifecycle of `train(out, recipe)`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,15 +37,17 @@ CHECK_ITEMS = 8
 
 
 def lr_at(recipe: Recipe, step: int) -> float:
-    """Per stage (the tower alone, then the whole model): linear warm-up, then cosine decay to
-    `min_lr_ratio` of the peak. The second stage warms up again: its decoder starts from nothing."""
-    start, end = (0, recipe.tower_steps) if step < recipe.tower_steps else (recipe.tower_steps, recipe.steps)
+    """Per stage (the tower alone, the whole model, the readout): linear warm-up, then cosine decay
+    to `min_lr_ratio` of the stage's peak. Each stage warms up again: its optimiser starts afresh or
+    its decoder starts from nothing."""
+    start, end = recipe.stage_span(step)
+    peak = recipe.readout_lr if recipe.stage_at(step) == "readout" else recipe.lr
     step -= start
     if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
+        return peak * (step + 1) / recipe.warmup
     progress = (step - recipe.warmup) / max(1, end - start - recipe.warmup)
     floor = recipe.min_lr_ratio
-    return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def _hf_model(model_dir: Path, seed: int) -> torch.nn.Module:
@@ -64,20 +67,21 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, out: Path, recipe: Recipe, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, out: Path, recipe: Recipe, log: Callable[[str], None] = print, init: Path | None = None
+    ) -> None:
         self.out = out
         self.recipe = recipe
         self.log = log
+        self.init = init
+        self.init_record: dict[str, Any] | None = None
         if not (out / "config.json").exists():
             build_model(out, recipe.preset)
             (out / "model.safetensors").unlink()  # the builder's random weights; training makes its own
         self.inputs = InputProcessor.from_dir(str(out))
         self.model = _hf_model(out, recipe.seed)
         self.probe = MergerProbe(self.model, self.inputs.model_config.text.hidden_size)
-        params = [*self.model.parameters(), *self.probe.parameters()]
-        self.optim = torch.optim.AdamW(
-            params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98)
-        )
+        self.optim = self._optimiser([*self.model.parameters(), *self.probe.parameters()])
         self.prefetcher: Prefetcher | None = None
         self.step = 0
         self.elapsed = 0.0
@@ -92,6 +96,49 @@ class Trainer:
             (t, draw_example(self.inputs, CHECK_SEED, t, i)) for t in TASKS for i in range(CHECK_ITEMS)
         ]
 
+    def _optimiser(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        r = self.recipe
+        return torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay, betas=(0.9, 0.98))
+
+    def begin_readout(self, round_weights: bool = True) -> None:
+        """The readout stage's start: weights rounded to bfloat16 as an export rounds them (so a run
+        and a start from its exported model go on from the same numbers), the tower frozen but for
+        its merger, and a fresh optimiser over what still learns."""
+        if round_weights:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.copy_(p.to(torch.bfloat16).float())
+        visual = self.model.model.visual
+        merger = {id(p) for p in visual.merger.parameters()}
+        for p in visual.parameters():
+            p.requires_grad_(id(p) in merger)
+        # The last step's gradients would stay on the frozen tower and count in every later clip.
+        self.model.zero_grad(set_to_none=True)
+        self.optim = self._optimiser([p for p in self.model.parameters() if p.requires_grad])
+
+    def start_from(self, model_dir: Path) -> None:
+        """Begin at the readout stage from a trained model directory (its `model.safetensors` and
+        `training.json`): its record becomes this run's history up to the stage, whose first step
+        then begins it as in an uninterrupted run."""
+        from safetensors.torch import load_file
+
+        record = json.loads((model_dir / "training.json").read_text())
+        if record["steps"] != self.recipe.readout_from:
+            raise SystemExit(
+                f"{model_dir} was trained for {record['steps']} steps; the readout stage starts at "
+                f"{self.recipe.readout_from}"
+            )
+        weights = model_dir / "model.safetensors"
+        state = {k: v.float() for k, v in load_file(str(weights)).items()}
+        self.model.load_state_dict(state)
+        self.step, self.history = record["steps"], record["history"]
+        self.elapsed = record["wall_minutes"] * 60
+        self.init_record = {
+            "from": record["recipe"],
+            "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        }
+        self.log(f"readout from {model_dir} at step {self.step} ({self.elapsed / 60:.1f} min trained)")
+
     @property
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
@@ -104,8 +151,13 @@ class Trainer:
             raise SystemExit(f"{self.checkpoint_path} was written by another recipe; remove it to start over")
         self.model.load_state_dict(state["model"])
         self.probe.load_state_dict(state["probe"])
-        self.optim.load_state_dict(state["optim"])
         self.step, self.elapsed, self.history = state["step"], state["elapsed"], state["history"]
+        self.init_record = state.get("init")
+        if self.recipe.stage_at(self.step) == "readout" and self.step > self.recipe.readout_from:
+            # The optimiser's state below is over the readout's parameters; the weights are the
+            # checkpoint's as they are.
+            self.begin_readout(round_weights=False)
+        self.optim.load_state_dict(state["optim"])
         self.log(f"resumed at step {self.step} ({self.elapsed / 60:.1f} min trained)")
         return True
 
@@ -116,18 +168,21 @@ class Trainer:
 
     def train_step(self) -> float:
         r = self.recipe
+        if self.step == r.readout_from:
+            self.begin_readout()
         for group in self.optim.param_groups:
             group["lr"] = lr_at(r, self.step)
         self.model.train()
         batch = self.batch(self.step)
         targets, scene = pop_probe_targets(batch)
         self.probe.outputs.clear()
-        if self.step < r.tower_steps:
+        stage = r.stage_at(self.step)
+        if stage == "tower":
             self._encode_media(batch)
             loss = self.probe.loss(targets, scene, r.tower_scene_weight)
         else:
             loss = self.model(**batch).loss
-            if r.probe_weight:
+            if r.probe_weight and stage == "whole":
                 loss = loss + r.probe_weight * self.probe.loss(targets, scene, r.scene_weight)
         self.probe.outputs.clear()
         self.optim.zero_grad(set_to_none=True)
@@ -179,6 +234,7 @@ class Trainer:
                 "step": self.step,
                 "elapsed": self.elapsed,
                 "history": self.history,
+                "init": self.init_record,
             },
             self.checkpoint_path,
         )
@@ -186,7 +242,8 @@ class Trainer:
     def run(self, max_minutes: float | None = None) -> None:
         r = self.recipe
         torch.set_num_threads(r.threads)
-        self.resume()
+        if not self.resume() and self.init is not None:
+            self.start_from(self.init)
         deadline = time.monotonic() + max_minutes * 60 if max_minutes else math.inf
         losses: list[float] = []
         if r.prefetch and self.step < r.steps:
@@ -209,15 +266,15 @@ class Trainer:
             if self.step % r.checkpoint_every == 0 or self.step == r.steps:
                 accuracy, probes = self.check()
                 mean_loss = sum(losses) / len(losses)
-                self.history.append(
-                    {
-                        "step": self.step,
-                        "minutes": round(self.elapsed / 60, 2),
-                        "loss": round(mean_loss, 4),
-                        "check": {t: round(a, 3) for t, a in accuracy.items()},
-                        "probes": {h: round(a, 3) for h, a in probes.items()},
-                    }  # fmt: skip
-                )
+                entry: dict[str, Any] = {
+                    "step": self.step,
+                    "minutes": round(self.elapsed / 60, 2),
+                    "loss": round(mean_loss, 4),
+                    "check": {t: round(a, 3) for t, a in accuracy.items()},
+                }
+                if r.stage_at(self.step - 1) != "readout":  # the probes stop learning there
+                    entry["probes"] = {h: round(a, 3) for h, a in probes.items()}
+                self.history.append(entry)
                 self.log(json.dumps(self.history[-1]))
                 losses.clear()
                 self.save_checkpoint()
@@ -234,12 +291,16 @@ class Trainer:
             "torch": torch.__version__,
             "history": self.history,
         }
+        if self.init_record is not None:
+            record["init"] = self.init_record  # the stages before the readout were another run's
         (self.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         self.checkpoint_path.unlink(missing_ok=True)
 
 
-def train(out: str | Path, recipe: Recipe, max_minutes: float | None = None) -> Path:
+def train(
+    out: str | Path, recipe: Recipe, max_minutes: float | None = None, init: str | Path | None = None
+) -> Path:
     out = Path(out)
-    trainer = Trainer(out, recipe)
+    trainer = Trainer(out, recipe, init=Path(init) if init is not None else None)
     trainer.run(max_minutes)
     return out
