@@ -13,7 +13,7 @@ import torch
 from serving.config import EngineConfig
 from serving.engine import compaction
 from serving.engine.allocator import tune_allocator
-from serving.engine.backends import backend_for
+from serving.engine.backends import backend_for, checked
 from serving.engine.image_processor import ImageProcessorConfig, ProcessedImage
 from serving.engine.kv_cache import KVPool
 from serving.engine.kv_sizing import DeviceMemory, budget_blocks, check_fits, pool_blocks
@@ -47,8 +47,16 @@ class ModelRunner:
         self.model = load_model(cfg.model, self.dtype, self.device, self.model_config)
         # How attention runs here (C kernels on a CPU, Triton on CUDA, batched torch anywhere): each
         # step is planned by it once and every layer runs through it (serving/engine/backends).
-        self.attention = backend_for(self.device)
         text = self.model_config.text
+        self.attention, self.attention_fallback = checked(
+            backend_for(self.device),
+            text.num_heads,
+            text.num_kv_heads,
+            text.head_dim,
+            cfg.block_size,
+            self.dtype,
+            self.device,
+        )
         # Sized from the device's memory: a pool for one profiling step first, then the measured size.
         self.profiled_blocks: int | None = None
         profiling = cfg.gpu_memory_utilization is not None

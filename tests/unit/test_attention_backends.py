@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from serving.engine.backends import backend_for
+from serving.engine.backends import backend_for, checked
 from serving.engine.backends.cpu import CpuBackend
 from serving.engine.backends.torch_sdpa import TorchBackend
 
@@ -175,3 +175,50 @@ def test_the_cpu_backend_runs_the_kernels_not_the_fallback(monkeypatch) -> None:
         pytest.skip("no C kernels here")
     monkeypatch.setattr(cpu, "attend_padded", lambda *a: pytest.fail("the torch path ran"))
     check(CpuBackend(), 3, 5, 16, torch.float32, 1e-5)
+
+
+def test_a_working_kernel_passes_the_start_up_check(triton_interpreter) -> None:
+    backend = triton_interpreter.TritonBackend()
+    assert checked(backend, HEADS, KV_HEADS, 16, 4, torch.float32, torch.device("cpu")) == (backend, None)
+    cpu = CpuBackend()
+    assert checked(cpu, HEADS, KV_HEADS, 16, 4, torch.float32, torch.device("cpu")) == (cpu, None)
+
+
+@pytest.mark.parametrize("fault", ["raises", "wrong"])
+def test_a_kernel_that_fails_or_differs_at_start_up_falls_back_to_torch(triton_interpreter, fault) -> None:
+    """A kernel that does not compile for the device (raises) or computes something else: the worker
+    runs on the torch backend, with the reason, instead of failing every request."""
+
+    class Broken(triton_interpreter.TritonBackend):
+        def forward(self, q, k, v, kv_cache, batch):
+            if fault == "raises":
+                raise RuntimeError("PTX: unsupported on this device")
+            return super().forward(q, k, v, kv_cache, batch) + 0.25
+
+    backend, reason = checked(Broken(), HEADS, KV_HEADS, 16, 4, torch.bfloat16, torch.device("cpu"))
+    assert backend.name == "torch"
+    assert reason is not None and ("PTX" in reason if fault == "raises" else "differs" in reason)
+
+
+def test_an_engine_whose_kernel_fails_serves_on_torch(triton_interpreter, tiny_model, monkeypatch) -> None:
+    """The same through the engine: asked for Triton, its kernel failing, it serves the same greedy
+    tokens as the torch backend does."""
+    from serving.config import EngineConfig
+    from serving.engine.llm import LLMEngine
+    from serving.types import SamplingParams
+
+    def generate() -> tuple[str, list[int]]:
+        engine = LLMEngine(EngineConfig(model=str(tiny_model), device="cpu", num_kv_blocks=64, block_size=8))
+        prompt = engine.inputs.from_user_prompt("Say something.", [])
+        (result,) = engine.generate([(prompt, SamplingParams(max_tokens=6, ignore_eos=True))])
+        return engine.runner.attention.name, result.token_ids
+
+    monkeypatch.setenv("EPD_ATTENTION_BACKEND", "torch")
+    _, expected = generate()
+    monkeypatch.setenv("EPD_ATTENTION_BACKEND", "triton")
+
+    def fails(*_args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(triton_interpreter.TritonBackend, "forward", fails)
+    assert generate() == ("torch", expected)

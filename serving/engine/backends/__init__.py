@@ -14,10 +14,16 @@ code calls this interface and nothing else; which backend runs is chosen per dev
   step's contexts gathered and padded: any device, no compiled code.
 
 `EPD_ATTENTION_BACKEND` (cpu, triton, torch) overrides the choice, for tests and for comparison.
+
+A compiled backend other than the CPU's is checked once when a worker starts (`checked`): a small
+mixed batch of the model's shapes through it and through `torch`. A kernel that fails to compile for
+this device, or answers differently, would otherwise fail every request the worker serves; instead
+the worker runs on `torch` and logs why.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
@@ -28,6 +34,8 @@ if TYPE_CHECKING:
     from serving.engine.attention import AttentionBatch
 
 NAMES = ("cpu", "triton", "torch")
+
+log = logging.getLogger(__name__)
 
 
 class AttentionBackend(ABC):
@@ -89,3 +97,54 @@ def _default(device: torch.device) -> str:
 
         return "triton" if available() else "torch"
     return "torch"
+
+
+def checked(
+    backend: AttentionBackend,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[AttentionBackend, str | None]:
+    """`backend`, or the `torch` backend and the reason when `backend` raises or disagrees with it on a
+    small mixed step of these shapes: a decode token after two blocks and more, a chunk after cached
+    tokens and a whole prompt, in scattered blocks. Backends other than `triton` pass
+    as they are (the CPU's kernels have their own fallback; `torch` is the reference)."""
+    if backend.name != "triton":
+        return backend, None
+    from serving.engine.backends.torch_sdpa import TorchBackend
+
+    reference = TorchBackend()
+    gen = torch.Generator().manual_seed(0)
+    q_lens, ctx_lens = [1, 3, 5], [2 * block_size + 2, block_size + 3, 5]
+    blocks = [-(-n // block_size) for n in ctx_lens]
+    order = torch.randperm(sum(blocks) + 2, generator=gen).tolist()
+    tables = [order[sum(blocks[:i]) : sum(blocks[: i + 1])] for i in range(len(blocks))]
+    total = sum(q_lens)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    pool = rand(len(order), 2, block_size, kv_heads, head_dim)
+    q, k, v = rand(total, heads, head_dim), rand(total, kv_heads, head_dim), rand(total, kv_heads, head_dim)
+
+    def run(b: AttentionBackend) -> torch.Tensor:
+        return b.forward(q, k, v, pool.clone(), b.plan(q_lens, ctx_lens, tables, block_size, device))
+
+    expected = run(reference)
+    try:
+        got = run(backend)
+        error = (got.float() - expected.float()).abs().max().item()
+    except Exception as exc:  # noqa: BLE001 - whatever stops the kernel here stops it for every request
+        reason = f"the {backend.name} attention kernel failed on this device ({type(exc).__name__}: {exc})"
+    else:
+        # Room for TF32 matmuls in float32 and for half types' rounding; a wrong block, mask or
+        # softmax is off by tenths on these random inputs.
+        tolerance = 2e-2 if dtype == torch.float32 else 6e-2
+        if error <= tolerance:
+            return backend, None
+        reason = f"the {backend.name} attention kernel differs from torch's by {error:.3g} on this device"
+    log.warning("%s; attention runs on the torch backend", reason)
+    return reference, reason
