@@ -4,7 +4,9 @@ number rather than ignored, as the OpenAI routes refuse unsupported parameters b
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
@@ -130,6 +132,8 @@ def generate_request(request: pb.GenerateRequest | pb.TokenizeRequest) -> Genera
         video_num_frames=request.video_num_frames if request.HasField("video_num_frames") else None,
         image_pruning_rate=request.image_pruning_rate if request.HasField("image_pruning_rate") else None,
         video_pruning_rate=request.video_pruning_rate if request.HasField("video_pruning_rate") else None,
+        min_pixels=request.min_pixels if request.HasField("min_pixels") else None,
+        max_pixels=request.max_pixels if request.HasField("max_pixels") else None,
     )
 
 
@@ -196,18 +200,22 @@ def _message(i: int, message: pb.Message) -> ChatMessage:
 
 
 def _media(kind: str, media: pb.Image | pb.Video, param: str) -> ImageInput | VideoInput:
-    cls = ImageInput if kind == "image" else VideoInput
+    make: Callable[..., ImageInput | VideoInput] = VideoInput
+    if isinstance(media, pb.Image):
+        if media.detail not in ("", "auto", "low", "high"):
+            raise invalid_value(f"{param}.detail", "must be low, high or auto")
+        make = functools.partial(ImageInput, detail=media.detail or None)
     uuid = media.uuid or None
     source = media.WhichOneof("source")
     if source == "data":
-        return cls(data=media.data, param=f"{param}.data", uuid=uuid)
+        return make(data=media.data, param=f"{param}.data", uuid=uuid)
     if source == "url":
-        return cls(url=media.url, param=f"{param}.url", uuid=uuid)
+        return make(url=media.url, param=f"{param}.url", uuid=uuid)
     if uuid is None:
         raise invalid_value(
             param, f"{'an image' if kind == 'image' else 'a video'} needs data, a url or a uuid"
         )
-    return cls(param=param, uuid=uuid)
+    return make(param=param, uuid=uuid)
 
 
 def generate_response(

@@ -9,6 +9,7 @@ import time
 
 import grpc
 import httpx
+import numpy as np
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -292,3 +293,45 @@ def test_pruning_over_grpc(channel, engine):
         generate(channel, request)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "image_pruning_rate" in err.value.details()
+
+
+def test_pixel_budgets_over_grpc(channel, client, engine):
+    """`max_pixels` on a GenerateRequest and `detail` on an Image: the same image tokens and replies as
+    the HTTP request with `mm_processor_kwargs` and `detail`; out of range, INVALID_ARGUMENT naming it."""
+    png = png_bytes(252, 168, seed=14)
+    url = data_url(png)
+    budget = {"mm_processor_kwargs": {"max_pixels": 9 * 784}}
+    cases = [  # (gRPC request fields, gRPC image, HTTP image_url, HTTP extra body)
+        ({"max_pixels": 9 * 784}, pb.Image(data=png), {"url": url}, budget),
+        ({}, pb.Image(data=png, detail="low"), {"url": url, "detail": "low"}, {}),
+    ]
+    seen = set()
+    for fields, image, http_image, extra in cases:
+        request = pb.GenerateRequest(
+            messages=[user(pb.ContentPart(image=image), "What?")],
+            sampling=pb.SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0),
+            **fields,
+        )
+        (messages,) = by_choice(generate(channel, request)).values()
+        (last,) = [m for m in messages if m.HasField("usage")]
+        content = [{"type": "image_url", "image_url": http_image}, {"type": "text", "text": "What?"}]
+        http = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0,
+            extra_body={"ignore_eos": True, **extra},
+        )  # fmt: skip
+        assert last.usage.image_tokens == http.usage.prompt_tokens_details.model_extra["image_tokens"]
+        assert "".join(m.text for m in messages) == http.choices[0].message.content
+        seen.add(last.usage.image_tokens)
+    whole = engine.model_config.num_image_tokens(engine.inputs.grid(np.zeros((168, 252, 3), np.uint8)))
+    assert len(seen) == 2 and max(seen) < whole, "each budget shrank the image, each differently"
+    for fields, field in (({"max_pixels": 10**12}, "max_pixels"), ({"min_pixels": 1}, "min_pixels")):
+        request = pb.GenerateRequest(messages=[user(image_bytes(png), "What?")], **fields)
+        with pytest.raises(grpc.RpcError) as err:
+            generate(channel, request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+    bad = pb.GenerateRequest(
+        messages=[user(pb.ContentPart(image=pb.Image(data=png, detail="tiny")), "What?")]
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        generate(channel, bad)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "detail" in err.value.details()

@@ -20,14 +20,16 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_TOOL_CALLS: FinishReason
 
 class Image(_message.Message):
-    __slots__ = ("data", "url", "uuid")
+    __slots__ = ("data", "url", "uuid", "detail")
     DATA_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     url: str
     uuid: str
-    def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ..., uuid: _Optional[str] = ...) -> None: ...
+    detail: str
+    def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ..., uuid: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Video(_message.Message):
     __slots__ = ("data", "url", "uuid")
@@ -153,7 +155,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., min_tokens: _Optional[int] = ..., logprobs: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., min_p: _Optional[float] = ..., visual_kv_budget: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "messages", "prompt", "sampling", "n", "output", "tools", "tool_choice", "parallel_tool_calls", "video_fps", "video_num_frames", "image_pruning_rate", "video_pruning_rate")
+    __slots__ = ("model", "messages", "prompt", "sampling", "n", "output", "tools", "tool_choice", "parallel_tool_calls", "video_fps", "video_num_frames", "image_pruning_rate", "video_pruning_rate", "min_pixels", "max_pixels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +169,8 @@ class GenerateRequest(_message.Message):
     VIDEO_NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_PRUNING_RATE_FIELD_NUMBER: _ClassVar[int]
     VIDEO_PRUNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MIN_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     prompt: str
@@ -180,7 +184,9 @@ class GenerateRequest(_message.Message):
     video_num_frames: int
     image_pruning_rate: float
     video_pruning_rate: float
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., n: _Optional[int] = ..., output: _Optional[_Union[OutputFormat, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., video_fps: _Optional[float] = ..., video_num_frames: _Optional[int] = ..., image_pruning_rate: _Optional[float] = ..., video_pruning_rate: _Optional[float] = ...) -> None: ...
+    min_pixels: int
+    max_pixels: int
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., n: _Optional[int] = ..., output: _Optional[_Union[OutputFormat, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., video_fps: _Optional[float] = ..., video_num_frames: _Optional[int] = ..., image_pruning_rate: _Optional[float] = ..., video_pruning_rate: _Optional[float] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
