@@ -27,7 +27,8 @@ def main() -> None:
             print(f"{row['step']:>6}  -- {row['note']}")
             continue
         cells = "".join(f"{row['check'][t] * 100:>12.0f}%" for t in tasks)
-        probes = "  probes " + " ".join(f"{h} {a:.2f}" for h, a in row.get("probes", {}).items())
+        seen = row.get("probes")  # not logged in the readout stage, where the probes stop learning
+        probes = "  probes " + " ".join(f"{h} {a:.2f}" for h, a in seen.items()) if seen else ""
         print(f"{row['step']:>6}{row['minutes']:>7.1f}{row['loss']:>8.3f}{cells}{probes}")
     print("(the check: teacher-forced exact match on 8 held-out items per task, seed 99991; the probes:")
     print(" each head's accuracy on the same items' visual tokens that cover something)")

@@ -50,6 +50,10 @@ def lr_at(recipe: Recipe, step: int) -> float:
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def readout_note(sha256: str) -> str:
+    return f"the readout stage, started from an exported model (--init; weights sha256 {sha256[:12]})"
+
+
 def _hf_model(model_dir: Path, seed: int) -> torch.nn.Module:
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
@@ -137,6 +141,7 @@ class Trainer:
             "from": record["recipe"],
             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         }
+        self.history.append({"step": self.step, "note": readout_note(self.init_record["sha256"])})
         self.log(f"readout from {model_dir} at step {self.step} ({self.elapsed / 60:.1f} min trained)")
 
     @property

@@ -39,9 +39,9 @@ def test_learned_tasks_meet_their_targets_on_held_out_items(report, task):
     assert score.accuracy >= TARGETS[task]
 
 
-# Measured on these 20 items: shape 13, count 10 (chance: 1 in 3, 1 in 5); a margin of a few items
+# Measured on these 20 items: shape 18, count 11 (chance: 1 in 3, 1 in 5); a margin of two items
 # for another CPU's float rounding.
-ABOVE_CHANCE = {"shape": 0.5, "count": 0.35}
+ABOVE_CHANCE = {"shape": 0.8, "count": 0.45}
 
 
 @pytest.mark.parametrize("task", sorted(ABOVE_CHANCE))
@@ -74,7 +74,12 @@ def test_answers_are_single_words_that_end():
 
 
 def test_training_record_is_shipped():
+    """The record says how the weights were made: recipe, steps, the wall time the history adds up to,
+    and, for a readout stage started from an exported model, which weights it started from."""
     record = json.loads((default_model() / "training.json").read_text())
     assert record["recipe"]["data_seed"] == TRAIN_SEED and 0 < record["steps"] <= record["recipe"]["steps"]
-    assert 0 < record["wall_minutes"] <= 90
     assert record["history"] and set(record["history"][-1]["check"]) == set(TASKS)
+    assert record["wall_minutes"] == round(record["history"][-1]["minutes"], 1)
+    notes = [row for row in record["history"] if "note" in row]
+    if "init" in record:
+        assert any(record["init"]["sha256"][:12] in row["note"] for row in notes)
