@@ -319,7 +319,10 @@ def test_pixel_budgets_over_grpc(channel, client, engine):
             model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0,
             extra_body={"ignore_eos": True, **extra},
         )  # fmt: skip
-        assert last.usage.image_tokens == http.usage.prompt_tokens_details.model_extra["image_tokens"]
+        details = http.usage.prompt_tokens_details
+        assert last.usage.image_tokens == (
+            getattr(details, "image_tokens", None) or details.model_extra["image_tokens"]
+        )
         assert "".join(m.text for m in messages) == http.choices[0].message.content
         seen.add(last.usage.image_tokens)
     whole = engine.model_config.num_image_tokens(engine.inputs.grid(np.zeros((168, 252, 3), np.uint8)))
