@@ -203,7 +203,10 @@ def test_two_gateways_share_one_control_plane_through_its_restart_and_theirs(tin
         assert _children(proc.pid), "the server runs Ray processes"
         proc.send_signal(signal.SIGTERM)  # the server process only, as an orchestrator would
         time.sleep(1.0)
-        assert not any(streams.finish), "the streams are still running"
+        # Streams that end normally meanwhile are fine (on a quiet machine 3 of 8 did within the
+        # second once); what matters is that some still run while new requests are refused below,
+        # and that every one ends with its full length.
+        assert not all(streams.finish), "streams are in flight while the server refuses new requests"
         body = {"model": "epd-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         resets = []
         for _ in range(8):  # new connections: each replica gets some
