@@ -48,7 +48,7 @@ class ModelRunner:
         # How attention runs here (C kernels on a CPU, Triton on CUDA, batched torch anywhere): each
         # step is planned by it once and every layer runs through it (serving/engine/backends).
         text = self.model_config.text
-        self.attention, self.attention_fallback = checked(
+        self.attention, _ = checked(  # a fallback's reason is logged there
             backend_for(self.device),
             text.num_heads,
             text.num_kv_heads,

@@ -146,6 +146,18 @@ def test_a_readout_from_an_exported_model_equals_the_uninterrupted_run(tmp_path,
     assert record["init"]["from"]["steps"] == 2 and len(record["init"]["sha256"]) == 64
 
 
+def test_a_readout_from_a_model_of_other_steps_is_refused(tmp_path):
+    """`--init` with a model whose training ended elsewhere than where the readout begins: refused
+    with the numbers, before any weight is loaded."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "training.json").write_text(json.dumps({"steps": 5, "wall_minutes": 1.0, "history": []}))
+    trainer = Trainer(tmp_path / "m", replace(RECIPE, readout_from=3), log=lambda _: None, init=other)
+    with pytest.raises(SystemExit, match="trained for 5 steps; the readout stage starts at 3"):
+        trainer.run()
+    assert trainer.step == 0 and not trainer.checkpoint_path.exists()
+
+
 def test_the_tower_stage_draws_its_own_items():
     """Batches of either size never draw an item twice: the full stage's items follow the tower's."""
     r = Recipe(steps=6, tower_steps=3, tower_batch_size=4, batch_size=8)
