@@ -239,9 +239,12 @@ static inline void values_4x64_full(float *o, const float *p, const float *const
  * bfloat16 along the reduced dimension in each 32-bit lane. */
 #define BF16_MATH 1
 
-/* S[k][r0:r0+16*NV) for keys k0..k0+nk (nk <= 8): queries as (dim pair, row) lanes, each key's dim pair
- * broadcast from its row in the pool. */
-#define SCORES_BF16(NV)                                                                                   \
+/* S[k][r0:r0+16*NV) for keys k0..k0+NK (NK <= 8): queries as (dim pair, row) lanes, each key's dim pair
+ * broadcast from its row in the pool. NK is the constant 8 for a full group of keys (see
+ * scores_8x32_full for why), `nk` otherwise. */
+#define SCORES_BF16(NV, NK)                                                                               \
+    const uint32_t *kp[8];                                                                                \
+    for (int k = 0; k < 8; k++) kp[k] = krow[k0 + (k < (NK) ? k : 0)];                                    \
     __m512 a[8][NV];                                                                                      \
     for (int k = 0; k < 8; k++)                                                                           \
         for (int c = 0; c < NV; c++) a[k][c] = _mm512_setzero_ps();                                       \
@@ -249,22 +252,27 @@ static inline void values_4x64_full(float *o, const float *p, const float *const
         __m512bh qv[NV];                                                                                  \
         for (int c = 0; c < NV; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qt2 + (int64_t)d2 * rp + r0 + 16 * c); \
         for (int k = 0; k < 8; k++) {                                                                     \
-            if (k >= nk) break;                                                                           \
-            const __m512bh kb = (__m512bh)_mm512_set1_epi32((int32_t)krow[k0 + k][d2]);                  \
+            if (k >= (NK)) break;                                                                         \
+            const __m512bh kb = (__m512bh)_mm512_set1_epi32((int32_t)kp[k][d2]);                          \
             for (int c = 0; c < NV; c++) a[k][c] = _mm512_dpbf16_ps(a[k][c], qv[c], kb);                 \
         }                                                                                                 \
     }                                                                                                     \
-    for (int k = 0; k < nk; k++)                                                                          \
+    for (int k = 0; k < (NK); k++)                                                                        \
         for (int c = 0; c < NV; c++) _mm512_storeu_ps(s + (int64_t)(k0 + k) * rp + r0 + 16 * c, a[k][c]);
 
 static inline void scores_bf16_8x32(const uint32_t *qt2, const uint32_t *const *krow, float *s, int D, int rp,
                                     int r0, int k0, int nk) {
-    SCORES_BF16(2)
+    SCORES_BF16(2, nk)
+}
+
+static inline void scores_bf16_8x32_full(const uint32_t *qt2, const uint32_t *const *krow, float *s, int D, int rp,
+                                         int r0, int k0) {
+    SCORES_BF16(2, 8)
 }
 
 static inline void scores_bf16_8x16(const uint32_t *qt2, const uint32_t *const *krow, float *s, int D, int rp,
                                     int r0, int k0, int nk) {
-    SCORES_BF16(1)
+    SCORES_BF16(1, nk)
 }
 
 /* Two float32 vectors as one vector of bfloat16 pairs: a in each lane's low half, b in its high half. */
@@ -291,6 +299,25 @@ static inline void values_bf16_4x64(float *o, const uint32_t *p2, const uint32_t
         }
     }
     store_block(a, o, D, r0, nr, d0, nd);
+}
+/* values_bf16_4x64 for a whole block of 4 rows and 64 dims (constant bounds, as values_4x64_full). */
+static inline void values_bf16_4x64_full(float *o, const uint32_t *p2, const uint32_t *v2, const float *alpha, int D,
+                                         int rp, int pairs, int r0, int d0) {
+    __m512 a[4][4];
+    load_rescaled(a, o, alpha, D, r0, 4, d0, 4);
+    for (int k2 = 0; k2 < pairs; k2++) {
+        const uint32_t *v = v2 + (int64_t)k2 * D + d0, *pk = p2 + (int64_t)k2 * rp + r0;
+        __m512bh vv[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) vv[c] = (__m512bh)_mm512_loadu_si512(v + 16 * c);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const __m512bh pb = (__m512bh)_mm512_set1_epi32((int32_t)pk[r]);
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], vv[c], pb);
+        }
+    }
+    store_block(a, o, D, r0, 4, d0, 4);
 }
 #else
 #define BF16_MATH 0
@@ -359,6 +386,8 @@ static void tile(const Job *j, Scratch *w, int i, int g, int64_t t0, int nq) {
             for (int kk = 0; kk < nk; kk += 8) {
                 const int n8 = nk - kk < 8 ? nk - kk : 8;
                 int r0 = 0;
+                if (n8 == 8)
+                    for (; r0 + 32 <= rp; r0 += 32) scores_bf16_8x32_full(qt2, krow2, w->s, D, rp, r0, kk);
                 for (; r0 + 32 <= rp; r0 += 32) scores_bf16_8x32(qt2, krow2, w->s, D, rp, r0, kk, n8);
                 if (r0 < rp) scores_bf16_8x16(qt2, krow2, w->s, D, rp, r0, kk, n8);
             }
@@ -425,7 +454,10 @@ static void tile(const Job *j, Scratch *w, int i, int g, int64_t t0, int nq) {
             }
             for (int r0 = 0; r0 < R; r0 += 4)
                 for (int d0 = 0; d0 < D; d0 += 64)
-                    values_bf16_4x64(w->o, w->p2, (const uint32_t *)w->kb, w->alpha, D, rp, pairs, r0,
+                    if (R - r0 >= 4 && D - d0 >= 64)
+                        values_bf16_4x64_full(w->o, w->p2, (const uint32_t *)w->kb, w->alpha, D, rp, pairs, r0, d0);
+                    else
+                        values_bf16_4x64(w->o, w->p2, (const uint32_t *)w->kb, w->alpha, D, rp, pairs, r0,
                                      R - r0 < 4 ? R - r0 : 4, d0, (D - d0 < 64 ? D - d0 : 64) / 16);
 #endif
         } else {
