@@ -300,6 +300,7 @@ static inline void values_bf16_4x64(float *o, const uint32_t *p2, const uint32_t
     }
     store_block(a, o, D, r0, nr, d0, nd);
 }
+
 /* values_bf16_4x64 for a whole block of 4 rows and 64 dims (constant bounds, as values_4x64_full). */
 static inline void values_bf16_4x64_full(float *o, const uint32_t *p2, const uint32_t *v2, const float *alpha, int D,
                                          int rp, int pairs, int r0, int d0) {
