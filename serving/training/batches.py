@@ -19,6 +19,7 @@ from serving.engine.mrope import mrope_positions
 from serving.evals import clips
 from serving.evals.tasks import TASKS, Scene, draw
 from serving.training.dense import HEADS, scene_slots, token_targets
+from serving.training.focus import focus_rows, named_colour
 from serving.training.recipe import Recipe
 
 IGNORE = -100
@@ -33,6 +34,8 @@ class Example:
     is_video: list[bool]
     targets: dict[str, torch.Tensor]  # per probe head, (visual tokens, classes): what each token covers
     scene: torch.Tensor  # (len(SLOTS),): the scene every token should know
+    focus: int = 0  # the colour class the question names (serving/training/focus.py), 0 for none
+    prompt_len: int = 0
 
 
 def example(
@@ -60,6 +63,8 @@ def example(
         [isinstance(media, list)],
         targets,
         scene_slots(scene),
+        named_colour(task, prompt),
+        n,
     )
 
 
@@ -94,6 +99,11 @@ def pop_probe_targets(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return {name: batch.pop(f"visual_{name}") for name in HEADS}, batch.pop("scene_targets")
 
 
+def pop_focus(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention-focus rows and targets (serving/training/focus.py), taken out of a batch."""
+    return batch.pop("focus_query"), batch.pop("focus_target")
+
+
 def collate(examples: list[Example], pad_id: int, image_id: int, video_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch in the keyword arguments of `transformers`' Qwen2-VL forward."""
     width = max(len(e.token_ids) for e in examples)
@@ -116,6 +126,13 @@ def collate(examples: list[Example], pad_id: int, image_id: int, video_id: int) 
     for name in HEADS:
         out[f"visual_{name}"] = torch.cat([e.targets[name] for e in ordered])
     out["scene_targets"] = torch.cat([e.scene.expand(len(e.targets["colour"]), -1) for e in ordered])
+    out["focus_query"], out["focus_target"] = focus_rows(
+        [e.targets["colour"] for e in examples],
+        [0 if e.is_video[0] else e.focus for e in examples],
+        [e.prompt_len for e in examples],
+        [(ids[i] == image_id).nonzero().squeeze(1) for i in range(batch)],
+        width,
+    )
     return out | hf_media_kwargs(ids, media, is_video, image_id, video_id)
 
 

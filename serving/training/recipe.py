@@ -79,6 +79,11 @@ class Recipe:
     # bfloat16, exactly as exported, so it can also start from a shipped model (`--init`).
     readout_from: int = 3600
     readout_lr: float = 5e-4
+    # An auxiliary loss on one decoder head's attention at the position that predicts the answer
+    # (serving/training/focus.py): onto the image tokens of the colour the question names. 0 is off.
+    focus_weight: float = 0.0
+    focus_layer: int = 2
+    focus_head: int = 0
     threads: int = 2
     prefetch: bool = True  # draw batches in a worker process, ahead of the optimiser
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))

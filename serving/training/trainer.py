@@ -27,8 +27,9 @@ from safetensors.torch import save_file
 from serving.engine.inputs import InputProcessor
 from serving.engine.models.builder import build_model
 from serving.evals.tasks import TASKS
-from serving.training.batches import IGNORE, collate, draw_example, pop_probe_targets, step_batch
+from serving.training.batches import IGNORE, collate, draw_example, pop_focus, pop_probe_targets, step_batch
 from serving.training.dense import MergerProbe
+from serving.training.focus import AttentionFocus
 from serving.training.prefetch import Prefetcher
 from serving.training.recipe import Recipe
 
@@ -85,6 +86,10 @@ class Trainer:
         self.inputs = InputProcessor.from_dir(str(out))
         self.model = _hf_model(out, recipe.seed)
         self.probe = MergerProbe(self.model, self.inputs.model_config.text.hidden_size)
+        self.focus = (
+            AttentionFocus(self.model, recipe.focus_layer, recipe.focus_head) if recipe.focus_weight else None
+        )
+        self.focus_mass: list[float] = []
         self.optim = self._optimiser([*self.model.parameters(), *self.probe.parameters()])
         self.prefetcher: Prefetcher | None = None
         self.step = 0
@@ -180,6 +185,7 @@ class Trainer:
         self.model.train()
         batch = self.batch(self.step)
         targets, scene = pop_probe_targets(batch)
+        query, focus_target = pop_focus(batch)
         self.probe.outputs.clear()
         stage = r.stage_at(self.step)
         if stage == "tower":
@@ -189,6 +195,11 @@ class Trainer:
             loss = self.model(**batch).loss
             if r.probe_weight and stage == "whole":
                 loss = loss + r.probe_weight * self.probe.loss(targets, scene, r.scene_weight)
+            if self.focus is not None:
+                focus_loss, mass = self.focus.loss(query, focus_target)
+                loss = loss + r.focus_weight * focus_loss
+                if not math.isnan(mass):
+                    self.focus_mass.append(mass)
         self.probe.outputs.clear()
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,7 +230,10 @@ class Trainer:
             batch = collate([e for _, e in chunk], *self.pad_args)
             labels = batch.pop("labels")
             targets, _ = pop_probe_targets(batch)
+            pop_focus(batch)
             logits = self.model(**batch).logits
+            if self.focus is not None:
+                self.focus.close_pass()
             for head, accuracy in self.probe.accuracy(targets).items():
                 seen.setdefault(head, []).append(accuracy)
             predicted = logits[:, :-1].argmax(-1)
@@ -279,6 +293,9 @@ class Trainer:
                 }
                 if r.stage_at(self.step - 1) != "readout":  # the probes stop learning there
                     entry["probes"] = {h: round(a, 3) for h, a in probes.items()}
+                if self.focus_mass:  # the focus head's attention on the named colour, training batches
+                    entry["focus_mass"] = round(sum(self.focus_mass) / len(self.focus_mass), 3)
+                    self.focus_mass.clear()
                 self.history.append(entry)
                 self.log(json.dumps(self.history[-1]))
                 losses.clear()
