@@ -95,16 +95,10 @@ def main() -> None:
                 hidden = model(**batch, output_hidden_states=True).hidden_states
                 per_layer = []
                 for f in foci:
-                    captured = f._input
-                    row = []
-                    for h in range(heads):
-                        f.head = h
-                        f._input = captured
-                        named = f.loss(query, target)[1]
-                        f._input = captured
-                        row.append((named, f.loss(query2, target2)[1]))
-                    per_layer.append(row)
-                    f._input = None
+                    per_layer.append(
+                        [(f.loss(query, target, h)[1], f.loss(query2, target2, h)[1]) for h in range(heads)]
+                    )
+                    f.close_pass()
             shares.append(torch.tensor(per_layer) * len(idx))
             at = torch.arange(len(idx))
             answer_x.append(torch.stack([h[at, query] for h in hidden], 1))

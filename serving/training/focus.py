@@ -7,7 +7,8 @@ the named colour in the question, then the tokens of that colour in the image, f
 alone. The probes read what those answers need from the merged tokens (side at 0.91 per token), so
 what lags is that lookup. This loss supervises it directly, on one head of one layer: cross-entropy
 between the head's attention at the last prompt token and the named colour's share of each image
-token, normalised over the image.
+token, normalised over the image. Measured on the shipped weights (docs/evals.md): the head learned to
+look at every shape rather than the named one, and the answers did not move; it stays off by default.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def focus_rows(
 
 
 class AttentionFocus:
-    """Captures one decoder layer's input and computes one head's attention at given query rows."""
+    """Captures one decoder layer's input on each forward pass and computes a head's attention at given
+    query rows from it; `close_pass` drops the capture once read."""
 
     def __init__(self, model: nn.Module, layer: int, head: int = 0) -> None:
         self.attn = model.model.language_model.layers[layer].self_attn
@@ -76,26 +78,28 @@ class AttentionFocus:
         self._input = (hidden, kwargs["position_embeddings"])
 
     def close_pass(self) -> None:
-        """Drop a pass's captured input that no loss will read (an evaluation pass)."""
         self._input = None
 
-    def loss(self, query: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(cross-entropy of the head's attention against `target` at the `query` positions, the mean
-        attention mass on the target's tokens); zero and nan when no example has a query."""
+    def loss(
+        self, query: torch.Tensor, target: torch.Tensor, head: int | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """(cross-entropy of `head`'s attention (default: this focus's head) against `target` at the
+        `query` positions, the mean attention share on the target's tokens); zero and nan when no
+        example has a query."""
         from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
 
         assert self._input is not None, "no forward pass captured"
         hidden, (cos, sin) = self._input
-        self._input = None
+        head = self.head if head is None else head
         rows = (query >= 0).nonzero().squeeze(1)
         if rows.numel() == 0:
             return hidden.new_zeros(()), float("nan")
         a = self.attn
         dim = a.head_dim
-        kv_head = self.head // (a.config.num_attention_heads // a.config.num_key_value_heads)
+        kv_head = head // (a.config.num_attention_heads // a.config.num_key_value_heads)
         at = query[rows]
         h = hidden[rows]  # (R, T, hidden)
-        q = a.q_proj(h[torch.arange(len(rows)), at])[:, self.head * dim : (self.head + 1) * dim]
+        q = a.q_proj(h[torch.arange(len(rows)), at])[:, head * dim : (head + 1) * dim]
         k = a.k_proj(h)[..., kv_head * dim : (kv_head + 1) * dim]
         c, s = cos[rows], sin[rows]  # (R, T, dim)
         cq, sq = c[torch.arange(len(rows)), at], s[torch.arange(len(rows)), at]

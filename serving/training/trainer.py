@@ -197,6 +197,7 @@ class Trainer:
                 loss = loss + r.probe_weight * self.probe.loss(targets, scene, r.scene_weight)
             if self.focus is not None:
                 focus_loss, mass = self.focus.loss(query, focus_target)
+                self.focus.close_pass()
                 loss = loss + r.focus_weight * focus_loss
                 if not math.isnan(mass):
                     self.focus_mass.append(mass)

@@ -78,17 +78,13 @@ def test_the_head_attention_is_the_models_own(tiny):
     model = _hf_model(out, 0)
     model.eval()
     batch, _, query, target = _batch(inputs, pad, "side")
-    focus = [
-        AttentionFocus(model, layer=1, head=h) for h in range(model.config.text_config.num_attention_heads)
-    ]
+    focus = AttentionFocus(model, layer=1)
     model.config._attn_implementation = "eager"
     model.model.language_model.config._attn_implementation = "eager"
     with torch.no_grad():
         attentions = model(**batch, output_attentions=True).attentions[1]  # (B, H, T, T)
-    captured = focus[0]._input
-    for h, f in enumerate(focus):
-        f._input = captured
-        loss, mass = f.loss(query, target)
+    for h in range(model.config.text_config.num_attention_heads):
+        loss, mass = focus.loss(query, target, head=h)
         rows = torch.arange(len(query))
         weights = attentions[rows, h, query]  # (B, T): the head's attention at each query row
         expected_loss = -(target * weights.clamp_min(1e-30).log()).sum(1).mean()
