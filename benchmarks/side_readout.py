@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from serving.config import default_model
 from serving.engine.inputs import InputProcessor
@@ -25,7 +24,7 @@ from serving.evals.tasks import draw
 from serving.training.batches import collate, draw_example, pop_focus, pop_probe_targets
 from serving.training.focus import COLOUR_CLASS, AttentionFocus, focus_rows
 from serving.training.recipe import TRAIN_SEED
-from serving.training.trainer import _hf_model
+from serving.training.trainer import exported_model
 
 HELD_OUT_SEED = 4242
 
@@ -57,10 +56,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     inputs = InputProcessor.from_dir(str(args.model))
-    model = _hf_model(args.model, 0)
-    state = load_file(str(args.model / "model.safetensors"))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    model.eval()
+    model = exported_model(args.model)
     cfg = inputs.model_config
     pad = (inputs.tokenizer.token_id("<|endoftext|>"), cfg.image_token_id, cfg.video_token_id)
     layers = model.model.language_model.layers

@@ -65,6 +65,20 @@ def _hf_model(model_dir: Path, seed: int) -> torch.nn.Module:
     )
 
 
+def _float_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def exported_model(model_dir: Path) -> torch.nn.Module:
+    """An exported model directory as `transformers`' Qwen2-VL in float32, in eval mode: for tools that
+    look inside the trained model (benchmarks/side_readout.py)."""
+    model = _hf_model(model_dir, 0)
+    model.load_state_dict(_float_weights(model_dir / "model.safetensors"))
+    return model.eval()
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -129,8 +143,6 @@ class Trainer:
         """Begin at the readout stage from a trained model directory (its `model.safetensors` and
         `training.json`): its record becomes this run's history up to the stage, whose first step
         then begins it as in an uninterrupted run."""
-        from safetensors.torch import load_file
-
         record = json.loads((model_dir / "training.json").read_text())
         if record["steps"] != self.recipe.readout_from:
             raise SystemExit(
@@ -138,8 +150,7 @@ class Trainer:
                 f"{self.recipe.readout_from}"
             )
         weights = model_dir / "model.safetensors"
-        state = {k: v.float() for k, v in load_file(str(weights)).items()}
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(_float_weights(weights))
         self.step, self.history = record["steps"], record["history"]
         self.elapsed = record["wall_minutes"] * 60
         self.init_record = {

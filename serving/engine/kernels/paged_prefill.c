@@ -21,7 +21,8 @@
  * 600-token prompt's layer against 4.6-4.8 ms for this one. The full blocks of both matmuls then got
  * loops with constant bounds (scores_8x32_full, values_4x64_full): same arithmetic in the same order,
  * the same bits out, and one layer of a 2,000-token prompt (8 heads over 2 kv heads of 64, one thread,
- * in two 1,024-token chunks) took 46.6-50.7 ms against 63-65 ms, run interleaved in one process.
+ * in two 1,024-token chunks) took 48.3 and 46.6 ms against 64.0 and 65.5 ms in two runs of the two
+ * built side by side and called in turn (1.32x, 1.40x; a 600-token prompt 6.1 against 8.8 ms).
  * With a bfloat16 pool and AVX512-BF16, both matmuls run on bfloat16 dot products (see BF16_MATH): a
  * 600-token prompt's layer took 2.8 ms. Items go to `threads` POSIX threads through a shared counter
  * (later tiles have more keys).
