@@ -19,7 +19,14 @@ from serving.engine.mrope import mrope_positions
 from serving.evals import clips
 from serving.evals.tasks import TASKS, Scene, draw
 from serving.training.dense import HEADS, scene_slots, token_targets
-from serving.training.focus import focus_rows, named_colour
+from serving.training.focus import (
+    ATTENTIONS,
+    FocusRows,
+    anchor_word,
+    colour_word_at,
+    focus_rows,
+    named_colour,
+)
 from serving.training.recipe import Recipe
 
 IGNORE = -100
@@ -36,6 +43,7 @@ class Example:
     scene: torch.Tensor  # (len(SLOTS),): the scene every token should know
     focus: int = 0  # the colour class the question names (serving/training/focus.py), 0 for none
     prompt_len: int = 0
+    colour_at: int = -1  # the position of the question's colour word (focus.anchor_word), -1 for none
 
 
 def example(
@@ -55,6 +63,10 @@ def example(
     frames = media if isinstance(media, list) else [media]
     c = inputs.image_processor.cfg
     targets = token_targets(frames, scene, built.images[0].grid_thw, c.merge_size)  # type: ignore[arg-type]
+    focus = named_colour(task, prompt)
+    colour_at = -1
+    if focus:
+        colour_at = colour_word_at(built.token_ids, inputs.tokenizer.encode_text(anchor_word(focus)), n)
     return Example(
         ids,
         labels,
@@ -63,8 +75,9 @@ def example(
         [isinstance(media, list)],
         targets,
         scene_slots(scene),
-        named_colour(task, prompt),
+        focus,
         n,
+        colour_at,
     )
 
 
@@ -99,9 +112,12 @@ def pop_probe_targets(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return {name: batch.pop(f"visual_{name}") for name in HEADS}, batch.pop("scene_targets")
 
 
-def pop_focus(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention-focus rows and targets (serving/training/focus.py), taken out of a batch."""
-    return batch.pop("focus_query"), batch.pop("focus_target")
+FOCUS_KEYS = tuple(f"{name}_{part}" for name in ATTENTIONS for part in ("query", "target"))
+
+
+def pop_focus(batch: dict[str, torch.Tensor]) -> FocusRows:
+    """The supervised attentions' rows and targets (serving/training/focus.py), taken out of a batch."""
+    return FocusRows(**{key: batch.pop(key) for key in FOCUS_KEYS})
 
 
 def collate(examples: list[Example], pad_id: int, image_id: int, video_id: int) -> dict[str, torch.Tensor]:
@@ -126,13 +142,16 @@ def collate(examples: list[Example], pad_id: int, image_id: int, video_id: int) 
     for name in HEADS:
         out[f"visual_{name}"] = torch.cat([e.targets[name] for e in ordered])
     out["scene_targets"] = torch.cat([e.scene.expand(len(e.targets["colour"]), -1) for e in ordered])
-    out["focus_query"], out["focus_target"] = focus_rows(
+    rows = focus_rows(
         [e.targets["colour"] for e in examples],
+        [e.targets["centre"] for e in examples],
         [0 if e.is_video[0] else e.focus for e in examples],
+        [e.colour_at for e in examples],
         [e.prompt_len for e in examples],
         [(ids[i] == image_id).nonzero().squeeze(1) for i in range(batch)],
         width,
     )
+    out |= {key: getattr(rows, key) for key in FOCUS_KEYS}
     return out | hf_media_kwargs(ids, media, is_video, image_id, video_id)
 
 

@@ -79,16 +79,28 @@ class Recipe:
     # bfloat16, exactly as exported, so it can also start from a shipped model (`--init`).
     readout_from: int = 3600
     readout_lr: float = 5e-4
-    # An auxiliary loss on one decoder head's attention at the position that predicts the answer
-    # (serving/training/focus.py): onto the image tokens of the colour the question names. 0 is off.
-    focus_weight: float = 0.0
-    focus_layer: int = 2
-    focus_head: int = 0
+    # Auxiliary losses on decoder heads' attention (serving/training/focus.py): the look, at the
+    # question's colour word, onto the image tokens of that colour; the count, from the same word,
+    # onto one token per shape of that colour and itself; the relay, at the position that predicts
+    # the answer, onto the colour word. A weight of 0 turns one off.
+    look_weight: float = 0.0
+    look_layer: int = 0
+    look_head: int = 0
+    count_weight: float = 0.0
+    count_layer: int = 0
+    count_head: int = 1
+    relay_weight: float = 0.0
+    relay_layer: int = 1
+    relay_head: int = 0
     threads: int = 2
     prefetch: bool = True  # draw batches in a worker process, ahead of the optimiser
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
     tower_task_weights: dict[str, float] = field(default_factory=lambda: dict(TOWER_TASK_WEIGHTS))
     readout_task_weights: dict[str, float] = field(default_factory=lambda: dict(READOUT_TASK_WEIGHTS))
+
+    def attention(self, name: str) -> tuple[float, int, int]:
+        """(weight, layer, head) of one supervised attention (`serving.training.focus.ATTENTIONS`)."""
+        return getattr(self, f"{name}_weight"), getattr(self, f"{name}_layer"), getattr(self, f"{name}_head")
 
     def stage_at(self, step: int) -> Stage:
         if step < self.tower_steps:

@@ -29,7 +29,7 @@ from serving.engine.models.builder import build_model
 from serving.evals.tasks import TASKS
 from serving.training.batches import IGNORE, collate, draw_example, pop_focus, pop_probe_targets, step_batch
 from serving.training.dense import MergerProbe
-from serving.training.focus import AttentionFocus
+from serving.training.focus import ATTENTIONS, AttentionFocus
 from serving.training.prefetch import Prefetcher
 from serving.training.recipe import Recipe
 
@@ -100,10 +100,14 @@ class Trainer:
         self.inputs = InputProcessor.from_dir(str(out))
         self.model = _hf_model(out, recipe.seed)
         self.probe = MergerProbe(self.model, self.inputs.model_config.text.hidden_size)
-        self.focus = (
-            AttentionFocus(self.model, recipe.focus_layer, recipe.focus_head) if recipe.focus_weight else None
-        )
-        self.focus_mass: list[float] = []
+        # The supervised attentions that are on: (name, its head's capture, weight).
+        self.foci: list[tuple[str, AttentionFocus, float]] = []
+        for name in ATTENTIONS:
+            weight, layer, head = recipe.attention(name)
+            if weight:
+                self.foci.append((name, AttentionFocus(self.model, layer, head), weight))
+        # Each supervised head's attention on its target in training batches, between two checks.
+        self.focus_mass: dict[str, list[float]] = {name: [] for name in ATTENTIONS}
         self.optim = self._optimiser([*self.model.parameters(), *self.probe.parameters()])
         self.prefetcher: Prefetcher | None = None
         self.step = 0
@@ -196,7 +200,7 @@ class Trainer:
         self.model.train()
         batch = self.batch(self.step)
         targets, scene = pop_probe_targets(batch)
-        query, focus_target = pop_focus(batch)
+        rows = pop_focus(batch)
         self.probe.outputs.clear()
         stage = r.stage_at(self.step)
         if stage == "tower":
@@ -206,12 +210,12 @@ class Trainer:
             loss = self.model(**batch).loss
             if r.probe_weight and stage == "whole":
                 loss = loss + r.probe_weight * self.probe.loss(targets, scene, r.scene_weight)
-            if self.focus is not None:
-                focus_loss, mass = self.focus.loss(query, focus_target)
-                self.focus.close_pass()
-                loss = loss + r.focus_weight * focus_loss
+            for name, focus, weight in self.foci:
+                focus_loss, mass = focus.loss(*rows.pair(name))
+                focus.close_pass()
+                loss = loss + weight * focus_loss
                 if not math.isnan(mass):
-                    self.focus_mass.append(mass)
+                    self.focus_mass[name].append(mass)
         self.probe.outputs.clear()
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -244,8 +248,8 @@ class Trainer:
             targets, _ = pop_probe_targets(batch)
             pop_focus(batch)
             logits = self.model(**batch).logits
-            if self.focus is not None:
-                self.focus.close_pass()
+            for _, focus, _ in self.foci:
+                focus.close_pass()
             for head, accuracy in self.probe.accuracy(targets).items():
                 seen.setdefault(head, []).append(accuracy)
             predicted = logits[:, :-1].argmax(-1)
@@ -305,9 +309,10 @@ class Trainer:
                 }
                 if r.stage_at(self.step - 1) != "readout":  # the probes stop learning there
                     entry["probes"] = {h: round(a, 3) for h, a in probes.items()}
-                if self.focus_mass:  # the focus head's attention on the named colour, training batches
-                    entry["focus_mass"] = round(sum(self.focus_mass) / len(self.focus_mass), 3)
-                    self.focus_mass.clear()
+                for name, masses in self.focus_mass.items():  # each supervised head, training batches
+                    if masses:
+                        entry[f"{name}_mass"] = round(sum(masses) / len(masses), 3)
+                        masses.clear()
                 self.history.append(entry)
                 self.log(json.dumps(self.history[-1]))
                 losses.clear()

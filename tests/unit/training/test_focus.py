@@ -1,6 +1,6 @@
-"""The attention-focus loss: its targets name the question's colour where the shapes of that colour lie,
-its attention is the model's own (checked against `transformers`' eager attention weights), and
-trained on, it moves that attention."""
+"""The supervised attentions: the look's targets put the question's colour word on the shapes of that
+colour, the relay's put the answering position on the colour word; the attention is the model's own
+(checked against `transformers`' eager attention weights), and trained on, each moves its head."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 
 from serving.engine.inputs import InputProcessor
 from serving.engine.models.builder import build_model
+from serving.evals.tasks import draw
 from serving.training.batches import IGNORE, collate, draw_example, pop_focus, pop_probe_targets
-from serving.training.focus import COLOUR_CLASS, AttentionFocus, named_colour
+from serving.training.focus import ATTENTIONS, COLOUR_CLASS, EVERY, AttentionFocus, named_colour
 from serving.training.recipe import Recipe
 from serving.training.trainer import Trainer, _hf_model
 
@@ -32,8 +33,8 @@ def test_the_named_colour_is_read_from_the_question():
     assert named_colour("side", "Is the blue circle on the left or the right?") == COLOUR_CLASS["blue"]
     assert named_colour("count_colour", "How many yellow shapes are there?") == COLOUR_CLASS["yellow"]
     assert named_colour("shape", "What shape is the red object?") == COLOUR_CLASS["red"]
-    # Tasks that ask about every shape, or name a kind of shape, have nothing to focus on.
-    assert named_colour("count", "How many shapes are there?") == 0
+    # Counting every shape starts from "shapes"; a question naming only a kind has nothing to focus on.
+    assert named_colour("count", "How many shapes are there?") == EVERY
     assert named_colour("colour", "What colour is the square?") == 0
     assert named_colour("motion", "Which way does the red circle move?") == 0
 
@@ -52,57 +53,105 @@ def _batch(inputs, pad, task, n=6):
     batch = collate([draw_example(inputs, 5, task, i) for i in range(n)], *pad)
     labels = batch.pop("labels")
     pop_probe_targets(batch)
-    return batch, labels, *pop_focus(batch)
+    return batch, labels, pop_focus(batch)
 
 
 def test_targets_lie_on_the_named_colour_and_sum_to_one(tiny):
     _, inputs, pad = tiny
-    batch, labels, query, target = _batch(inputs, pad, "side")
-    image = batch["input_ids"] == inputs.model_config.image_token_id
-    assert (query >= 0).all()  # side always shows the named colour
-    for i in range(len(query)):
-        answer = int((labels[i] != IGNORE).nonzero()[0])
-        assert query[i] == answer - 1  # the last prompt token: its logits give the answer's first
-        assert target[i].sum().item() == pytest.approx(1.0)
-        on = target[i] > 0
+    batch, labels, rows = _batch(inputs, pad, "side")
+    ids = batch["input_ids"]
+    image = ids == inputs.model_config.image_token_id
+    assert (rows.look_query >= 0).all()  # side always shows the named colour
+    for i in range(len(ids)):
+        word = int(rows.look_query[i])
+        named = inputs.tokenizer.decode(ids[i, word : word + 1].tolist()).strip()
+        assert COLOUR_CLASS[named] > 0  # the look starts at the question's colour word
+        assert rows.look_target[i].sum().item() == pytest.approx(1.0)
+        on = rows.look_target[i] > 0
         assert on.any() and image[i][on].all()  # only image tokens
         assert on.sum() < image[i].sum() / 2  # the named shape, not the whole image
-    # count_colour may ask for a colour that is not there: no target, no query.
-    _, _, query, target = _batch(inputs, pad, "count_colour", 12)
-    assert ((query < 0) == (target.sum(1) == 0)).all()
-    assert (query < 0).any() and (query >= 0).any()
+        answer = int((labels[i] != IGNORE).nonzero()[0])
+        assert rows.relay_query[i] == answer - 1  # the last prompt token: its logits give the answer's first
+        assert rows.relay_target[i].nonzero().flatten().tolist() == [word]
+    # count_colour may ask for a colour that is not there: nothing to look at, the word still read.
+    n = 12
+    examples = [draw_example(inputs, 5, "count_colour", i) for i in range(n)]
+    answers = [int(draw(5, "count_colour", i).answer) for i in range(n)]
+    _, _, rows = _batch(inputs, pad, "count_colour", n)
+    assert ((rows.look_query < 0) == (rows.look_target.sum(1) == 0)).all()
+    assert (rows.look_query < 0).any() and (rows.look_query >= 0).any()
+    assert (rows.relay_query >= 0).all()
+    # The count: equal parts on each shape of the colour and on the word itself, for every count.
+    assert rows.count_query.tolist() == [e.colour_at for e in examples]
+    for i, (e, count) in enumerate(zip(examples, answers, strict=True)):
+        on = rows.count_target[i] > 0
+        centres = int((e.targets["centre"][:, e.focus] > 0).sum())
+        assert centres <= count and int(on.sum()) == centres + 1 and bool(on[rows.count_query[i]])
+        assert rows.count_target[i][on].tolist() == pytest.approx([1 / (centres + 1)] * (centres + 1))
+    assert 0 in answers and max(answers) >= 2
+    # Counting every shape: no look, the count over every shape's token from the word "shapes".
+    examples = [draw_example(inputs, 5, "count", i) for i in range(6)]
+    _, _, rows = _batch(inputs, pad, "count")
+    assert (rows.look_query < 0).all() and (rows.relay_query >= 0).all()
+    for i, e in enumerate(examples):
+        word = int(rows.count_query[i])
+        n = len(inputs.tokenizer.encode_text(" shapes"))  # the word's last token: it has read the word
+        assert (
+            word == e.colour_at and inputs.tokenizer.decode(e.token_ids[word - n + 1 : word + 1]) == " shapes"
+        )
+        # One token per shape, where its centre falls (two centres in one token count once).
+        centres = int((e.targets["centre"][:, 1:].sum(1) > 0).sum())
+        assert 1 <= centres <= int(draw(5, "count", i).answer)
+        assert int((rows.count_target[i] > 0).sum()) == centres + 1
+    # Tasks whose question names no colour have none.
+    _, _, rows = _batch(inputs, pad, "colour")
+    assert (rows.look_query < 0).all() and (rows.relay_query < 0).all() and (rows.count_query < 0).all()
 
 
 def test_the_head_attention_is_the_models_own(tiny):
     out, inputs, pad = tiny
     model = _hf_model(out, 0)
     model.eval()
-    batch, _, query, target = _batch(inputs, pad, "side")
+    batch, _, rows = _batch(inputs, pad, "side")
     focus = AttentionFocus(model, layer=1)
     model.config._attn_implementation = "eager"
     model.model.language_model.config._attn_implementation = "eager"
     with torch.no_grad():
         attentions = model(**batch, output_attentions=True).attentions[1]  # (B, H, T, T)
-    for h in range(model.config.text_config.num_attention_heads):
-        loss, mass = focus.loss(query, target, head=h)
-        rows = torch.arange(len(query))
-        weights = attentions[rows, h, query]  # (B, T): the head's attention at each query row
-        expected_loss = -(target * weights.clamp_min(1e-30).log()).sum(1).mean()
-        expected_mass = (weights * (target > 0)).sum(1).mean()
-        assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-4)
-        assert mass == pytest.approx(expected_mass.item(), rel=1e-4)
+    for query, target in map(rows.pair, ATTENTIONS):
+        for h in range(model.config.text_config.num_attention_heads):
+            loss, mass = focus.loss(query, target, head=h)
+            weights = attentions[torch.arange(len(query)), h, query]  # (B, T): attention at each query row
+            expected_loss = -(target * weights.clamp_min(1e-30).log()).sum(1).mean()
+            expected_mass = (weights * (target > 0)).sum(1).mean()
+            assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-4)
+            assert mass == pytest.approx(expected_mass.item(), rel=1e-4)
 
 
-def test_training_on_it_moves_the_heads_attention(tmp_path, one_thread):
-    recipe = replace(RECIPE, focus_weight=1.0, focus_layer=1, steps=30, task_weights={"side": 1.0})
+def test_training_on_them_moves_the_heads_attention(tmp_path, one_thread):
+    recipe = replace(
+        RECIPE,
+        look_weight=1.0,
+        count_weight=1.0,
+        relay_weight=1.0,
+        steps=30,
+        task_weights={"side": 1.0, "count_colour": 1.0},
+    )
     trainer = Trainer(tmp_path / "m", recipe, log=lambda _: None)
+
+    def masses() -> list[float]:
+        got = [sum(m) / len(m) for m in trainer.focus_mass.values()]
+        for m in trainer.focus_mass.values():
+            m.clear()
+        return got
+
     first = [trainer.train_step() for _ in range(3)]
-    mass_first = sum(trainer.focus_mass) / len(trainer.focus_mass)
-    trainer.focus_mass.clear()
+    before = masses()
     for _ in range(recipe.steps - 6):
         trainer.train_step()
-    trainer.focus_mass.clear()
+    masses()
     last = [trainer.train_step() for _ in range(3)]
-    mass_last = sum(trainer.focus_mass) / len(trainer.focus_mass)
-    assert mass_last > 2 * mass_first, (mass_first, mass_last)
+    after = masses()
+    assert len(after) == len(ATTENTIONS)
+    assert all(a > 1.5 * b for a, b in zip(after, before, strict=True)), (before, after)
     assert sum(last) < sum(first)
