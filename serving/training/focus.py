@@ -112,9 +112,11 @@ def focus_rows(
         target["count"][i, mine] = 1.0
         target["count"][i, at] = 1.0
         target["count"][i] /= len(mine) + 1
-        weight = shares[:, max(colour, 0)].float()
+        if colour == EVERY:  # counting every shape: nothing to pick out
+            continue
+        weight = shares[:, colour].float()
         total = float(weight.sum())
-        if colour != EVERY and total > 0:
+        if total > 0:
             query["look"][i] = at
             target["look"][i, rows] = weight / total
     return FocusRows(
