@@ -121,8 +121,8 @@ def main() -> None:
     )
     print("|---:|---:|---:|---:|---|---|---|")
     for layer in range(train_x[0].shape[1]):
-        pairs = zip(train_x, test_x, strict=True)
-        fits = [_probe(a[:, layer], train_y, b[:, layer], test_y) for a, b in pairs]
+        splits = zip(train_x, test_x, strict=True)
+        fits = [_probe(a[:, layer], train_y, b[:, layer], test_y) for a, b in splits]
         probes = " | ".join(f"{fit:.2f}" for fit in fits)
         if layer < len(layers):
             look = " ".join(f"{share[layer, h, 0]:.2f}/{share[layer, h, 1]:.2f}" for h in range(heads))
