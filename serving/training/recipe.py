@@ -91,7 +91,7 @@ class Recipe:
     count_head: int = 1
     relay_weight: float = 0.0
     relay_layer: int = 1
-    relay_head: int = 0
+    relay_head: int = 1
     threads: int = 2
     prefetch: bool = True  # draw batches in a worker process, ahead of the optimiser
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
