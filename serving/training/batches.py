@@ -41,7 +41,7 @@ class Example:
     is_video: list[bool]
     targets: dict[str, torch.Tensor]  # per probe head, (visual tokens, classes): what each token covers
     scene: torch.Tensor  # (len(SLOTS),): the scene every token should know
-    focus: int = 0  # the colour class the question names (serving/training/focus.py), 0 for none
+    focus: int = 0  # focus.named_colour: the colour class the question names, EVERY, or 0 for none
     prompt_len: int = 0
     colour_at: int = -1  # the position of the question's colour word (focus.anchor_word), -1 for none
 
