@@ -23,16 +23,21 @@ def free_port() -> int:
 
 
 def start_server(
-    args: list[str], log: Path, timeout_s: float = 300, source: Path | None = None
+    args: list[str],
+    log: Path,
+    timeout_s: float = 300,
+    source: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """`epd serve ARGS --port <free>` in its own process group; returns it and its URL once /ready.
     `source`: serve the `serving` package of another checkout (e.g. an older commit's worktree) with
-    this environment's packages; Ray's workers inherit its PYTHONPATH."""
+    this environment's packages; Ray's workers inherit its PYTHONPATH. `env`: the server's whole
+    environment (Ray's workers inherit it too), instead of this process's."""
     port = free_port()
     cmd = [sys.executable, "-m", "serving.cli", "serve", *args, "--port", str(port)]
-    env = None
     if source is not None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])}
+        base = env if env is not None else os.environ
+        env = {**base, "PYTHONPATH": os.pathsep.join([str(source), base.get("PYTHONPATH", "")])}
     return launch(cmd, port, "/ready", log, timeout_s, env=env, cwd=source)
 
 

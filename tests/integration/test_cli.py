@@ -128,3 +128,23 @@ def test_without_a_compiler_the_torch_paths_answer_the_same_and_say_so(tiny_mode
     out = json.loads(result.stdout.strip().splitlines()[-1])
     prompt = engine.inputs.from_user_prompt("Hi", [])
     assert out["token_ids"] == engine.generate([(prompt, SamplingParams(max_tokens=10))])[0].token_ids
+
+
+def test_kernels_built_before_load_without_a_compiler(tmp_path):
+    """What `make install` (or an image build) leaves in the cache is loaded by a process with no
+    compiler: a slim worker image needs none at run time."""
+    cache = str(tmp_path / "cache")
+    code = "from serving.engine import kernels; print(kernels.status())"
+    built = subprocess.run(
+        [sys.executable, "-m", "serving.engine.kernels"],
+        env={**os.environ, "EPD_CACHE_DIR": cache},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    env = {**os.environ, "PATH": str(tmp_path / "nothing"), "EPD_CACHE_DIR": cache}
+    env.pop("CC", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "built", done.stderr
+    assert "no C compiler" not in done.stderr

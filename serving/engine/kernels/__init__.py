@@ -3,9 +3,10 @@
 Why C and ctypes rather than a torch C++ extension: a plain C file compiles in about a second with no
 torch headers and no ninja, so a fresh machine pays almost nothing and nothing is downloaded. The
 shared object is cached under `$EPD_CACHE_DIR/kernels`, keyed by the source, the flags and this CPU
-(it is built with `-march=native`, so an image moved to another CPU model builds its own). When no
-compiler is found, the build fails, or `EPD_CPU_KERNELS=0`, callers get `None` and use their portable
-torch path instead: the kernels are a speed-up, never a requirement.
+(it is built with `-march=native`, so an image moved to another CPU model builds its own), and found
+there without a compiler. When neither the cache nor a compiler has it, the build fails, or
+`EPD_CPU_KERNELS=0`, callers get `None` and use their portable torch path instead: the kernels are a
+speed-up, never a requirement.
 """
 
 from __future__ import annotations
@@ -47,24 +48,28 @@ def _cpu_key() -> str:
 
 
 def _build(source: Path, extra: tuple[str, ...] = ()) -> Path | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        missing = "no C compiler (cc, gcc or $CC): the CPU kernels are off and the torch paths run"
-        _problem(
-            "no-compiler", f"{missing} instead, 2-5x slower; install one, or build them with `make install`"
-        )
-        return None
     try:
         text = source.read_text()
     except OSError as e:  # an install that left the source out
         log.warning("kernel source %s unreadable, using the torch path: %s", source, e)
         return None
-    parts = [text, *_COMPILE, *_LINK, *extra, compiler, _cpu_key()]
+    # Not keyed by the compiler: a worker without one (a slim image) loads what `make install` or
+    # the image build left in the cache; it needs a compiler only to build what is not there.
+    parts = [text, *_COMPILE, *_LINK, *extra, _cpu_key()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     out_dir = cache_dir() / "kernels"
     target = out_dir / f"{source.stem}-{key}.so"
     if target.exists():
         return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        missing = "no C compiler (cc, gcc or $CC) and no built kernels in the cache: the CPU kernels"
+        _problem(
+            "no-compiler",
+            f"{missing} are off and the torch paths run instead, 2-5x slower; install a compiler, or "
+            "build them with `make install` (`python -m serving.engine.kernels`)",
+        )
+        return None
     out_dir.mkdir(parents=True, exist_ok=True)
     # Build under a temporary name and rename: workers starting together may build at once, and a
     # reader must never load a half-written file.
