@@ -202,17 +202,22 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def _logprobs(logits: torch.Tensor, tokens: list[int], seqs: list[Sequence]) -> list[dict[int, float] | None]:
     wanted = [s.params.logprobs for s in seqs]
-    if all(w is None for w in wanted):
+    rows = [i for i, n in enumerate(wanted) if n is not None]
+    if not rows:
         return [None] * len(seqs)
     logp = torch.nan_to_num(logits.log_softmax(dim=-1), nan=LOGPROB_FLOOR).clamp(min=LOGPROB_FLOOR)
-    out: list[dict[int, float] | None] = []
-    for i, n in enumerate(wanted):
-        if n is None:
-            out.append(None)
-            continue
-        entry = {tokens[i]: float(logp[i, tokens[i]])}
-        if n := min(n, logp.shape[-1]):
-            values, ids = logp[i].topk(n)
-            entry.update(zip(ids.tolist(), values.tolist(), strict=True))
-        out.append(entry)
+    # Every row that asks, at once: on a GPU, per-row reads would each wait for the device.
+    at = torch.tensor(rows, device=logp.device)
+    chosen = logp[at, torch.tensor([tokens[i] for i in rows], device=logp.device)]
+    top = min(max(wanted[i] or 0 for i in rows), logp.shape[-1])
+    values, ids = (
+        logp[at].topk(top) if top else (logp.new_zeros((len(rows), 0)), at.new_zeros((len(rows), 0)))
+    )
+    chosen_l, values_l, ids_l = chosen.tolist(), values.tolist(), ids.tolist()  # the first waits, once
+    out: list[dict[int, float] | None] = [None] * len(seqs)
+    for j, i in enumerate(rows):
+        entry = {tokens[i]: chosen_l[j]}
+        n = min(wanted[i] or 0, top)
+        entry.update(zip(ids_l[j][:n], values_l[j][:n], strict=True))
+        out[i] = entry
     return out
