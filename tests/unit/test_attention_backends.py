@@ -222,3 +222,22 @@ def test_an_engine_whose_kernel_fails_serves_on_torch(triton_interpreter, tiny_m
 
     monkeypatch.setattr(triton_interpreter.TritonBackend, "forward", fails)
     assert generate() == ("torch", expected)
+
+
+def test_the_one_call_decode_step_runs_only_under_the_cpu_backend(tiny_model, monkeypatch):
+    """The C decode step attends with the C kernel itself: under any other backend (chosen, or
+    fallen back to) every step goes through that backend."""
+    from serving.config import EngineConfig
+    from serving.engine import kernels
+    from serving.engine.llm import LLMEngine
+
+    if kernels.load("decode_layers") is None:
+        pytest.skip("no C compiler: kernels off")
+
+    def decode_layers(backend: str):
+        monkeypatch.setenv("EPD_ATTENTION_BACKEND", backend)
+        engine = LLMEngine(EngineConfig(model=str(tiny_model), device="cpu", num_kv_blocks=16, block_size=8))
+        return engine.runner.model.model.decode_layers
+
+    assert decode_layers("cpu") is not None
+    assert decode_layers("torch") is None
