@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve test lint bench bench-epd bench-fidelity bench-peer bench-controller model train eval tools dashboards observe lock protos bench-grpc
+.PHONY: help install serve test lint bench bench-epd bench-fidelity bench-peer bench-controller model train eval tools dashboards observe lock protos bench-grpc test-gpu gpu-wheels
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -56,8 +56,9 @@ test-gpu: ## the GPU checks (tests/gpu): transformers equality on CUDA, seeded s
 	@if [ -d .gpu-wheels ]; then python3 -m pip install -q --no-index --find-links .gpu-wheels --target .gpu-site -r requirements-gpu.txt; fi
 	PYTHONPATH=.:.gpu-site timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/gpu
 
-gpu-wheels: ## wheels for the GPU machine's Python 3.12 (no index there)
-	$(BIN)/python -m pip download -q -d .gpu-wheels --only-binary=:all: --python-version 3.12 \
+GPU_PYTHON ?= 3.12
+gpu-wheels: ## wheels for the GPU machine's Python (GPU_PYTHON=, default 3.12; no index there)
+	$(BIN)/python -m pip download -q -d .gpu-wheels --only-binary=:all: --python-version $(GPU_PYTHON) \
 		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_31_x86_64 \
 		-r requirements-gpu.txt
 

@@ -1,4 +1,5 @@
-"""The `small` preset built once for the GPU checks (the shared fixtures build only the tiny ones)."""
+"""The `small` and `7b-wide` presets built once for the GPU checks (the shared fixtures build only the
+tiny ones)."""
 
 from __future__ import annotations
 
@@ -12,3 +13,8 @@ from serving.engine.models.builder import build_model
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model(tmp_path_factory.mktemp("models") / "epd-small", "small")
+
+
+@pytest.fixture(scope="session")
+def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("models") / "epd-7b-wide", "7b-wide")

@@ -12,7 +12,10 @@ from serving.engine.backends import backend_for
 from serving.engine.backends.torch_sdpa import TorchBackend
 from tests.unit.test_attention_backends import reference, slots
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 HEADS, KV_HEADS = 28, 4  # Qwen2.5-VL-7B's heads per KV head
 
 

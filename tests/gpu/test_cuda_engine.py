@@ -2,8 +2,9 @@
 where PyTorch sees no GPU, so `make test` passes them by. Greedy tokens equal transformers' (float32
 exactly, bfloat16 for the first tokens: the two round differently after that); seeded sampling is a
 pure function of (seed, output index) on the device, across two runs and across a prefill → decode
-handoff between engines; the KV pool lives on the device at the size its memory buys; and a decode
-throughput figure is printed."""
+handoff between engines; the KV pool lives on the device at the size its memory buys; and decode
+throughput is printed (the small preset, and a model of Qwen2.5-VL-7B's width against the memory
+bandwidth roofline)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from serving.engine.llm import LLMEngine
 from serving.types import SamplingParams
 from tests.conftest import make_image
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 CASES = {"text": [], "one-image": [(56, 84)], "two-images": [(112, 56), (42, 70)]}
 BF16_PREFIX = 4  # tokens that must agree in bfloat16 before the two implementations may drift
 
@@ -114,6 +118,58 @@ def test_decode_throughput_is_printed(small_model):
         tokens = sum(len(r.token_ids) for r in done)
         print(
             f"\nsmall preset, bfloat16, batch {batch}: {tokens / (time.perf_counter() - start):.0f} tokens/s"
+        )
+
+
+def _copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
+    """Bytes per second the device moves in a large copy (read plus write): the roofline's slope,
+    measured here rather than read off a datasheet."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * nbytes * 10 / (time.perf_counter() - start)
+
+
+def test_decode_against_the_bandwidth_roofline(wide_model):
+    """Decode is bandwidth-bound: a step reads every decoder weight once and each sequence's KV. At
+    Qwen2.5-VL-7B's width (4 of its layers) the printed share of that bound is what the step loses to
+    launches, the sampler and the host; batch 64 shows whether batching buys what it should."""
+    e = engine(wide_model, "bfloat16", kv_cache_memory_gb=8.0, max_num_seqs=64)
+    bandwidth = _copy_bandwidth()
+    model = e.runner.model
+    weights = sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("visual.")
+    )
+    kv_per_token = e.model_config.kv_bytes_per_token(2)
+    out_tokens = 64
+    for batch in (1, 64):
+        requests = [
+            (
+                e.inputs.from_user_prompt(f"Request {i}: tell a story.", []),
+                SamplingParams(max_tokens=out_tokens, ignore_eos=True),
+            )
+            for i in range(batch)
+        ]
+        e.generate(requests[:1])  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        done = e.generate(requests)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        tokens = sum(len(r.token_ids) for r in done)
+        assert tokens == batch * out_tokens
+        context = len(requests[0][0].token_ids) + out_tokens / 2  # a step's mean context
+        step_bytes = weights + batch * context * kv_per_token
+        bound = batch * bandwidth / step_bytes  # tokens/s if a step only read its bytes at copy speed
+        print(
+            f"\n7b-wide (4 layers), bfloat16, batch {batch}: {tokens / seconds:.0f} tokens/s; roofline "
+            f"{bound:.0f} ({step_bytes / 2**30:.2f} GiB a step at {bandwidth / 1e9:.0f} GB/s copy): "
+            f"{tokens / seconds / bound:.0%} of it (prefill included in the time)"
         )
 
 

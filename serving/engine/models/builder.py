@@ -116,6 +116,16 @@ PRESETS: dict[str, Preset] = {
         max_pixels=28 * 28 * 64, min_pixels=28 * 28 * 16, bpe_vocab=768, task_corpus=True,
         video_max_pixels=28 * 28 * 36,
     ),
+    # Qwen2.5-VL-7B's decoder width (hidden 3584, 28 query and 4 KV heads of 128, MLP 18944) with 4 of
+    # its 28 layers and a small vocabulary and tower: what a decode step reads per layer is the real
+    # model's, at an eighth of its weight bytes (1.9 GB in bfloat16), so a GPU check builds it in
+    # seconds and compares its decode rate with the memory-bandwidth roofline.
+    "7b-wide": Preset(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=4, num_attention_heads=28,
+                  num_key_value_heads=4, mrope_section=[16, 24, 24]),
+        vision=dict(depth=1, embed_dim=64, num_heads=2, mlp_ratio=2),
+        max_pixels=28 * 28 * 64,
+    ),
     # The shapes layout at test size: the training recipe's tests run it for a few dozen steps.
     "shapes-tiny": Preset(
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
