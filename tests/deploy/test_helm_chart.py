@@ -189,6 +189,11 @@ BAD_VALUES = {
     "gRPC on the HTTP port": ("--set", "grpc.port=8000"),
     "replicas above maxReplicas": ("--set", "workerGroups.decode.replicas=9"),
     "keys to create but none given": ("--set", "apiKeys.create=true"),
+    "GPU memory fraction above 1": ("--set", "engine.gpuMemoryUtilization=1.5"),
+    "KV cache memory in words": ("--set", "engine.kvCacheMemory=lots"),
+    "block size 0": ("--set", "engine.blockSize=0"),
+    "max_num_seqs 0": ("--set", "engine.maxNumSeqs=0"),
+    "unknown engine key": ("--set", "engine.maxModelLength=4096"),
 }
 
 
