@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,19 @@ _FLAGS = ("preset", "steps", "batch_size", "seed", "threads", "checkpoint_every"
 
 
 def recipe_from_file(path: Path) -> Recipe:
-    """A recipe from JSON: its fields at the top level, or under "recipe" (a training.json)."""
-    data = json.loads(path.read_text())
-    return Recipe(**data.get("recipe", data))
+    """A recipe from JSON: its fields at the top level, or under "recipe" (a training.json). A file
+    that is not one ends the command with a line saying why, not a traceback."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--recipe {path}: {e}") from None
+    data = data.get("recipe", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise SystemExit(f"--recipe {path}: expected a JSON object of recipe fields")
+    unknown = sorted(set(data) - {f.name for f in fields(Recipe)})
+    if unknown:
+        raise SystemExit(f"--recipe {path}: not recipe fields: {', '.join(unknown)}")
+    return Recipe(**data)
 
 
 def add_train_parser(model_sub: Any) -> None:

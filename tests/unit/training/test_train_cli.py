@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 
+import pytest
+
 from serving.cli import build_parser
 from serving.training.cli import recipe_from_args
 from serving.training.recipe import Recipe
@@ -30,3 +32,18 @@ def test_a_training_record_reruns_its_recipe(tmp_path):
     plain = tmp_path / "recipe.json"
     plain.write_text(json.dumps({"steps": 12, "count_weight": 0.5}))
     assert parse("--recipe", str(plain)) == replace(Recipe(), steps=12, count_weight=0.5)
+
+
+def test_a_file_that_is_not_a_recipe_is_one_line_not_a_traceback(tmp_path):
+    cases = {
+        "unknown.json": (json.dumps({"steps": 12, "stepz": 3}), "not recipe fields: stepz"),
+        "list.json": ("[1, 2]", "expected a JSON object"),
+        "broken.json": ("{", "--recipe"),
+    }
+    for name, (text, says) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit) as stopped:
+            parse("--recipe", str(tmp_path / name))
+        assert says in str(stopped.value) and "\n" not in str(stopped.value)
+    with pytest.raises(SystemExit, match="No such file"):
+        parse("--recipe", str(tmp_path / "missing.json"))
