@@ -150,6 +150,7 @@ def collate(examples: list[Example], pad_id: int, image_id: int, video_id: int) 
         [e.prompt_len for e in examples],
         [(ids[i] == image_id).nonzero().squeeze(1) for i in range(batch)],
         width,
+        [e.targets["place"] for e in examples],
     )
     out |= {key: getattr(rows, key) for key in FOCUS_KEYS}
     return out | hf_media_kwargs(ids, media, is_video, image_id, video_id)

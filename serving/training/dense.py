@@ -30,6 +30,10 @@ from serving.evals.tasks import MOVES, Scene
 # inside it). `GROUPS`: heads whose classes are several softmaxes side by side.
 HEADS = {"colour": 6, "kind": 4, "digit": 11, "motion": 5, "centre": 5, "side": 3, "subdigit": 44}
 GROUPS = {"subdigit": 4}
+# Not a probe head: the share of each token's pixels inked by the number's first, second and third
+# digit (0 = none), which the supervised reading attention (serving/training/focus.py) looks for.
+PLACES = 4
+TARGETS = {**HEADS, "place": PLACES}  # every per-token target `token_targets` returns, and its classes
 CLASSES = HEADS["colour"]
 _NEAR = 45  # per channel: the jitter plus room for resizing and the video codec
 SAMPLES = 7  # pixels sampled along each side of a merged token (of its 28): cheap, and shares to 1/49
@@ -46,7 +50,8 @@ def class_map(image: Image.Image) -> np.ndarray:
 
 
 def scene_maps(scene: Scene, size: tuple[int, int], frame: int) -> dict[str, np.ndarray]:
-    """(H, W) kind, digit and motion classes of every pixel, drawn again from the scene."""
+    """(H, W) kind, digit, place (which of the number's digits) and motion classes of every pixel,
+    drawn again from the scene."""
     kind = Image.new("RGB", size)
     for shape in scene.shapes:
         box = shape.box
@@ -57,17 +62,21 @@ def scene_maps(scene: Scene, size: tuple[int, int], frame: int) -> dict[str, np.
         draw_shape(kind, Shape(shape.kind, shape.colour, box, (k, k, k)))
     kinds = np.asarray(kind)[..., 0].astype(np.int64)
     digits = np.zeros_like(kinds)
+    places = np.zeros_like(kinds)
     if scene.number is not None and scene.font_size is not None and scene.text_origin is not None:
         text = str(scene.number)
         font = ImageFont.load_default(size=scene.font_size)
-        canvas = Image.new("RGB", size)
-        draw = ImageDraw.Draw(canvas)
-        draw.fontmode = "1"  # no anti-aliasing: every inked pixel carries its digit's class exactly
+        canvas, order = Image.new("RGB", size), Image.new("RGB", size)
+        draw, draw_order = ImageDraw.Draw(canvas), ImageDraw.Draw(order)
+        draw.fontmode = draw_order.fontmode = "1"  # no anti-aliasing: every inked pixel is one class
         x, y = scene.text_origin
         for i, ch in enumerate(text):
             v = 1 + int(ch)
-            draw.text((x + font.getlength(text[:i]), y), ch, font=font, fill=(v, v, v))
+            at = (x + font.getlength(text[:i]), y)
+            draw.text(at, ch, font=font, fill=(v, v, v))
+            draw_order.text(at, ch, font=font, fill=(i + 1, i + 1, i + 1))
         digits = np.asarray(canvas)[..., 0].astype(np.int64)
+        places = np.asarray(order)[..., 0].astype(np.int64)
     motion = np.zeros_like(kinds)
     if scene.direction is not None:
         motion[kinds > 0] = 1 + DIRECTIONS.index(scene.direction)
@@ -82,7 +91,7 @@ def scene_maps(scene: Scene, size: tuple[int, int], frame: int) -> dict[str, np.
             box = np.zeros_like(kinds, dtype=bool)
             box[max(0, y0) : y0 + n, max(0, x0) : x0 + n] = True
             side[(mine > 0) & box] = 1 if shape.box.centre[0] < other.box.centre[0] else 2
-    return {"kind": kinds, "digit": digits, "motion": motion, "side": side}
+    return {"kind": kinds, "digit": digits, "place": places, "motion": motion, "side": side}
 
 
 def _centres(scene: Scene, size: tuple[int, int], frame: int, gh: int, gw: int) -> np.ndarray:
@@ -113,6 +122,17 @@ def _subdigits(digits: np.ndarray, gh: int, gw: int, merge: int) -> np.ndarray:
     return shares.transpose(0, 2, 1, 3, 4).reshape(gh * gw, merge * merge * 11)
 
 
+def _ink_shares(classes: np.ndarray, n: int, gh: int, gw: int) -> np.ndarray:
+    """(gh, gw, n): the share of each token's area under each class, averaged over every pixel (a
+    sampled grid misses thin strokes where the image is shrunk a lot)."""
+    out = np.zeros((gh, gw, n), dtype=np.float32)
+    for c in range(1, n):
+        mask = Image.fromarray(((classes == c) * 255).astype(np.uint8))
+        out[..., c] = np.asarray(mask.resize((gw, gh), resample=Image.Resampling.BOX)) / 255
+    out[..., 0] = 1 - out[..., 1:].sum(-1)
+    return out
+
+
 def _shares(classes: np.ndarray, n: int, gh: int, gw: int) -> np.ndarray:
     onehot = np.eye(n, dtype=np.float32)[classes]  # (H, W, n)
     return onehot.reshape(gh, SAMPLES, gw, SAMPLES, n).mean(axis=(1, 3))
@@ -133,9 +153,9 @@ def _inked(shares: np.ndarray) -> np.ndarray:
 def token_targets(
     frames: list[Image.Image], scene: Scene, grid: tuple[int, int, int], merge: int
 ) -> dict[str, torch.Tensor]:
-    """Per head, (t·h·w/merge², classes): the share of each class in each merged token (sampled on a
-    SAMPLES² grid per token of the frame the processor resizes), tokens in the order the vision tower
-    emits them (time, row, column)."""
+    """Per head and `place`, (t·h·w/merge², classes): the share of each class in each merged token
+    (sampled on a SAMPLES² grid per token of the frame the processor resizes), tokens in the order
+    the vision tower emits them (time, row, column)."""
     t, gh, gw = grid
     gh, gw = gh // merge, gw // merge
     size = (gw * SAMPLES, gh * SAMPLES)
@@ -148,18 +168,21 @@ def token_targets(
             )
         }
         for name, m in maps.items():
+            if name == "place":
+                continue  # by area, below
             small = np.asarray(
                 Image.fromarray(m.astype(np.uint8)).resize(size, resample=Image.Resampling.NEAREST)
             )
-            shares[name] = _shares(small.astype(np.int64), HEADS[name], gh, gw)
+            shares[name] = _shares(small.astype(np.int64), TARGETS[name], gh, gw)
         shares["digit"] = _inked(shares["digit"])
         centres = _centres(scene, frame.size, i, gh, gw)
         shares["centre"] = np.eye(HEADS["centre"], dtype=np.float32)[centres]
         shares["subdigit"] = _subdigits(maps["digit"], gh, gw, merge).reshape(gh, gw, -1)
+        shares["place"] = _ink_shares(maps["place"], PLACES, gh, gw)
         per_frame.append(shares)
     per_frame += [per_frame[-1]] * (-len(per_frame) % t)  # the processor repeats the last frame so
     out = {}
-    for name, n in HEADS.items():
+    for name, n in TARGETS.items():
         stacked = np.stack([f[name] for f in per_frame]).reshape(t, -1, gh, gw, n).mean(axis=1)
         out[name] = torch.from_numpy(stacked.reshape(-1, n))
     return out

@@ -11,8 +11,9 @@ found before them: the **look**, at the question's colour word, whose own embedd
 onto that colour's image tokens; the **count**, from the same word, onto one token per shape of that
 colour and onto itself (`FocusRows` says why); and the **relay**, at the answering position, onto the
 colour word, which then holds what the two found. Trained so from the 6,000-step weights (two stages,
-2,500 steps), `side` went from 49 to 100 % and `count_colour` from 26 to 66 % (docs/evals.md). All are
-off by default.
+2,500 steps), `side` went from 49 to 100 % and `count_colour` from 26 to 66 % (docs/evals.md). The
+**read** is the same idea for numbers: at each position that predicts a digit, onto that digit's ink
+(tried, not shipped). All are off by default.
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ def colour_word_at(token_ids: list[int], word: list[int], end: int) -> int:
     return -1
 
 
-# The supervised attentions, each a (query, target) pair per example (below).
-ATTENTIONS = ("look", "count", "relay")
+# The supervised attentions, each a (query, target) pair per example, or per digit for `read` (below).
+ATTENTIONS = ("look", "count", "relay", "read")
+# The most digits a `read` answer has (0-999).
+DIGITS = 3
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,14 @@ class FocusRows:
       and onto itself, equally: the share it keeps on itself, 1 / (n + 1), says how many there are
       (attention that only looked at the shapes would average their count away);
     - relay: from the answering position (the last prompt token) onto the colour word, which holds
-      what the two found."""
+      what the two found;
+    - read: from the position that predicts a number's k-th digit (the last prompt token, then each
+      digit of the answer) onto the image tokens inked by that digit (their share of its ink): one
+      row per digit, (B, DIGITS) queries and (B, DIGITS, width) targets. Why: the digits' own tokens
+      carry which digit they are (a linear probe read it at 0.56-0.74) while the positions that
+      answer carried next to nothing (0.13-0.23). Taught from the 8,500-step weights, the head put
+      0.70 of its attention on its digit within 400 steps, and the positions still carried nothing
+      (docs/evals.md): not shipped."""
 
     look_query: torch.Tensor  # (B,)
     look_target: torch.Tensor  # (B, width), rows summing to 1 or all 0
@@ -80,6 +90,8 @@ class FocusRows:
     count_target: torch.Tensor
     relay_query: torch.Tensor
     relay_target: torch.Tensor
+    read_query: torch.Tensor  # (B, DIGITS)
+    read_target: torch.Tensor  # (B, DIGITS, width)
 
     def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"{name}_query"), getattr(self, f"{name}_target")
@@ -93,13 +105,24 @@ def focus_rows(
     prompt_lens: list[int],
     image_rows: list[torch.Tensor],
     width: int,
+    places: list[torch.Tensor] | None = None,
 ) -> FocusRows:
-    """`colour_shares` and `centres` are the probes' (visual tokens, classes) colour and centre
-    targets, `image_rows` the sequence positions of the example's image tokens in the same order,
-    `colour_at` the position of the question's colour word."""
+    """`colour_shares`, `centres` and `places` are the (visual tokens, classes) colour, centre and
+    place targets (serving/training/dense.py), `image_rows` the sequence positions of the example's
+    image tokens in the same order, `colour_at` the position of the question's colour word."""
     b = len(colours)
     query = {name: torch.full((b,), -1, dtype=torch.long) for name in ATTENTIONS}
     target = {name: torch.zeros((b, width)) for name in ATTENTIONS}
+    query["read"] = torch.full((b, DIGITS), -1, dtype=torch.long)
+    target["read"] = torch.zeros((b, DIGITS, width))
+    for i, (place, n, rows) in enumerate(zip(places or [], prompt_lens, image_rows, strict=False)):
+        if len(rows) != len(place):
+            continue
+        for k in range(DIGITS):
+            ink = place[:, k + 1].float()
+            if float(ink.sum()) > 0:
+                query["read"][i, k] = n - 1 + k
+                target["read"][i, k, rows] = ink / ink.sum()
     for i, (shares, centre, colour, at, n, rows) in enumerate(
         zip(colour_shares, centres, colours, colour_at, prompt_lens, image_rows, strict=True)
     ):
@@ -147,12 +170,17 @@ class AttentionFocus:
     ) -> tuple[torch.Tensor, float]:
         """(cross-entropy of `head`'s attention (default: this focus's head) against `target` at the
         `query` positions, the mean attention share on the target's tokens); zero and nan when no
-        example has a query."""
+        example has a query. `query` is (B,) with `target` (B, width), or (B, K) with (B, K, width)
+        for several rows per example."""
         from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
 
         assert self._input is not None, "no forward pass captured"
         hidden, (cos, sin) = self._input
         head = self.head if head is None else head
+        example = torch.arange(query.shape[0])
+        if query.dim() == 2:
+            example = example.repeat_interleave(query.shape[1])
+            query, target = query.reshape(-1), target.reshape(-1, target.shape[-1])
         rows = (query >= 0).nonzero().squeeze(1)
         if rows.numel() == 0:
             return hidden.new_zeros(()), float("nan")
@@ -160,10 +188,10 @@ class AttentionFocus:
         dim = a.head_dim
         kv_head = head // (a.config.num_attention_heads // a.config.num_key_value_heads)
         at = query[rows]
-        h = hidden[rows]  # (R, T, hidden)
+        h = hidden[example[rows]]  # (R, T, hidden)
         q = a.q_proj(h[torch.arange(len(rows)), at])[:, head * dim : (head + 1) * dim]
         k = a.k_proj(h)[..., kv_head * dim : (kv_head + 1) * dim]
-        c, s = cos[rows], sin[rows]  # (R, T, dim)
+        c, s = cos[example[rows]], sin[example[rows]]  # (R, T, dim)
         cq, sq = c[torch.arange(len(rows)), at], s[torch.arange(len(rows)), at]
         q = q * cq + rotate_half(q) * sq
         k = k * c + rotate_half(k) * s

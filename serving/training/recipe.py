@@ -82,7 +82,8 @@ class Recipe:
     # Auxiliary losses on decoder heads' attention (serving/training/focus.py): the look, at the
     # question's colour word, onto the image tokens of that colour; the count, from the same word,
     # onto one token per shape of that colour and itself; the relay, at the position that predicts
-    # the answer, onto the colour word. A weight of 0 turns one off.
+    # the answer, onto the colour word; the read, at the position that predicts a number's k-th
+    # digit, onto that digit's image tokens. A weight of 0 turns one off.
     look_weight: float = 0.0
     look_layer: int = 0
     look_head: int = 0
@@ -92,6 +93,13 @@ class Recipe:
     relay_weight: float = 0.0
     relay_layer: int = 1
     relay_head: int = 1
+    # Layer 2's head 1: on the 8,500-step weights it already put 0.50 of the answering position's
+    # attention on a number's ink (0.03 on a shape's); two layers below let an answer's position know
+    # how many digits came before it. Tried from those weights (docs/evals.md), it did not move
+    # reading: off by default, kept as the instrument for the next try.
+    read_weight: float = 0.0
+    read_layer: int = 2
+    read_head: int = 1
     threads: int = 2
     prefetch: bool = True  # draw batches in a worker process, ahead of the optimiser
     task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))

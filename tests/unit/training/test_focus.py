@@ -1,5 +1,6 @@
 """The supervised attentions: the look's targets put the question's colour word on the shapes of that
-colour, the relay's put the answering position on the colour word; the attention is the model's own
+colour, the relay's put the answering position on the colour word, the read's put each digit's
+predicting position on that digit's ink; the attention is the model's own
 (checked against `transformers`' eager attention weights), and trained on, each moves its head."""
 
 from __future__ import annotations
@@ -108,24 +109,59 @@ def test_targets_lie_on_the_named_colour_and_sum_to_one(tiny):
     assert (rows.look_query < 0).all() and (rows.relay_query < 0).all() and (rows.count_query < 0).all()
 
 
+def test_reading_looks_from_each_digits_predicting_position_onto_that_digits_ink(tiny):
+    _, inputs, pad = tiny
+    examples = [draw_example(inputs, 5, "read", i) for i in range(8)]
+    batch, labels, rows = _batch(inputs, pad, "read", n=8)
+    assert rows.read_query.shape == (8, 3) and rows.read_target.shape[:2] == (8, 3)
+    for i, e in enumerate(examples):
+        answer = draw(5, "read", i).answer
+        digits = len(answer)
+        # The k-th digit is predicted at the position before it: the last prompt token, then each digit.
+        assert rows.read_query[i, :digits].tolist() == [e.prompt_len - 1 + k for k in range(digits)]
+        assert (rows.read_query[i, digits:] == -1).all() and (rows.read_target[i, digits:] == 0).all()
+        targets = labels[i, rows.read_query[i, :digits] + 1].tolist()
+        assert inputs.tokenizer.decode(targets) == answer
+        image = (batch["input_ids"][i] == inputs.model_config.image_token_id).nonzero().squeeze(1)
+        for k in range(digits):
+            t = rows.read_target[i, k]
+            assert t.sum().item() == pytest.approx(1.0)
+            on = t.nonzero().squeeze(1)
+            assert set(on.tolist()) <= set(image.tolist())
+            # Exactly the tokens that digit inked (the place target), weighted by its ink in each.
+            place = e.targets["place"][:, k + 1]
+            assert torch.allclose(t[image], place / place.sum())
+    # Nothing to read elsewhere.
+    for task in ("side", "count", "colour"):
+        assert (_batch(inputs, pad, task)[2].read_query < 0).all()
+
+
 def test_the_head_attention_is_the_models_own(tiny):
     out, inputs, pad = tiny
     model = _hf_model(out, 0)
     model.eval()
-    batch, _, rows = _batch(inputs, pad, "side")
     focus = AttentionFocus(model, layer=1)
     model.config._attn_implementation = "eager"
     model.model.language_model.config._attn_implementation = "eager"
-    with torch.no_grad():
-        attentions = model(**batch, output_attentions=True).attentions[1]  # (B, H, T, T)
-    for query, target in map(rows.pair, ATTENTIONS):
-        for h in range(model.config.text_config.num_attention_heads):
-            loss, mass = focus.loss(query, target, head=h)
-            weights = attentions[torch.arange(len(query)), h, query]  # (B, T): attention at each query row
-            expected_loss = -(target * weights.clamp_min(1e-30).log()).sum(1).mean()
-            expected_mass = (weights * (target > 0)).sum(1).mean()
-            assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-4)
-            assert mass == pytest.approx(expected_mass.item(), rel=1e-4)
+    for task, names in (("side", ("look", "count", "relay")), ("read", ("read",))):
+        batch, _, rows = _batch(inputs, pad, task)
+        with torch.no_grad():
+            attentions = model(**batch, output_attentions=True).attentions[1]  # (B, H, T, T)
+        for query, target in map(rows.pair, names):
+            # One row per query; `read` has one per digit, and none past a short number's last.
+            example = torch.arange(len(query)).repeat_interleave(query[0].numel())
+            flat, rows_target = query.reshape(-1), target.reshape(len(example), -1)
+            on = flat >= 0
+            assert on.sum() >= len(query)
+            for h in range(model.config.text_config.num_attention_heads):
+                loss, mass = focus.loss(query, target, head=h)
+                weights = attentions[example[on], h, flat[on]]  # (R, T): attention at each query row
+                t = rows_target[on]
+                expected_loss = -(t * weights.clamp_min(1e-30).log()).sum(1).mean()
+                expected_mass = (weights * (t > 0)).sum(1).mean()
+                assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-4)
+                assert mass == pytest.approx(expected_mass.item(), rel=1e-4)
+        focus.close_pass()
 
 
 def test_training_on_them_moves_the_heads_attention(tmp_path, one_thread):
@@ -134,8 +170,9 @@ def test_training_on_them_moves_the_heads_attention(tmp_path, one_thread):
         look_weight=1.0,
         count_weight=1.0,
         relay_weight=1.0,
+        read_weight=1.0,
         steps=30,
-        task_weights={"side": 1.0, "count_colour": 1.0},
+        task_weights={"side": 1.0, "count_colour": 1.0, "read": 1.0},
     )
     trainer = Trainer(tmp_path / "m", recipe, log=lambda _: None)
 

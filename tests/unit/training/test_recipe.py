@@ -210,14 +210,15 @@ def test_probe_targets_say_what_each_token_covers():
 
     from serving.evals.drawing import Box, Shape
     from serving.evals.tasks import Scene, draw
-    from serving.training.dense import HEADS, token_targets
+    from serving.training.dense import HEADS, TARGETS, token_targets
 
     image = Image.new("RGB", (112, 56), (255, 255, 255))
     image.paste(Image.new("RGB", (28, 28), (220, 40, 40)), (0, 0))
     image.paste(Image.new("RGB", (28, 28), (0, 0, 0)), (84, 28))
     scene = Scene((Shape("square", "red", Box(0, 0, 28), (220, 40, 40)),))
     targets = token_targets([image], scene, (1, 4, 8), merge=2)
-    assert {k: tuple(v.shape) for k, v in targets.items()} == {k: (8, n) for k, n in HEADS.items()}
+    assert {k: tuple(v.shape) for k, v in targets.items()} == {k: (8, n) for k, n in TARGETS.items()}
+    assert targets["place"][:, 0].eq(1).all(), "no number: no digit's place"
     assert targets["colour"][0].tolist() == [0, 1, 0, 0, 0, 0]
     assert targets["colour"][7].tolist() == [0, 0, 0, 0, 0, 1]
     assert targets["kind"][0].tolist() == [0, 0, 1, 0] and targets["kind"][1, 0] == 1
@@ -240,6 +241,14 @@ def test_probe_targets_say_what_each_token_covers():
     columns = [int(grid[:, c][inked[:, c]][:, 1:].sum(0).argmax()) for c in range(16) if inked[:, c].any()]
     read_back = [d for i, d in enumerate(columns) if i == 0 or d != columns[i - 1]]
     assert read_back == [int(ch) for ch in read.answer], (read_back, read.answer)
+    # Places: each token's ink by which of the number's digits inked it (the first, second, third),
+    # found wherever the digit head finds ink, and the first digit's tokens left of the last's.
+    places = token_targets([read.image], read.scene, (1, 16, 16), merge=2)["place"]
+    assert (places[:, 1:].sum(1)[digits[:, 0] < 1] > 0).all()
+    assert (places[:, 1 + len(read.answer) :] == 0).all()
+    column = (torch.arange(64) % 8).float()
+    first, last = (float((places[:, k] * column).sum() / places[:, k].sum()) for k in (1, len(read.answer)))
+    assert len(read.answer) == 1 or first < last, (first, last)
 
 
 def test_side_targets_say_which_of_two_shapes_is_left():
