@@ -7,7 +7,8 @@ Gateways read the directory as versioned snapshots (`snapshot`), report the work
 The actor owns membership: it records the deployment's workers (names, roles, pinned CPUs) in Ray's
 GCS key-value store at each change, and on a restart (Ray restarts it: `max_restarts=-1`) adopts
 the workers still alive by the deployment's id and starts one in place of each recorded worker that
-died meanwhile, so nothing is orphaned and nothing is lost.
+died meanwhile (unless a live worker the record does not yet know already stands in for it), so
+nothing is orphaned, nothing is lost and nothing is replaced twice.
 """
 
 from __future__ import annotations
@@ -45,6 +46,32 @@ log = logging.getLogger(__name__)
 GATEWAY_TTL_S = 10 * REPORT_INTERVAL_S
 _MEMBERSHIP_EVERY_S = 0.5
 _KV_NAMESPACE = b"epd"
+
+
+Member = tuple[Roles, tuple[int, ...], int]  # a recorded worker's roles, pinned CPUs and restarts
+
+
+def lost_workers(
+    recorded: dict[str, Member], live: dict[str, Roles]
+) -> tuple[dict[str, Member], dict[str, tuple[str, Member]]]:
+    """The recorded workers to start again after a restart (not alive), and the live workers the
+    record does not know that already stand in for one of them (stand-in → the lost one it
+    replaces). The record is written within half a second of each change, so an actor that goes down
+    just after starting a replacement finds the replacement alive and the failed worker still
+    recorded: matched by roles, the failure is replaced once, not twice."""
+    unknown = [name for name in live if name not in recorded]
+    lost: dict[str, Member] = {}
+    stand_ins: dict[str, tuple[str, Member]] = {}
+    for name, member in recorded.items():
+        if name in live:
+            continue
+        twin = next((n for n in unknown if live[n] == member[0]), None)
+        if twin is None:
+            lost[name] = member
+        else:
+            unknown.remove(twin)
+            stand_ins[twin] = (name, member)
+    return lost, stand_ins
 
 
 def control_name(cluster_id: str) -> str:
@@ -94,11 +121,17 @@ class ControlService:
         for name in adopted:
             if name in recorded:
                 self.plane.directory.update(name, restarts=recorded[name][2])
+        live_roles = {name: entry.roles for name in adopted if (entry := self.plane.directory.get(name))}
+        lost, stand_ins = lost_workers(recorded, live_roles)
+        for stand_in, (lost_name, (_, pinned, restarts)) in stand_ins.items():
+            log.warning(
+                "worker %s already stands in for %s, which died: not replaced twice", stand_in, lost_name
+            )
+            self.plane.directory.update(stand_in, cpus=pinned, restarts=restarts + 1)
         # Recorded workers that died while no control plane watched: started again under new names.
-        for name, (roles, pinned, restarts) in recorded.items():
-            if name not in adopted:
-                log.warning("worker %s died while the control plane was down: one starts in its place", name)
-                self.plane.submit(self._restore(roles, pinned, restarts))
+        for name, (roles, pinned, restarts) in lost.items():
+            log.warning("worker %s died while the control plane was down: one starts in its place", name)
+            self.plane.submit(self._restore(roles, pinned, restarts))
         self.window = RequestWindow()
         self.admission_limit: int | None = None
         self._gateways: dict[str, float] = {}  # gateway → when it last reported (wall clock)
@@ -244,7 +277,7 @@ class ControlService:
     def _key(self) -> bytes:
         return f"membership/{self.settings.cluster_id}".encode()
 
-    def _recorded(self) -> dict[str, tuple[Roles, tuple[int, ...], int]] | None:
+    def _recorded(self) -> dict[str, Member] | None:
         from ray.experimental import internal_kv
 
         raw = internal_kv._internal_kv_get(self._key(), namespace=_KV_NAMESPACE)
