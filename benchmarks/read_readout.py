@@ -14,36 +14,13 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from benchmarks.probes import HELD_OUT_SEED, load, probe
 from serving.config import default_model
-from serving.engine.inputs import InputProcessor
 from serving.evals.tasks import draw
 from serving.training.batches import collate, draw_example, pop_focus, pop_probe_targets
 from serving.training.focus import DIGITS
 from serving.training.recipe import TRAIN_SEED
-from serving.training.trainer import exported_model
-
-HELD_OUT_SEED = 4242
-
-
-def _probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> float:
-    """Held-out accuracy of an L2-regularised softmax probe over ten digits on standardised features."""
-    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
-    a, b = (train_x - mu) / sd, (test_x - mu) / sd
-    w = torch.zeros(a.shape[1], 10, requires_grad=True)
-    c = torch.zeros(10, requires_grad=True)
-    opt = torch.optim.LBFGS([w, c], max_iter=300)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(a @ w + c, train_y) + 1e-3 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return float(((b @ w + c).argmax(1) == test_y).float().mean())
 
 
 def main() -> None:
@@ -52,11 +29,8 @@ def main() -> None:
     p.add_argument("--train-items", type=int, default=480)
     p.add_argument("--test-items", type=int, default=150)
     args = p.parse_args()
-    torch.manual_seed(0)
-    inputs = InputProcessor.from_dir(str(args.model))
-    model = exported_model(args.model)
+    inputs, model, pad = load(args.model)
     cfg = inputs.model_config
-    pad = (inputs.tokenizer.token_id("<|endoftext|>"), cfg.image_token_id, cfg.video_token_id)
 
     def measure(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(own tokens' mean per layer, predicting position per layer, (place, digit)) per digit."""
@@ -103,7 +77,7 @@ def main() -> None:
             ("predicting position", train_answer, test_answer),
         ):
             fits = [
-                _probe(tr[a][:, layer], train_y[a, 1], te[b][:, layer], test_y[b, 1])
+                probe(tr[a][:, layer], train_y[a, 1], te[b][:, layer], test_y[b, 1], classes=10)
                 for layer in range(tr.shape[1])
             ]
             print(

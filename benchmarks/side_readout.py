@@ -17,36 +17,13 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from benchmarks.probes import HELD_OUT_SEED, load, probe
 from serving.config import default_model
-from serving.engine.inputs import InputProcessor
 from serving.evals.tasks import draw
 from serving.training.batches import collate, draw_example, pop_focus, pop_probe_targets
 from serving.training.focus import COLOUR_CLASS, AttentionFocus, focus_rows
 from serving.training.recipe import TRAIN_SEED
-from serving.training.trainer import exported_model
-
-HELD_OUT_SEED = 4242
-
-
-def _probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> float:
-    """Held-out accuracy of an L2-regularised logistic probe on standardised features."""
-    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
-    a, b = (train_x - mu) / sd, (test_x - mu) / sd
-    w = torch.zeros(a.shape[1], requires_grad=True)
-    c = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([w, c], max_iter=300)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(a @ w + c, train_y) + 1e-3 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return float(((b @ w + c > 0).float() == test_y).float().mean())
 
 
 def main() -> None:
@@ -55,11 +32,8 @@ def main() -> None:
     p.add_argument("--train-items", type=int, default=480)
     p.add_argument("--test-items", type=int, default=144)
     args = p.parse_args()
-    torch.manual_seed(0)
-    inputs = InputProcessor.from_dir(str(args.model))
-    model = exported_model(args.model)
+    inputs, model, pad = load(args.model)
     cfg = inputs.model_config
-    pad = (inputs.tokenizer.token_id("<|endoftext|>"), cfg.image_token_id, cfg.video_token_id)
     layers = model.model.language_model.layers
     heads = model.config.text_config.num_attention_heads
     foci = [AttentionFocus(model, layer) for layer in range(len(layers))]
@@ -122,7 +96,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---|---|---|")
     for layer in range(train_x[0].shape[1]):
         splits = zip(train_x, test_x, strict=True)
-        fits = [_probe(a[:, layer], train_y, b[:, layer], test_y) for a, b in splits]
+        fits = [probe(a[:, layer], train_y, b[:, layer], test_y) for a, b in splits]
         probes = " | ".join(f"{fit:.2f}" for fit in fits)
         if layer < len(layers):
             look = " ".join(f"{share[layer, h, 0]:.2f}/{share[layer, h, 1]:.2f}" for h in range(heads))

@@ -100,25 +100,28 @@ def test_the_pool_lives_on_the_device_at_the_size_its_memory_buys(tiny_model):
     assert e.runner.pool.num_blocks == pool_blocks(e.cfg, e.model_config, 2)
 
 
+def _decode(e: LLMEngine, batch: int, out_tokens: int) -> tuple[int, float, int]:
+    """(tokens decoded, seconds, prompt tokens) for `batch` story requests together, after a warm-up."""
+    requests = [
+        (
+            e.inputs.from_user_prompt(f"Request {i}: tell a story.", []),
+            SamplingParams(max_tokens=out_tokens, ignore_eos=True),
+        )
+        for i in range(batch)
+    ]
+    e.generate(requests[:1])  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    done = e.generate(requests)
+    torch.cuda.synchronize()
+    return sum(len(r.token_ids) for r in done), time.perf_counter() - start, len(requests[0][0].token_ids)
+
+
 def test_decode_throughput_is_printed(small_model):
     e = engine(small_model, "bfloat16", kv_cache_memory_gb=4.0)
     for batch in (1, 64):
-        requests = [
-            (
-                e.inputs.from_user_prompt(f"Request {i}: tell a story.", []),
-                SamplingParams(max_tokens=128, ignore_eos=True),
-            )
-            for i in range(batch)
-        ]
-        e.generate(requests[:1])  # warm-up
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        done = e.generate(requests)
-        torch.cuda.synchronize()
-        tokens = sum(len(r.token_ids) for r in done)
-        print(
-            f"\nsmall preset, bfloat16, batch {batch}: {tokens / (time.perf_counter() - start):.0f} tokens/s"
-        )
+        tokens, seconds, _ = _decode(e, batch, 128)
+        print(f"\nsmall preset, bfloat16, batch {batch}: {tokens / seconds:.0f} tokens/s")
 
 
 def _copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
@@ -148,22 +151,9 @@ def test_decode_against_the_bandwidth_roofline(wide_model):
     kv_per_token = e.model_config.kv_bytes_per_token(2)
     out_tokens = 64
     for batch in (1, 64):
-        requests = [
-            (
-                e.inputs.from_user_prompt(f"Request {i}: tell a story.", []),
-                SamplingParams(max_tokens=out_tokens, ignore_eos=True),
-            )
-            for i in range(batch)
-        ]
-        e.generate(requests[:1])  # warm-up
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        done = e.generate(requests)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        tokens = sum(len(r.token_ids) for r in done)
+        tokens, seconds, prompt_tokens = _decode(e, batch, out_tokens)
         assert tokens == batch * out_tokens
-        context = len(requests[0][0].token_ids) + out_tokens / 2  # a step's mean context
+        context = prompt_tokens + out_tokens / 2  # a step's mean context
         step_bytes = weights + batch * context * kv_per_token
         bound = batch * bandwidth / step_bytes  # tokens/s if a step only read its bytes at copy speed
         print(

@@ -171,6 +171,7 @@ def test_training_on_them_moves_the_heads_attention(tmp_path, one_thread):
         count_weight=1.0,
         relay_weight=1.0,
         read_weight=1.0,
+        read_layer=1,  # the test preset has two layers
         steps=30,
         task_weights={"side": 1.0, "count_colour": 1.0, "read": 1.0},
     )
