@@ -3,15 +3,26 @@ and a held-out accuracy from L2-regularised logistic regression on standardised 
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from serving.config import default_model
 from serving.engine.inputs import InputProcessor
 from serving.training.trainer import exported_model
 
 HELD_OUT_SEED = 4242
+
+
+def arguments(doc: str, test_items: int) -> argparse.Namespace:
+    """`--model`, `--train-items` and `--test-items`, described by the script's first doc line."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--model", type=Path, default=default_model())
+    p.add_argument("--train-items", type=int, default=480)
+    p.add_argument("--test-items", type=int, default=test_items)
+    return p.parse_args()
 
 
 def load(model_dir: Path) -> tuple[InputProcessor, torch.nn.Module, tuple[int, int, int]]:

@@ -13,13 +13,9 @@ training-seed items and scored on held-out ones (or an attention share):
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
-from benchmarks.probes import HELD_OUT_SEED, load, probe
-from serving.config import default_model
+from benchmarks.probes import HELD_OUT_SEED, arguments, load, probe
 from serving.evals.tasks import draw
 from serving.training.batches import collate, draw_example, pop_focus, pop_probe_targets
 from serving.training.focus import COLOUR_CLASS, AttentionFocus, focus_rows
@@ -27,11 +23,7 @@ from serving.training.recipe import TRAIN_SEED
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=default_model())
-    p.add_argument("--train-items", type=int, default=480)
-    p.add_argument("--test-items", type=int, default=144)
-    args = p.parse_args()
+    args = arguments(__doc__, test_items=144)
     inputs, model, pad = load(args.model)
     cfg = inputs.model_config
     layers = model.model.language_model.layers
