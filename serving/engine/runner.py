@@ -57,10 +57,7 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
-        if self.attention.name != "cpu":
-            # The one-call decode step attends with the C kernel itself: another backend, chosen or
-            # fallen back to, must run every step.
-            self.model.model.decode_layers = None
+        self.attention.prepare(self.model)
         # Sized from the device's memory: a pool for one profiling step first, then the measured size.
         self.profiled_blocks: int | None = None
         profiling = cfg.gpu_memory_utilization is not None

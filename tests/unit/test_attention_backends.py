@@ -224,20 +224,25 @@ def test_an_engine_whose_kernel_fails_serves_on_torch(triton_interpreter, tiny_m
     assert generate() == ("torch", expected)
 
 
-def test_the_one_call_decode_step_runs_only_under_the_cpu_backend(tiny_model, monkeypatch):
-    """The C decode step attends with the C kernel itself: under any other backend (chosen, or
-    fallen back to) every step goes through that backend."""
+def test_the_cpu_backend_alone_packs_the_linears_and_binds_the_one_call_decode_step(tiny_model, monkeypatch):
+    """What a CPU worker runs besides attention is the `cpu` backend's (`prepare`): the packed linears
+    and the one-call decode step, which attends with the C kernel itself. Under any other backend
+    (chosen, or fallen back to) every step goes through that backend and torch's own linears."""
     from serving.config import EngineConfig
     from serving.engine import kernels
     from serving.engine.llm import LLMEngine
+    from serving.engine.models.cpu_linear import PackedLinear
 
     if kernels.load("decode_layers") is None:
         pytest.skip("no C compiler: kernels off")
 
-    def decode_layers(backend: str):
+    def prepared(backend: str) -> tuple[int, bool]:
         monkeypatch.setenv("EPD_ATTENTION_BACKEND", backend)
         engine = LLMEngine(EngineConfig(model=str(tiny_model), device="cpu", num_kv_blocks=16, block_size=8))
-        return engine.runner.model.model.decode_layers
+        model = engine.runner.model
+        packed = sum(isinstance(m, PackedLinear) for m in model.modules())
+        return packed, model.model.decode_layers is not None
 
-    assert decode_layers("cpu") is not None
-    assert decode_layers("torch") is None
+    packed, one_call = prepared("cpu")
+    assert packed > 0 and one_call
+    assert prepared("torch") == (0, False)

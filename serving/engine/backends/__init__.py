@@ -8,7 +8,8 @@ layer's pool blocks and returns the attention output. The model
 code calls this interface and nothing else; which backend runs is chosen per device:
 
 - `cpu`: the C kernels (decode and prefill attention over the blocks in place), with the batched torch
-  path for what a kernel does not take (no compiler, another dtype);
+  path for what a kernel does not take (no compiler, another dtype); at load (`prepare`) it also packs
+  the linears and binds the one-call decode step;
 - `triton`: one Triton kernel launch per layer for the whole mixed prefill/decode batch (CUDA);
 - `torch`: one `scaled_dot_product_attention` call per layer and kind of token (decode, prompt) over the
   step's contexts gathered and padded: any device, no compiled code.
@@ -56,6 +57,11 @@ class AttentionBackend(ABC):
         batch = AttentionBatch.build(q_lens, ctx_lens, tables, block_size, device)
         batch.backend = self
         return batch
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Once, after the weights load: what this backend runs besides attention (nothing here; the
+        CPU's packs the linears and binds the one-call decode step)."""
+        return None
 
     @abstractmethod
     def forward(

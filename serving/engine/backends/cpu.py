@@ -26,6 +26,16 @@ from serving.engine.kernels import fused
 class CpuBackend(AttentionBackend):
     name = "cpu"
 
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Every linear packed for oneDNN (the decoder's and the LM head's with the few-row kernel's
+        copy too), and a decode-only step's layers bound as one C call (it attends with this backend's
+        decode kernel, so it runs under this backend only)."""
+        from serving.engine.models.cpu_linear import pack_linears
+        from serving.engine.models.decode_layers import DecodeLayers
+
+        pack_linears(model, few_rows=(model.model, model.lm_head))
+        model.model.decode_layers = DecodeLayers.build(model.model)
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:

@@ -9,8 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 from serving.engine.models.config import ModelConfig, load_model_config
-from serving.engine.models.cpu_linear import pack_linears
-from serving.engine.models.decode_layers import DecodeLayers
 from serving.engine.models.decoder import fuse_projections
 from serving.engine.models.qwen2_vl import Qwen2VL
 
@@ -58,7 +56,6 @@ def load_model(
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     fuse_projections(model)
-    # The decoder, the vision tower and the LM head; decode steps run the decoder and the head.
-    pack_linears(model, few_rows=(model.model, model.lm_head))
-    model.model.decode_layers = DecodeLayers.build(model.model)
+    # What runs on this device beyond torch's own ops (packed linears, the one-call decode step) is
+    # the attention backend's to set up (`AttentionBackend.prepare`).
     return model.requires_grad_(False).eval()
