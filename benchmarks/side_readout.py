@@ -52,6 +52,7 @@ def main() -> None:
                 [e.prompt_len for e in examples],
                 [(batch["input_ids"][i] == cfg.image_token_id).nonzero().squeeze(1) for i in range(len(idx))],
                 batch["input_ids"].shape[1],
+                [e.targets["place"] for e in examples],
             )
             pairs = (
                 (rows.look_query, rows.look_target),

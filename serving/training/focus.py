@@ -105,7 +105,7 @@ def focus_rows(
     prompt_lens: list[int],
     image_rows: list[torch.Tensor],
     width: int,
-    places: list[torch.Tensor] | None = None,
+    places: list[torch.Tensor],
 ) -> FocusRows:
     """`colour_shares`, `centres` and `places` are the (visual tokens, classes) colour, centre and
     place targets (serving/training/dense.py), `image_rows` the sequence positions of the example's
@@ -115,7 +115,7 @@ def focus_rows(
     target = {name: torch.zeros((b, width)) for name in ATTENTIONS}
     query["read"] = torch.full((b, DIGITS), -1, dtype=torch.long)
     target["read"] = torch.zeros((b, DIGITS, width))
-    for i, (place, n, rows) in enumerate(zip(places or [], prompt_lens, image_rows, strict=False)):
+    for i, (place, n, rows) in enumerate(zip(places, prompt_lens, image_rows, strict=True)):
         if len(rows) != len(place):
             continue
         for k in range(DIGITS):
@@ -188,13 +188,13 @@ class AttentionFocus:
         dim = a.head_dim
         kv_head = head // (a.config.num_attention_heads // a.config.num_key_value_heads)
         at = query[rows]
-        h = hidden[example[rows]]  # (R, T, hidden)
-        q = a.q_proj(h[torch.arange(len(rows)), at])[:, head * dim : (head + 1) * dim]
+        # Keys once per example with a row (a read example has up to DIGITS rows), then per row.
+        used, of_row = example[rows].unique(return_inverse=True)
+        h, c, s = hidden[used], cos[used], sin[used]  # (E, T, ·)
         k = a.k_proj(h)[..., kv_head * dim : (kv_head + 1) * dim]
-        c, s = cos[example[rows]], sin[example[rows]]  # (R, T, dim)
-        cq, sq = c[torch.arange(len(rows)), at], s[torch.arange(len(rows)), at]
-        q = q * cq + rotate_half(q) * sq
-        k = k * c + rotate_half(k) * s
+        k = (k * c + rotate_half(k) * s)[of_row]  # (R, T, dim)
+        q = a.q_proj(h[of_row, at])[:, head * dim : (head + 1) * dim]
+        q = q * c[of_row, at] + rotate_half(q) * s[of_row, at]
         scores = torch.einsum("rtd,rd->rt", k, q) * a.scaling
         later = torch.arange(scores.shape[1]) > at[:, None]
         logp = F.log_softmax(scores.masked_fill(later, float("-inf")), dim=-1)
