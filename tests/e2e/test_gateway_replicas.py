@@ -85,6 +85,9 @@ class Streams:
         self.gateway: list[str | None] = [None] * n
         self.finish: list[str | None] = [None] * n
         self.error: list[str | None] = [None] * n
+        # When each answered and ended, from the start: what a failed timing assertion prints.
+        self.times: list[list[float]] = [[] for _ in range(n)]
+        self._t0 = time.monotonic()
         self.threads = [threading.Thread(target=self._run, args=(url, i, max_tokens)) for i in range(n)]
         for t in self.threads:
             t.start()
@@ -97,6 +100,7 @@ class Streams:
         try:
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
                 self.gateway[i] = response.headers.get("x-epd-gateway")
+                self.times[i].append(round(time.monotonic() - self._t0, 2))
                 for line in response.iter_lines():
                     if line.startswith("data: {"):
                         choice = json.loads(line[6:])["choices"][0]
@@ -105,6 +109,7 @@ class Streams:
                         self.error[i] = line
         except httpx.HTTPError as e:
             self.error[i] = repr(e)
+        self.times[i].append(round(time.monotonic() - self._t0, 2))
 
     def started(self) -> bool:
         return all(g is not None for g in self.gateway)
@@ -174,18 +179,29 @@ def test_two_gateways_share_one_control_plane_through_its_restart_and_theirs(tin
         assert _stage_workers(proc.pid) == len(membership), "no worker orphaned"
 
         # A gateway replica killed under load: its own streams fail, the other replica's all finish;
-        # Serve starts a replacement, which serves the same workers.
-        streams = Streams(url, 16, max_tokens=1500)
-        _until(streams.started, 60, every_s=0.02)
-        killed_pid = listener_pids(port)[0]
+        # Serve starts a replacement, which serves the same workers. The one killed has a stream still
+        # running once every stream has its answer's headers (a replica's id starts with its pid). On
+        # a loaded 2-core machine a round's streams had all ended by then (CI saw it once): that round
+        # proves nothing about a kill, so it is let finish and run again, its timings printed.
+        for _ in range(3):
+            streams = Streams(url, 16, max_tokens=1500)
+            _until(streams.started, 60, every_s=0.02)
+            running = [g for g, f in zip(streams.gateway, streams.finish, strict=True) if f is None]
+            if running:
+                break
+            streams.join()
+            print("every stream ended before the kill; again:", streams.gateway, streams.times)
+        else:
+            pytest.fail("three rounds of 16 streams all ended before a replica could be killed")
+        killed_pid = int(running[0].split("-")[0])
+        assert killed_pid in listener_pids(port), (running[0], listener_pids(port))
         replicas = set(streams.gateway)
         os.kill(killed_pid, signal.SIGKILL)
-        assert not all(streams.finish), "streams are in flight when the replica dies"
         streams.join()
         assert len(replicas) == 2, "16 streams all on one replica: a 1-in-2^15 chance"
         lost = [i for i, e in enumerate(streams.error) if e is not None]
-        assert lost and len({streams.gateway[i] for i in lost}) == 1, (streams.gateway, streams.error)
-        survivor = (replicas - {streams.gateway[lost[0]]}).pop()
+        assert lost and {streams.gateway[i] for i in lost} == {running[0]}, (streams.gateway, streams.error)
+        survivor = (replicas - {running[0]}).pop()
         assert all(
             f == "length" for g, f in zip(streams.gateway, streams.finish, strict=True) if g == survivor
         )
