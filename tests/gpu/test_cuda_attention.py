@@ -62,6 +62,7 @@ def test_the_engine_runs_triton_on_cuda(tiny_model):
     assert backend_for(torch.device("cuda")).name == "triton"
     e = LLMEngine(EngineConfig(model=str(tiny_model), device="cuda", dtype="bfloat16"))
     assert e.runner.attention.name == "triton"
+    assert e.runner.model.model.layers[0].mlp.pointwise.name == "triton"
 
 
 def test_attention_time_is_printed():

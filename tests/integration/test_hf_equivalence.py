@@ -115,7 +115,8 @@ def test_negative_control_plain_positions_break_equality(pair, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_greedy_tokens_equal_transformers_without_the_c_kernels(tiny_model, backend, monkeypatch):
     """The engine with its C kernels off (as with no compiler): every op on its torch path, attention
-    through the batched torch backend or the Triton kernel (under Triton's CPU interpreter here). Three
+    and the element-wise steps through the batched torch backend or the Triton kernels (under Triton's
+    CPU interpreter here). Three
     prompts in one batch with a small step budget, so prompts are prefilled in chunks after cached
     tokens while the text prompt already decodes: steps mix all three kinds of attention."""
     import os
@@ -135,6 +136,8 @@ def test_greedy_tokens_equal_transformers_without_the_c_kernels(tiny_model, back
     )
     assert engine.runner.attention.name == backend
     assert engine.runner.model.model.decode_layers is None
+    layer = engine.runner.model.model.layers[0]  # the element-wise steps are the backend's too
+    assert {m.pointwise.name for m in (layer.input_layernorm, layer.self_attn, layer.mlp)} == {backend}
     reference = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
     prompts = [prompt_for(engine, case) for case in ("text", "one-image", "two-images-different-sizes")]
     assert all(len(p.token_ids) > 40 for p in prompts[1:]), "the image prompts take several steps"

@@ -14,6 +14,7 @@ import torch
 
 from serving.engine.backends import backend_for, checked
 from serving.engine.backends.cpu import CpuBackend
+from serving.engine.backends.pointwise import Pointwise
 from serving.engine.backends.torch_sdpa import TorchBackend
 
 HEADS, KV_HEADS = 8, 2
@@ -198,6 +199,35 @@ def test_a_kernel_that_fails_or_differs_at_start_up_falls_back_to_torch(triton_i
     backend, reason = checked(Broken(), HEADS, KV_HEADS, 16, 4, torch.bfloat16, torch.device("cpu"))
     assert backend.name == "torch"
     assert reason is not None and ("PTX" in reason if fault == "raises" else "differs" in reason)
+    assert "(attention)" in reason
+
+
+@pytest.mark.parametrize("fault", ["raises", "wrong"])
+@pytest.mark.parametrize("step", ["add_rms_norm", "rotary", "silu_mul"])
+def test_an_element_wise_kernel_that_fails_or_differs_falls_back_to_torch(triton_interpreter, fault, step):
+    """The same for each of the backend's element-wise kernels: its attention fine, the worker still
+    runs on torch (whose element-wise steps are torch's) and says which part failed."""
+    from serving.engine.backends.triton_pointwise import TritonPointwise
+
+    class BrokenStep(TritonPointwise):
+        pass
+
+    def broken(self, *args):  # noqa: ANN001, ANN002, ANN202
+        if fault == "raises":
+            raise RuntimeError("PTX: unsupported on this device")
+        out = getattr(TritonPointwise, step)(self, *args)
+        return (out[0], out[1] + 0.25) if isinstance(out, tuple) else out + 0.25
+
+    setattr(BrokenStep, step, broken)
+
+    class Broken(triton_interpreter.TritonBackend):
+        def pointwise(self):  # noqa: ANN202
+            return BrokenStep()
+
+    backend, reason = checked(Broken(), HEADS, KV_HEADS, 16, 4, torch.float32, torch.device("cpu"))
+    assert backend.name == "torch" and type(backend.pointwise()) is Pointwise
+    assert reason is not None and "(element-wise steps)" in reason
+    assert "PTX" in reason if fault == "raises" else "differs" in reason
 
 
 def test_an_engine_whose_kernel_fails_serves_on_torch(triton_interpreter, tiny_model, monkeypatch) -> None:
@@ -246,3 +276,44 @@ def test_the_cpu_backend_alone_packs_the_linears_and_binds_the_one_call_decode_s
     packed, one_call = prepared("cpu")
     assert packed > 0 and one_call
     assert prepared("torch") == (0, False)
+
+
+def test_only_the_cpu_backend_runs_the_element_wise_kernels(tiny_model, monkeypatch):
+    """The layers' norms, rotary embedding and gated product run as their backend runs them: the C
+    kernels under `cpu`, torch's ops under `torch` on the same CPU (no kernel call at all), and the
+    greedy tokens are the same."""
+    from collections import Counter
+
+    from serving.config import EngineConfig
+    from serving.engine import kernels
+    from serving.engine.kernels import fused
+    from serving.engine.llm import LLMEngine
+    from serving.types import SamplingParams
+
+    if kernels.load("fused_ops") is None:
+        pytest.skip("no C compiler: kernels off")
+    calls: Counter[str] = Counter()
+
+    def counting(name: str):  # noqa: ANN202
+        real = getattr(fused, name)
+
+        def counted(*args):  # noqa: ANN002, ANN202
+            calls[name] += 1
+            return real(*args)
+
+        return counted
+
+    for name in ("add_rms_norm", "rotary_", "silu_mul"):
+        monkeypatch.setattr(fused, name, counting(name))
+
+    def generate(backend: str) -> tuple[dict[str, int], list[int]]:
+        calls.clear()
+        monkeypatch.setenv("EPD_ATTENTION_BACKEND", backend)
+        engine = LLMEngine(EngineConfig(model=str(tiny_model), device="cpu", num_kv_blocks=16, block_size=8))
+        prompt = engine.inputs.from_user_prompt("the river at night", [])
+        out = engine.generate([(prompt, SamplingParams(max_tokens=4, ignore_eos=True))])[0].token_ids
+        return dict(calls), out
+
+    on_cpu, tokens = generate("cpu")
+    assert set(on_cpu) == {"add_rms_norm", "rotary_", "silu_mul"}
+    assert generate("torch") == ({}, tokens)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from serving.engine import kernels
+from serving.engine.backends.pointwise import TORCH, CpuPointwise, apply_rotary
 from serving.engine.kernels import fused
-from serving.engine.models.layers import RMSNorm, apply_rotary
+from serving.engine.models.layers import RMSNorm
 
 needs_kernels = pytest.mark.skipif(kernels.load("fused_ops") is None, reason="no C compiler: kernels off")
 
@@ -107,6 +108,39 @@ def test_bfloat16_kernels_round_where_the_torch_ops_do(rows: int, one_thread) ->
     gate_up = (torch.randn(rows, 2 * 1408) * 4).bfloat16()
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(fused.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_cpu_backends_element_wise_steps_are_torchs(dtype: torch.dtype, one_thread) -> None:
+    """What the layers call (`pointwise`): the CPU backend's runs the kernels where they take the input
+    and torch's ops where they decline (float64 here, or no compiler), and either way answers what the
+    torch one does: the sum and its norm, Q's and K's heads turned in a fused QKV row (in place or
+    not: the caller takes what is returned), the gated product."""
+    torch.manual_seed(3)
+    cpu, rows = CpuPointwise(), 7
+    weight, eps = torch.randn(96).to(dtype), 1e-6
+    x, h = torch.randn(rows, 96).to(dtype), torch.randn(rows, 96).to(dtype)
+    exact = dtype != torch.float32  # bfloat16 rounds where torch does; float64 is torch itself
+    for add in (h, None):
+        pairs = zip(
+            cpu.add_rms_norm(x, add, weight, eps), TORCH.add_rms_norm(x, add, weight, eps), strict=True
+        )
+        for got, want in pairs:
+            assert torch.equal(got, want) if exact else torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    qkv = torch.randn(rows, 5 * 32).to(dtype)
+    angles = torch.randn(rows, 1, 16)
+    cos, sin = (
+        torch.cat([angles, angles], -1).cos().to(dtype),
+        torch.cat([angles, angles], -1).sin().to(dtype),
+    )
+    want = TORCH.rotary(qkv[:, : 4 * 32].view(rows, 4, 32), cos, sin)
+    got = cpu.rotary(qkv[:, : 4 * 32].view(rows, 4, 32), cos, sin)
+    assert torch.equal(got, want) if exact else torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    gate_up = torch.randn(rows, 2 * 48).to(dtype)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(cpu.silu_mul(gate_up), TORCH.silu_mul(gate_up), rtol=tolerance, atol=tolerance)
 
 
 @needs_kernels

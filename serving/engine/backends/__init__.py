@@ -9,7 +9,8 @@ code calls this interface and nothing else; which backend runs is chosen per dev
 
 - `cpu`: the C kernels (decode and prefill attention over the blocks in place), with the batched torch
   path for what a kernel does not take (no compiler, another dtype); at load (`prepare`) it also packs
-  the linears and binds the one-call decode step;
+  the linears, binds its element-wise kernels into the layers (`pointwise`) and the one-call decode
+  step;
 - `triton`: one Triton kernel launch per layer for the whole mixed prefill/decode batch (CUDA);
 - `torch`: one `scaled_dot_product_attention` call per layer and kind of token (decode, prompt) over the
   step's contexts gathered and padded: any device, no compiled code.
@@ -27,9 +28,12 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+
+from serving.engine.backends.pointwise import TORCH, Pointwise, bind
 
 if TYPE_CHECKING:
     from serving.engine.attention import AttentionBatch
@@ -58,10 +62,15 @@ class AttentionBackend(ABC):
         batch.backend = self
         return batch
 
+    def pointwise(self) -> Pointwise:
+        """The layers' element-wise steps as this backend runs them (torch's ops here)."""
+        return TORCH
+
     def prepare(self, model: torch.nn.Module) -> None:
-        """Once, after the weights load: what this backend runs besides attention (nothing here; the
-        CPU's packs the linears and binds the one-call decode step)."""
-        return None
+        """Once, after the weights load: what this backend runs besides attention. Here the layers'
+        element-wise steps (`pointwise`); the CPU's also packs the linears and binds the one-call
+        decode step."""
+        bind(model, self.pointwise())
 
     @abstractmethod
     def forward(
@@ -114,43 +123,95 @@ def checked(
     dtype: torch.dtype,
     device: torch.device,
 ) -> tuple[AttentionBackend, str | None]:
-    """`backend`, or the `torch` backend and the reason when `backend` raises or disagrees with it on a
-    small mixed step of these shapes: a decode token after two blocks and more, a chunk after cached
-    tokens and a whole prompt, in scattered blocks. Backends other than `triton` pass
-    as they are (the CPU's kernels have their own fallback; `torch` is the reference)."""
+    """`backend`, or the `torch` backend and the reason when its kernels raise or disagree with torch's
+    on small inputs of these shapes: attention on a mixed step (a decode token after two blocks and
+    more, a chunk after cached tokens and a whole prompt, in scattered blocks), and the element-wise
+    steps (add and norm, the rotary embedding of a fused QKV row, the gated product). Backends other
+    than `triton` pass as they are (the CPU's kernels have their own fallback; `torch` is the
+    reference)."""
     if backend.name != "triton":
         return backend, None
     from serving.engine.backends.torch_sdpa import TorchBackend
 
     reference = TorchBackend()
     gen = torch.Generator().manual_seed(0)
-    q_lens, ctx_lens = [1, 3, 5], [2 * block_size + 2, block_size + 3, 5]
-    blocks = [-(-n // block_size) for n in ctx_lens]
-    order = torch.randperm(sum(blocks) + 2, generator=gen).tolist()
-    tables = [order[sum(blocks[:i]) : sum(blocks[: i + 1])] for i in range(len(blocks))]
-    total = sum(q_lens)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
+    # Room for TF32 matmuls in float32 and for half types' rounding; a wrong block, mask, softmax or
+    # element is off by tenths on these random inputs.
+    tolerance = 2e-2 if dtype == torch.float32 else 6e-2
+    checks: list[tuple[str, Callable[[], float]]] = [
+        (
+            "attention",
+            lambda: _attention_error(backend, reference, heads, kv_heads, head_dim, block_size, rand),
+        ),
+        (
+            "element-wise steps",
+            lambda: _pointwise_error(backend.pointwise(), heads, kv_heads, head_dim, rand),
+        ),
+    ]
+    for part, check in checks:
+        try:
+            error = check()
+        except Exception as exc:  # noqa: BLE001 - whatever stops a kernel here stops it for every request
+            failure = f"{type(exc).__name__}: {exc}"
+            reason = f"the {backend.name} backend ({part}) failed on this device ({failure})"
+            break
+        if error > tolerance:
+            reason = f"the {backend.name} backend ({part}) differs from torch's by {error:.3g} on this device"
+            break
+    else:
+        return backend, None
+    log.warning("%s; the worker runs on the torch backend", reason)
+    return reference, reason
+
+
+def _attention_error(
+    backend: AttentionBackend,
+    reference: AttentionBackend,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    rand: Callable[..., torch.Tensor],
+) -> float:
+    q_lens, ctx_lens = [1, 3, 5], [2 * block_size + 2, block_size + 3, 5]
+    blocks = [-(-n // block_size) for n in ctx_lens]
+    order = torch.randperm(sum(blocks) + 2, generator=torch.Generator().manual_seed(1)).tolist()
+    tables = [order[sum(blocks[:i]) : sum(blocks[: i + 1])] for i in range(len(blocks))]
+    total = sum(q_lens)
     pool = rand(len(order), 2, block_size, kv_heads, head_dim)
     q, k, v = rand(total, heads, head_dim), rand(total, kv_heads, head_dim), rand(total, kv_heads, head_dim)
+    device = pool.device
 
     def run(b: AttentionBackend) -> torch.Tensor:
         return b.forward(q, k, v, pool.clone(), b.plan(q_lens, ctx_lens, tables, block_size, device))
 
     expected = run(reference)
-    try:
-        got = run(backend)
-        error = (got.float() - expected.float()).abs().max().item()
-    except Exception as exc:  # noqa: BLE001 - whatever stops the kernel here stops it for every request
-        reason = f"the {backend.name} attention kernel failed on this device ({type(exc).__name__}: {exc})"
-    else:
-        # Room for TF32 matmuls in float32 and for half types' rounding; a wrong block, mask or
-        # softmax is off by tenths on these random inputs.
-        tolerance = 2e-2 if dtype == torch.float32 else 6e-2
-        if error <= tolerance:
-            return backend, None
-        reason = f"the {backend.name} attention kernel differs from torch's by {error:.3g} on this device"
-    log.warning("%s; attention runs on the torch backend", reason)
-    return reference, reason
+    return (run(backend).float() - expected.float()).abs().max().item()
+
+
+def _pointwise_error(
+    pointwise: Pointwise, heads: int, kv_heads: int, head_dim: int, rand: Callable[..., torch.Tensor]
+) -> float:
+    rows, width = 3, heads * head_dim
+    x, h, weight = rand(rows, width), rand(rows, width), rand(width)
+    qkv = rand(rows, (heads + 2 * kv_heads) * head_dim)
+    cos, sin = rand(rows, 1, head_dim), rand(rows, 1, head_dim)
+    gate_up = rand(rows, 2 * width)
+
+    def run(ops: Pointwise) -> list[torch.Tensor]:
+        turned = qkv.clone()[:, : (heads + kv_heads) * head_dim].view(rows, heads + kv_heads, head_dim)
+        return [
+            *ops.add_rms_norm(x, h, weight, 1e-6),
+            ops.add_rms_norm(x, None, weight, 1e-6)[1],
+            ops.rotary(turned, cos, sin),
+            ops.silu_mul(gate_up),
+        ]
+
+    return max(
+        (got.float() - want.float()).abs().max().item()
+        for got, want in zip(run(pointwise), run(TORCH), strict=True)
+    )

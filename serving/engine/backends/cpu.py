@@ -19,6 +19,7 @@ import torch
 from serving.engine import kernels
 from serving.engine.attention import AttentionBatch, _Group
 from serving.engine.backends import AttentionBackend, write_kv
+from serving.engine.backends.pointwise import CpuPointwise, Pointwise
 from serving.engine.backends.torch_sdpa import attend_padded
 from serving.engine.kernels import fused
 
@@ -26,13 +27,18 @@ from serving.engine.kernels import fused
 class CpuBackend(AttentionBackend):
     name = "cpu"
 
+    def pointwise(self) -> Pointwise:
+        return CpuPointwise()
+
     def prepare(self, model: torch.nn.Module) -> None:
-        """Every linear packed for oneDNN (the decoder's and the LM head's with the few-row kernel's
-        copy too), and a decode-only step's layers bound as one C call (it attends with this backend's
-        decode kernel, so it runs under this backend only)."""
+        """The layers' element-wise steps through the C kernels (`CpuPointwise`), every linear packed
+        for oneDNN (the decoder's and the LM head's with the few-row kernel's copy too), and a
+        decode-only step's layers bound as one C call (it attends with this backend's decode kernel,
+        so it runs under this backend only)."""
         from serving.engine.models.cpu_linear import pack_linears
         from serving.engine.models.decode_layers import DecodeLayers
 
+        super().prepare(model)
         pack_linears(model, few_rows=(model.model, model.lm_head))
         model.model.decode_layers = DecodeLayers.build(model.model)
 

@@ -26,6 +26,7 @@ import torch
 
 from serving.engine.attention import AttentionBatch
 from serving.engine.backends import AttentionBackend, write_kv
+from serving.engine.backends.pointwise import Pointwise
 
 BLOCK_M = 16  # query rows per program (tl.dot needs 16 or more)
 
@@ -56,6 +57,11 @@ class TritonPlan:
 
 class TritonBackend(AttentionBackend):
     name = "triton"
+
+    def pointwise(self) -> Pointwise:
+        from serving.engine.backends.triton_pointwise import TritonPointwise
+
+        return TritonPointwise()
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch

@@ -7,11 +7,11 @@ from torch import nn
 
 from serving.engine import compaction
 from serving.engine.attention import AttentionBatch, paged_attention
-from serving.engine.kernels import fused
+from serving.engine.backends.pointwise import TORCH, Pointwise
 from serving.engine.kv_cache import KVPool
 from serving.engine.models.config import TextConfig
 from serving.engine.models.decode_layers import DecodeLayers
-from serving.engine.models.layers import GatedMLP, RMSNorm, apply_rotary, concat_linear
+from serving.engine.models.layers import GatedMLP, RMSNorm, concat_linear
 
 
 class MRotary:
@@ -34,6 +34,8 @@ class MRotary:
 
 
 class Attention(nn.Module):
+    pointwise: Pointwise = TORCH  # the backend's `prepare` may bind its own
+
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -42,7 +44,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.qkv: nn.Linear | None = None
-        self.sizes = [cfg.num_heads * cfg.head_dim, *[cfg.num_kv_heads * cfg.head_dim] * 2]
 
     def fuse(self) -> None:
         """Q, K and V as one matmul (after the weights load)."""
@@ -58,20 +59,18 @@ class Attention(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         tokens, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        turned = False
+        turn = self.pointwise.rotary
         if self.qkv is not None:
             qkv = self.qkv(x)
-            # Q's and K's heads lie side by side at the start of each fused row: one in-place pass
-            # turns both.
-            turned = fused.rotary_(
-                qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim), cos, sin
-            )
-            q, k, v = qkv.split(self.sizes, dim=-1)
+            # Q's and K's heads lie side by side at the start of each fused row: one pass turns both
+            # (in place where the backend has a kernel for it).
+            qk = turn(qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
-        if not turned:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+            q, k, v = turn(q, cos, sin), turn(k, cos, sin), v.view(tokens, kv_heads, dim)
         out = paged_attention(q, k, v, kv, batch)
         if batch.observers:  # visual-KV compaction scores this layer's attention from the window
             compaction.observe(q, kv, batch.observers)

@@ -1,4 +1,5 @@
-"""Building blocks shared by the vision tower and the decoder: norms, activations, rotary helpers."""
+"""Building blocks shared by the vision tower and the decoder: the norm, activations, the SwiGLU MLP.
+Their element-wise steps run through the backend's `Pointwise` (`serving/engine/backends/pointwise.py`)."""
 
 from __future__ import annotations
 
@@ -6,31 +7,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serving.engine.kernels import fused
+from serving.engine.backends.pointwise import TORCH, Pointwise, rms_norm
 
 
 class RMSNorm(nn.Module):
+    pointwise: Pointwise = TORCH  # the backend's `prepare` may bind its own
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the weight, as the reference does, so bf16 runs
-        # round the same way.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def add_norm(self, x: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + h, norm(x + h)), h None meaning nothing to add: the residual add and the norm after it
-        as one pass where the fused kernel runs."""
-        done = fused.add_rms_norm(x, h, self.weight, self.eps)
-        if done is not None:
-            return done
-        x = x if h is None else x + h
-        return x, self(x)
+        as one pass where the backend has a kernel for it."""
+        return self.pointwise.add_rms_norm(x, h, self.weight, self.eps)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -40,17 +34,10 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"quick_gelu": quick_gelu, "silu": F.silu, "gelu": F.gelu}
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
-
-
 class GatedMLP(nn.Module):
     """SwiGLU: down(act(gate(x)) * up(x)); the decoder's MLP and Qwen2.5's vision MLP."""
+
+    pointwise: Pointwise = TORCH
 
     def __init__(self, dim: int, hidden: int, act: str, bias: bool) -> None:
         super().__init__()
@@ -68,8 +55,8 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
             gate_up = self.gate_up(x)
-            if self.act is F.silu and (product := fused.silu_mul(gate_up)) is not None:
-                return self.down_proj(product)
+            if self.act is F.silu:
+                return self.down_proj(self.pointwise.silu_mul(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
             return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

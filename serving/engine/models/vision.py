@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.engine.backends.pointwise import apply_rotary
 from serving.engine.models.config import VisionConfig
-from serving.engine.models.layers import ACTIVATIONS, GatedMLP, RMSNorm, apply_rotary
+from serving.engine.models.layers import ACTIVATIONS, GatedMLP, RMSNorm
 
 
 class PatchEmbed(nn.Module):
