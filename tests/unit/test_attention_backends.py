@@ -32,11 +32,19 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torc
     return (scores.softmax(-1) @ v).transpose(0, 1).reshape(q_len, -1)
 
 
-def ragged_batch(seed: int, block: int, dim: int, dtype: torch.dtype, spare: int = 2):
+def ragged_batch(
+    seed: int,
+    block: int,
+    dim: int,
+    dtype: torch.dtype,
+    spare: int = 2,
+    heads: int = HEADS,
+    kv_heads: int = KV_HEADS,
+):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     num_blocks = 160
-    layer = torch.randn(num_blocks, 2, block, KV_HEADS, dim).to(dtype)
+    layer = torch.randn(num_blocks, 2, block, kv_heads, dim).to(dtype)
     free = list(range(num_blocks))
     rng.shuffle(free)  # scattered, out-of-order block tables
     q_lens, ctx_lens, tables = [], [], []
@@ -49,7 +57,7 @@ def ragged_batch(seed: int, block: int, dim: int, dtype: torch.dtype, spare: int
         ctx_lens.append(ctx)
     total = sum(q_lens)
     # Views into one fused row per token, as the model's Q/K/V projection hands them over: not contiguous.
-    q, k, v = torch.randn(total, HEADS + 2 * KV_HEADS, dim).to(dtype).split([HEADS, KV_HEADS, KV_HEADS], 1)
+    q, k, v = torch.randn(total, heads + 2 * kv_heads, dim).to(dtype).split([heads, kv_heads, kv_heads], 1)
     return layer, q_lens, ctx_lens, tables, q, k, v
 
 
@@ -58,12 +66,24 @@ def slots(table: list[int], block: int, positions: range) -> tuple[torch.Tensor,
     return torch.tensor([table[p // block] for p in positions]), torch.tensor([p % block for p in positions])
 
 
-def check(backend, seed: int, block: int, dim: int, dtype: torch.dtype, tolerance: float) -> None:
-    layer, q_lens, ctx_lens, tables, q, k, v = ragged_batch(seed, block, dim, dtype)
+def check(
+    backend,
+    seed: int,
+    block: int,
+    dim: int,
+    dtype: torch.dtype,
+    tolerance: float,
+    heads: int = HEADS,
+    kv_heads: int = KV_HEADS,
+):  # noqa: ANN001, ANN201
+    """The backend's output for a ragged mixed batch equals the reference; returns the step's plan."""
+    layer, q_lens, ctx_lens, tables, q, k, v = ragged_batch(
+        seed, block, dim, dtype, heads=heads, kv_heads=kv_heads
+    )
     before = layer.clone()
     batch = backend.plan(q_lens, ctx_lens, tables, block, torch.device("cpu"))
     out = backend.forward(q, k, v, layer, batch)
-    assert out.shape == (q.shape[0], HEADS * dim) and out.dtype == dtype
+    assert out.shape == (q.shape[0], heads * dim) and out.dtype == dtype
     t = 0
     for q_len, ctx, table in zip(q_lens, ctx_lens, tables, strict=True):
         rows = (
@@ -79,6 +99,7 @@ def check(backend, seed: int, block: int, dim: int, dtype: torch.dtype, toleranc
         error = (out[t : t + q_len].double() - expected).abs().max().item()
         assert error < tolerance, (backend.name, q_len, ctx, error)
         t += q_len
+    return batch
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -148,6 +169,23 @@ def triton_interpreter():
 def test_the_triton_kernel_equals_the_reference(triton_interpreter, seed: int, block: int, dim: int) -> None:
     """One launch for the whole mixed batch; odd block sizes and a head size that is not a power of 2."""
     check(triton_interpreter.TritonBackend(), seed, block, dim, torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (28, 4), (16, 1), (17, 1)])
+def test_a_decode_tokens_query_heads_share_their_kv_heads_tile(triton_interpreter, heads, kv_heads) -> None:
+    """A decode token is one tile whose programs each take the query heads of one KV head (its keys
+    and values read once for them all, not once per head): up to 16 heads to a KV head, a tile's rows;
+    more (17 here) fall back to a tile per head. Mixed with prompts and chunks, both equal the
+    reference."""
+    seed = next(s for s in range(50) if len({n > 1 for n in ragged_batch(s, 4, 16, torch.float32)[1]}) == 2)
+    batch = check(triton_interpreter.TritonBackend(), seed, 4, 16, torch.float32, 1e-5, heads, kv_heads)
+    decode_tiles = [
+        row for seq, row in zip(batch.extra.tile_seq.tolist(), batch.extra.tile_row.tolist(), strict=True)
+        if batch.extra.q_len[seq] == 1
+    ]  # fmt: skip
+    assert decode_tiles and set(decode_tiles) == {
+        triton_interpreter.GROUPED if heads // kv_heads <= 16 else 0
+    }
 
 
 def test_the_triton_kernel_reads_bfloat16_pools(triton_interpreter) -> None:

@@ -1,19 +1,21 @@
 """The Triton backend (CUDA): one kernel launch per layer for a step's whole mixed prefill/decode batch,
 reading keys and values from the block-major pool where they lie.
 
-A step's first layer cuts every sequence's new tokens into tiles of `BLOCK_M` query rows (a decode token
-is a tile of one row; the layout is kept on the batch for the other layers); the kernel runs one program
-per (tile, head): it loads the tile's queries, walks the sequence's blocks up to the tile's last visible
-position, and keeps a flash-attention running maximum, sum and weighted value in float32 (online
-softmax), so no score matrix is ever stored. Causal masking is by absolute position (query r of a
-sequence with context c and n new tokens sits at c - n + r), which covers a whole prompt, a chunk
-after cached tokens and a decode token alike.
+A step's first layer cuts every sequence's new tokens into tiles of `BLOCK_M` query rows (the layout is
+kept on the batch for the other layers); the kernel runs one program per (tile, head): it loads the
+tile's queries, walks the sequence's blocks up to the tile's last visible position, and keeps a
+flash-attention running maximum, sum and weighted value in float32 (online softmax), so no score matrix
+is ever stored. Causal masking is by absolute position (query r of a sequence with context c and n new
+tokens sits at c - n + r), which covers a whole prompt, a chunk after cached tokens and a decode token
+alike. A decode token's tile is grouped: its rows are the query heads that share a KV head (GQA: 7 of
+them in Qwen2.5-VL-7B), one program per KV head, so a decode step reads each KV head's blocks once
+rather than once per query head — decode attention is a read of the context, and that read was 7x.
 
 Why Triton rather than a vendored CUDA library: it ships with every CUDA PyTorch, compiles for the card
 it finds, and the same kernel runs on the CPU under `TRITON_INTERPRET=1`, which is how the CPU test
 suite checks it against the reference (tests/unit/test_attention_backends.py). What it does not do yet:
-split a long context across programs (flash-decoding) or group a KV head's query heads into one tile;
-both matter at long contexts and many heads per KV head, and are the next step for decode speed.
+split a long context across programs (flash-decoding), which matters when a few sequences at long
+contexts leave most of the GPU's multiprocessors idle.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from serving.engine.backends import AttentionBackend, write_kv
 from serving.engine.backends.pointwise import Pointwise
 
 BLOCK_M = 16  # query rows per program (tl.dot needs 16 or more)
+GROUPED = -1  # a tile's first row when its rows are one token's query heads that share a KV head
 
 
 @cache
@@ -51,7 +54,7 @@ class TritonPlan:
     block_start: torch.Tensor  # (S,) int32, first entry in `blocks`
     blocks: torch.Tensor  # (P,) int32, the sequences' used blocks, packed
     tile_seq: torch.Tensor  # (tiles,) int32
-    tile_row: torch.Tensor  # (tiles,) int32, the tile's first query row within its sequence
+    tile_row: torch.Tensor  # (tiles,) int32, the tile's first query row within its sequence, or GROUPED
     tiles: int
 
 
@@ -69,15 +72,18 @@ class TritonBackend(AttentionBackend):
         write_kv(k, v, kv_cache, batch)
         plan = batch.extra
         if plan is None:  # the step's first layer lays out the tiles every layer then reuses
-            plan = batch.extra = tile_plan(batch, q.device)
+            plan = batch.extra = tile_plan(batch, q.device, q.shape[1] // kv_cache.shape[3])
         out = torch.empty_like(q)
         paged_attention_triton(q, kv_cache, plan, out)
         return out.view(q.shape[0], -1)
 
 
-def tile_plan(batch: AttentionBatch, device: torch.device) -> TritonPlan:
+def tile_plan(batch: AttentionBatch, device: torch.device, heads_per_kv: int = 1) -> TritonPlan:
     """The kernel's view of a plan: its groups' sequences (each with its first batch row and used
-    blocks, as the plan already holds them; the kernel needs no batch order) and their tiles."""
+    blocks, as the plan already holds them; the kernel needs no batch order) and their tiles. A
+    sequence with one new token (a decode token) is one tile of its KV heads' query heads
+    (`heads_per_kv` of them, when they fit a tile: `GROUPED`); a longer one, tiles of `BLOCK_M`
+    positions."""
     q_start, q_len, ctx, block_start, blocks, tile_seq, tile_row = [], [], [], [], [], [], []
     for group in (batch.decode, batch.prompt):
         if group is None:
@@ -85,7 +91,7 @@ def tile_plan(batch: AttentionBatch, device: torch.device) -> TritonPlan:
         for first, n, c, table in zip(
             group.q_starts, group.q_lens, group.ctx_lens, group.tables, strict=True
         ):
-            for row in range(0, n, BLOCK_M):
+            for row in [GROUPED] if n == 1 and heads_per_kv <= BLOCK_M else range(0, n, BLOCK_M):
                 tile_seq.append(len(q_start))
                 tile_row.append(row)
             q_start.append(first)
@@ -194,24 +200,35 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction, built on first use so imp
         q_len = tl.load(QLen + seq)
         ctx = tl.load(Ctx + seq)
         block_start = tl.load(BlockStart + seq)
-        kv_head = head // GROUP
-
-        rows = first_row + tl.arange(0, BLOCK_M)
-        row_ok = rows < q_len
+        r = tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < dim
+
+        # A grouped tile (one decode token) is run by the programs of its first kv_heads head indices,
+        # each taking the GROUP query heads of one KV head: the KV head's keys and values are read once
+        # for all of them, not once per query head (the tile's other programs read and write nothing).
+        # Otherwise the program's rows are BLOCK_M positions of one head.
+        grouped = first_row < 0
+        active = (not grouped) | (head < tl.num_programs(1) // GROUP)
+        kv_head = tl.where(grouped, head, head // GROUP)
+        rows = tl.maximum(first_row, 0) + r  # positions within the sequence's new tokens
+        row_ok = tl.where(grouped, r < GROUP, rows < q_len) & active
+        token = tl.where(grouped, q_start, q_start + rows)  # each row's batch row
+        row_head = tl.where(grouped, head * GROUP + r, head)  # and query head
         q = tl.load(
-            Q + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
+            Q + token[:, None] * stride_qt + row_head[:, None] * stride_qh + d[None, :],
             mask=row_ok[:, None] & d_ok[None, :],
             other=0.0,
         ).to(tl.float32)
-        position = ctx - q_len + rows  # each query's absolute position: it sees keys up to it
+        # Each query's absolute position: it sees keys up to it.
+        position = tl.where(grouped, ctx - 1, ctx - q_len + rows)
 
         running_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
-        visible_end = ctx - q_len + last_row + 1  # keys past the tile's last query are never read
+        # Keys past the tile's last query are never read.
+        visible_end = tl.where(grouped, ctx, ctx - q_len + tl.minimum(first_row + BLOCK_M, q_len))
+        visible_end = tl.where(active, visible_end, 0)
         slots = tl.arange(0, BLOCK_N)
         for b in range(0, tl.cdiv(visible_end, block_size)):
             block = tl.load(Blocks + block_start + b).to(tl.int64)
@@ -232,9 +249,11 @@ def _kernel():  # noqa: ANN202 - a triton.JITFunction, built on first use so imp
             running_sum = running_sum * correction + tl.sum(weights, 1)
             acc = acc * correction[:, None] + tl.dot(weights, v, input_precision=PRECISION)
             running_max = new_max
-        result = acc / running_sum[:, None]
+        # A row that saw a key has a sum of at least 1 (its largest weight is exp(0)); the floor only
+        # spares an idle program's rows a 0 / 0, and they are not stored.
+        result = acc / tl.maximum(running_sum, 1.0)[:, None]
         tl.store(
-            Out + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
+            Out + token[:, None] * stride_ot + row_head[:, None] * stride_oh + d[None, :],
             result.to(Out.dtype.element_ty),
             mask=row_ok[:, None] & d_ok[None, :],
         )
