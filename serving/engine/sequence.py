@@ -48,6 +48,7 @@ class Sequence:
     queued_at: float = 0.0  # perf_counter when it joined the scheduler's waiting queue
     prefill_started: float | None = None  # perf_counter at the start of the step that took its first chunk
     matcher: Any = None  # the request's grammar state (an llguidance matcher), when it has a grammar
+    penalty_prompt: torch.Tensor | None = None  # the prompt's distinct tokens, for the penalties
     _held: str = ""  # text withheld from the stream while it could still become a stop string
     _generator: torch.Generator | None = None
     _key_base: int | None = None

@@ -51,6 +51,59 @@ def test_penalties_equal_the_reference(engine):
         assert torch.allclose(got[i], want, atol=1e-6)
 
 
+def dense_penalties(logits, seqs):
+    """The penalties over the whole vocabulary (counts of every token per row), as the sampler once
+    computed them: the sparse form must give the same bits."""
+    vocab = logits.shape[-1]
+
+    def counts(tokens):
+        return torch.bincount(
+            torch.tensor([t for t in tokens if t < vocab], dtype=torch.long), minlength=vocab
+        )
+
+    out = logits.clone()
+    for i, s in enumerate(seqs):
+        p = s.params
+        if not p.penalized:
+            continue
+        output = counts(s.output_token_ids).float()
+        row = out[i]
+        rep = torch.tensor(p.repetition_penalty)
+        if p.repetition_penalty != 1:
+            seen = (counts(s.prompt_token_ids) + output) > 0
+            row = torch.where(seen, torch.where(row > 0, row / rep, row * rep), row)
+        freq, presence = torch.tensor(p.frequency_penalty), torch.tensor(p.presence_penalty)
+        out[i] = row - freq * output - presence * (output > 0)
+    return out
+
+
+def test_the_penalties_touch_only_seen_tokens_and_equal_the_dense_form_bit_for_bit(engine):
+    """Many rows, every mix of the three penalties (negative ones too), empty outputs, token ids past
+    the vocabulary (ignored), repeated steps on the same sequences (the prompt's tokens are kept)."""
+    rng = torch.Generator().manual_seed(11)
+    vocab = 3000
+    seqs = []
+    for i in range(24):
+        prompt = torch.randint(
+            0, vocab + 20, (int(torch.randint(1, 300, (1,), generator=rng)),), generator=rng
+        )
+        output = torch.randint(0, vocab + 5, (int(torch.randint(0, 80, (1,), generator=rng)),), generator=rng)
+        params = {
+            "repetition_penalty": [1.0, 1.3, 0.7][i % 3],
+            "frequency_penalty": [0.0, 0.5, -1.2, 0.0][i % 4],
+            "presence_penalty": [0.0, 0.0, 0.3, -0.4, 1.1][i % 5],
+        }
+        seqs.append(seq(engine, prompt.tolist(), output.tolist(), **params))
+    for step in range(2):
+        logits = torch.randn(len(seqs), vocab, generator=rng) * 4
+        logits[0, :5] = float("-inf")
+        got = logits.clone()
+        _penalize(got, seqs)
+        assert torch.equal(got, dense_penalties(logits, seqs)), step
+        for s in seqs:  # the next step: one more token each
+            s.output_token_ids.append(int(torch.randint(0, vocab, (1,), generator=rng)))
+
+
 def test_rows_without_penalties_are_untouched(engine):
     logits = torch.randn(2, VOCAB)
     seqs = [seq(engine, [1], [2, 2]), seq(engine, [1], [2, 2], presence_penalty=1.0)]
