@@ -36,9 +36,9 @@ from serving.control.directory import PoolDirectory, WorkerEntry
 from serving.types import (
     FinishReason,
     MediaItem,
-    MediaRejected,
     NoWorkerAvailable,
     PromptSpec,
+    Rejected,
     Rejection,
     RequestFailed,
     Role,
@@ -47,6 +47,7 @@ from serving.types import (
     TokenDelta,
     WorkerDied,
     WorkerError,
+    failure_of,
 )
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ class Pipeline:
             except RequestFailed as exc:
                 # A stream's own failure is its prefill's until a token came out, its decode's after.
                 stage = exc.stage or (Role.DECODE if streamed else Role.PREFILL)
-                rejection = exc.rejection if isinstance(exc, MediaRejected) else None
+                rejection = exc.rejection if isinstance(exc, Rejected) else None
                 if stage is not Role.ENCODE and rejection is None:  # the encode leg counted its own
                     self.counters.failures[stage.name.lower()] += 1
                 yield self._error(request, str(exc) or "the request failed", stage, rejection)
@@ -239,7 +240,7 @@ class Pipeline:
             try:
                 call = e.handle.encode(request.request_id, request.images, request.spec.keep)
                 return await self._leg(e, call)
-            except MediaRejected:
+            except Rejected:
                 raise  # the client's media, not the stage, failed
             except RequestFailed:
                 self.counters.failures["encode"] += 1
@@ -293,7 +294,7 @@ class Pipeline:
             with self._busy(worker):
                 async for delta in stream:
                     if delta.finish_reason == FinishReason.ERROR:
-                        raise RequestFailed(delta.error or "the request failed", delta.failed_stage)
+                        raise failure_of(delta, "the request failed", delta.failed_stage)
                     if delta.finish_reason == FinishReason.ABORT:
                         raise WorkerError(f"worker {worker.name} aborted the request")
                     yield delta

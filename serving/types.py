@@ -386,22 +386,40 @@ class RequestFailed(WorkerError):
 
 @dataclass(frozen=True)
 class Rejection:
-    """What a client sent that a worker found it cannot use (media that do not decode): the 4xx the
-    client gets, and the request field at fault."""
+    """What a client sent that a worker found it cannot use (media that do not decode, a grammar past
+    the parser's limits): the 4xx the client gets, and the request field at fault where one is."""
 
     status: int
     code: str
-    param: str
+    param: str | None
     message: str
 
 
-class MediaRejected(RequestFailed):
-    """An image or video that passed the gateway's header checks did not decode on the worker: the
-    client's fault, not the stage's (a 4xx, never counted as an encode failure)."""
+class Rejected(RequestFailed):
+    """The client's request, found unusable past the gateway: its 4xx (`rejection`), never counted as
+    the stage's failure."""
+
+    def __init__(self, rejection: Rejection, stage: Role | None = None) -> None:
+        super().__init__(rejection.message, stage)
+        self.rejection = rejection
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.rejection, self.stage))
+
+
+def failure_of(delta: TokenDelta, fallback: str, stage: Role | None) -> RequestFailed:
+    """What a worker's failed delta raises on the caller's side: its rejection (the client's 4xx) when
+    it carries one, else the stage's failure."""
+    if delta.rejection is not None:
+        return Rejected(delta.rejection, stage)
+    return RequestFailed(delta.error or fallback, stage)
+
+
+class MediaRejected(Rejected):
+    """An image or video that passed the gateway's header checks did not decode on the worker."""
 
     def __init__(self, rejection: Rejection) -> None:
-        super().__init__(rejection.message, Role.ENCODE)
-        self.rejection = rejection
+        super().__init__(rejection, Role.ENCODE)
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.rejection,))

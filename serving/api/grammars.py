@@ -44,14 +44,50 @@ def output_grammar(fmt: OutputFormat) -> str:
     return LLMatcher.grammar_from_lark(fmt.spec)
 
 
-def _call_schema(tool: Tool) -> dict[str, Any]:
-    """One call as the tool-call template writes it: {"name": ..., "arguments": {...}}."""
+# Keys whose values are JSON data, not schemas: a "$ref" inside them is a value, never rewritten.
+_DATA_KEYS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _call_schema(tool: Tool, index: int, defs: dict[str, Any]) -> dict[str, Any]:
+    """One call as the tool-call template writes it: {"name": ..., "arguments": {...}}. Arguments
+    whose schema refers into itself (`#`, `#/$defs/...`) are placed under the grammar's root `$defs`
+    with those references rewritten, since a reference resolves from the root of the whole schema:
+    nested as they are, `#/$defs/x` would point at nothing."""
+    arguments = tool.parameters
+    if _has_local_ref(arguments):
+        key = f"tool_{index}_arguments"
+        defs[key] = _rebase(arguments, f"#/$defs/{key}")
+        arguments = {"$ref": f"#/$defs/{key}"}
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.name}, "arguments": tool.parameters},
+        "properties": {"name": {"const": tool.name}, "arguments": arguments},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+
+
+def _has_local_ref(schema: Any) -> bool:
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            return True
+        return any(_has_local_ref(v) for k, v in schema.items() if k not in _DATA_KEYS)
+    return isinstance(schema, list) and any(_has_local_ref(v) for v in schema)
+
+
+def _rebase(schema: Any, root: str) -> Any:
+    """`schema` with every local reference `#...` made `root...`."""
+    if isinstance(schema, dict):
+        out = {}
+        for k, v in schema.items():
+            if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+                out[k] = root + v[1:]
+            else:
+                out[k] = v if k in _DATA_KEYS else _rebase(v, root)
+        return out
+    if isinstance(schema, list):
+        return [_rebase(v, root) for v in schema]
+    return schema
 
 
 def tool_call_grammar(tools: tuple[Tool, ...], parallel: bool) -> str:
@@ -59,9 +95,10 @@ def tool_call_grammar(tools: tuple[Tool, ...], parallel: bool) -> str:
     naming one of `tools` with arguments that match its parameters' schema."""
     from llguidance import LLMatcher
 
-    schemas = [_call_schema(t) for t in tools]
+    defs: dict[str, Any] = {}
+    schemas = [_call_schema(t, i, defs) for i, t in enumerate(tools)]
     body = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-    body = {**body, "x-guidance": _JSON_STYLE}
+    body = {**body, "x-guidance": _JSON_STYLE} | ({"$defs": defs} if defs else {})
     repeat = ' ("\\n" call)*' if parallel else ""
     lines = [
         f"start: call{repeat}",

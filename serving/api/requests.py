@@ -254,7 +254,8 @@ def _check_logit_bias(entries: tuple[tuple[str, float], ...]) -> None:
 def logit_bias_ids(entries: tuple[tuple[str, float], ...], vocab_size: int) -> tuple[tuple[int, float], ...]:
     out = []
     for key, bias in entries:
-        token = int(key)
+        # A key of more digits than any vocabulary's size is past it (and past what int() parses).
+        token = int(key) if len(key) <= 18 else vocab_size
         if token >= vocab_size:
             raise invalid_value(
                 f"logit_bias.{key[:40]}", f"is not a token id (the vocabulary has {vocab_size})"

@@ -41,7 +41,7 @@ from serving.engine.scheduler import Batch, Scheduler
 from serving.engine.sequence import Sequence
 from serving.engine.tokenizer import Tokenizer
 from serving.engine.video_processor import VideoProcessor, video_config
-from serving.types import FinishReason, RequestStatus, SamplingParams, StageTimings, TokenDelta
+from serving.types import FinishReason, Rejected, RequestStatus, SamplingParams, StageTimings, TokenDelta
 
 log = logging.getLogger(__name__)
 
@@ -424,16 +424,19 @@ class LLMEngine:
         return delta
 
     def fail(self, seq: Sequence, exc: BaseException) -> TokenDelta:
-        """End one request with an error and free what it held; the rest of the engine goes on."""
-        log.warning("request %s failed inside the engine: %r", seq.request_id, exc)
+        """End one request with an error and free what it held; the rest of the engine goes on. A
+        `Rejected` (the request's own grammar at fault) carries its 4xx and is not the engine's
+        failure."""
+        rejection = exc.rejection if isinstance(exc, Rejected) else None
+        if rejection is None:
+            log.warning("request %s failed inside the engine: %r", seq.request_id, exc)
+            self.requests_failed += 1
         seq.finish(FinishReason.ERROR)
         self.scheduler.finish(seq)
         self._seqs.pop(seq.request_id, None)
         self._prefill_only.discard(seq.request_id)
-        self.requests_failed += 1
-        return TokenDelta(
-            seq.request_id, [], "", FinishReason.ERROR, error="the request failed while generating"
-        )
+        error = rejection.message if rejection else "the request failed while generating"
+        return TokenDelta(seq.request_id, [], "", FinishReason.ERROR, error=error, rejection=rejection)
 
     def encode(self, seqs: list[Sequence]) -> None:
         """Encode the images of every sequence that lacks embeddings, in vision batches of bounded size.

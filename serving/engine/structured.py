@@ -6,21 +6,27 @@ grammar string and checks that it compiles; the string travels in `SamplingParam
 request reaches (prefill for the first token, decode for the rest, a new decode worker after a
 migration) builds its own matcher from it. llguidance's default parser limits bound the work of one
 step (a few milliseconds at most), so no grammar a client sends can stall a worker: a step past them
-puts the matcher in an error state and the request fails alone. A matcher's state is a function of
+puts the matcher in an error state and the request fails alone, with a 400 (`grammar_too_complex`):
+its grammar, not the worker, is at fault. A matcher's state is a function of
 the tokens it consumed: `Sequence.restore` replays the streamed outputs through it, which is how it
 survives a migration or a role switch.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from serving.types import Rejected, Rejection
+
 if TYPE_CHECKING:
     from llguidance import LLMatcher, LLTokenizer
+
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(model_dir: str | Path, vocab_size: int, eos_token_ids: tuple[int, ...]) -> LLTokenizer:
@@ -55,14 +61,31 @@ def new_matcher(tokenizer: LLTokenizer, grammar: str) -> LLMatcher:
     return matcher
 
 
+TOO_COMPLEX = Rejection(
+    400,
+    "grammar_too_complex",
+    None,
+    "The request's output constraint (response_format, structured_outputs or a forced tool call) went "
+    "past the server's parser limits while generating; simplify it (fewer repetitions, shallower "
+    "recursion).",
+)
+
+
 def consume(matcher: LLMatcher, token_id: int) -> None:
-    """Advance the matcher by a sampled (or replayed) token; a token it does not allow is an error.
-    Once the grammar is complete it allows only the end of the sequence, and a request that ignores
-    EOS goes on emitting it: nothing is left to check."""
+    """Advance the matcher by a sampled (or replayed) token. Once the grammar is complete it allows
+    only the end of the sequence, and a request that ignores EOS goes on emitting it: nothing is left
+    to check.
+
+    Every token consumed was allowed by this matcher's own mask (sampled under it, or replayed after
+    another worker's matcher consumed it), so a matcher that fails on one has run into llguidance's
+    lexer or parser limits, which a grammar reaches lazily (`a{1000000}` compiles and gives a first
+    mask, then fails on its first token): the client's grammar, a 400 (`Rejected`), not a stage's
+    failure."""
     if matcher.is_stopped():
         return
     if not matcher.consume_token(token_id) or matcher.is_error():
-        raise ValueError(f"token {token_id} breaks the request's grammar: {matcher.get_error()}")
+        log.info("token %d stopped a request's grammar: %s", token_id, matcher.get_error().split("\n")[0])
+        raise Rejected(TOO_COMPLEX)
 
 
 def allowed_mask(matchers: list[LLMatcher], vocab_size: int) -> torch.Tensor:

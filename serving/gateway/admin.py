@@ -3,13 +3,12 @@ calls; behind the API key when keys are configured."""
 
 from __future__ import annotations
 
-import json
-
 from fastapi.responses import JSONResponse, Response
 
 from serving.api.admin import AdminService
 from serving.api.errors import APIError
 from serving.control.client import ControlClient
+from serving.gateway.jsonbody import parse_body
 from serving.types import Roles, parse_roles
 
 
@@ -41,8 +40,8 @@ class AdminAPI:
 
     @staticmethod
     def _roles(raw: bytes) -> Roles:
+        body = parse_body(raw or b"{}")  # the API's own guards: invalid JSON, nesting, bad Unicode
         try:
-            body = json.loads(raw or b"{}")
             roles = body["roles"]
             if not isinstance(roles, str):
                 raise TypeError

@@ -28,6 +28,7 @@ from serving.types import (
     StageTimings,
     TokenDelta,
     WorkerUnavailable,
+    failure_of,
 )
 
 T = TypeVar("T")
@@ -70,7 +71,7 @@ class RequestPaths:
         delta = self._next(sink)
         timings.merge(self._prefilled.pop(request_id, None))
         if delta.finish_reason == FinishReason.ERROR:
-            raise RequestFailed(delta.error or "the prefill failed", Role.PREFILL)
+            raise failure_of(delta, "the prefill failed", Role.PREFILL)
         if delta.finished:
             self._quiet_free(request_id)
             return PrefillResult(delta, None, timings)

@@ -471,3 +471,31 @@ def test_media_that_fail_on_the_worker_are_the_clients_400_not_a_stage_failure(s
     fresh = videos.clip(frames=6, size=(70, 42))  # not in any cache yet: decoded
     assert send(server, "POST", C, video_body(videos.data_url(fresh)), AUTH).status_code == 200
     assert _sample(server, "epd:worker_media_decoded_total", kind="video") == decoded + 1
+
+
+SELF_REQUIRING = {
+    "$defs": {"a": {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "required": ["x"]}},
+    "$ref": "#/$defs/a",
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        {"structured_outputs": {"regex": "a{1000000}"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SELF_REQUIRING}}},
+    ],
+    ids=["million-fold-repeat", "self-requiring-object"],
+)
+def test_a_grammar_past_the_parser_limits_is_the_clients_400_not_a_stage_failure(server, constraint, stream):
+    """A grammar that compiles and gives its first mask, then runs into llguidance's lexer or parser
+    limits at its first token (a 500 once): a 400 `grammar_too_complex`, streamed or not (the first
+    token decides before the answer begins), no stage failure counted, and the server goes on."""
+    failures = _sample(server, "epd:stage_failures_total")
+    response = send(server, "POST", C, chat_body(stream=stream, **constraint), AUTH)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "grammar_too_complex" and error["type"] == "invalid_request_error", error
+    assert _sample(server, "epd:stage_failures_total") == failures
+    assert send(server, "POST", C, chat_body(), AUTH).status_code == 200

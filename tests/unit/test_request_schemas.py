@@ -185,3 +185,16 @@ def test_valid_unicode_passes():
     # A JSON surrogate pair (\ud83d\ude00) is one valid character; so are raw UTF-8 emoji and CJK.
     raw = '{"prompt": "pair \\ud83d\\ude00, emoji 😀, CJK 漢字"}'.encode()
     assert parse_body(raw) == {"prompt": "pair 😀, emoji 😀, CJK 漢字"}
+
+
+def test_a_logit_bias_key_of_thousands_of_digits_is_not_a_token_id():
+    """Past what int() parses by default (4,300 digits): the client's 400 names the key as no token
+    id, rather than Python's own message."""
+    from serving.api.requests import logit_bias_ids
+
+    key = "9" * 5000
+    with pytest.raises(APIError) as err:
+        logit_bias_ids(((key, 1.0), ("3", 2.0)), 1664)
+    assert err.value.status == 400 and "is not a token id" in err.value.message
+    assert err.value.param == f"logit_bias.{key[:40]}"
+    assert logit_bias_ids((("3", 2.0),), 1664) == ((3, 2.0),)

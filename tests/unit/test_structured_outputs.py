@@ -17,7 +17,7 @@ from serving.api.requests import OutputFormat, OutputKind, Tool
 from serving.api.tools import parse
 from serving.engine import structured
 from serving.engine.inputs import Prompt
-from serving.types import FinishReason, SamplingParams
+from serving.types import FinishReason, Rejected, SamplingParams
 
 SAMPLES = 50
 
@@ -177,12 +177,75 @@ def test_replaying_tokens_rebuilds_the_matcher(engine):
         assert mask[0, tokens[k]], "the token the original sampled next is allowed"
 
 
-def test_a_token_the_grammar_forbids_is_an_error(engine):
+def test_a_token_the_matcher_cannot_take_is_an_error_never_an_invalid_answer(engine):
+    """The engine consumes only tokens the matcher's own mask allowed, so a matcher that refuses one
+    has met its parser limits (below): the request ends as the client's 400, not with the token."""
     grammar = output_grammar(OutputFormat(OutputKind.CHOICE, ("yes",)))
     seq = engine.make_sequence("x", prompt(engine), SamplingParams(grammar=grammar))
     wrong = engine.tokenizer.encode_text("no")[0]
-    with pytest.raises(ValueError, match="grammar"):
+    with pytest.raises(Rejected) as err:
         seq.append(wrong)
+    assert err.value.rejection.status == 400 and seq.output_token_ids == []
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        output_grammar(OutputFormat(OutputKind.REGEX, "a{1000000}")),
+        output_grammar(
+            OutputFormat(
+                OutputKind.JSON_SCHEMA,
+                {
+                    "$defs": {
+                        "a": {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "required": ["x"]}
+                    },
+                    "$ref": "#/$defs/a",
+                },
+            )
+        ),
+    ],
+    ids=["million-fold-repeat", "self-requiring-object"],
+)
+def test_a_grammar_past_the_parser_limits_fails_alone_as_the_clients_400(engine, grammar):
+    """Grammars that compile and give a first mask (the gateway's check passes) and then run into
+    llguidance's lexer or parser limits at their first token: that request ends with its rejection
+    (400 `grammar_too_complex`), not counted as the engine's failure; the request beside it runs on."""
+    failed_before = engine.requests_failed
+    bad = engine.add_request(prompt(engine), SamplingParams(max_tokens=4, grammar=grammar))
+    good = engine.add_request(prompt(engine), SamplingParams(max_tokens=4))
+    ends = {}
+    while engine.has_unfinished():
+        for delta in engine.step():
+            if delta.finished:
+                ends[delta.request_id] = delta
+    assert ends[bad].finish_reason == FinishReason.ERROR
+    assert ends[bad].rejection is not None and ends[bad].rejection.code == "grammar_too_complex"
+    assert ends[good].finish_reason == FinishReason.LENGTH and ends[good].rejection is None
+    assert engine.requests_failed == failed_before
+
+
+def test_tool_arguments_that_refer_into_their_own_schema_compile_and_match(engine):
+    """Parameters with their own `$defs` and a reference to their root (a tree): rebased under the
+    call grammar's root, so every forced call parses and validates against the tool's schema as sent."""
+    tree = {
+        "type": "object",
+        "$defs": {"leaf": {"enum": ["x", "y"]}},
+        "properties": {
+            "value": {"$ref": "#/$defs/leaf"},
+            "child": {"anyOf": [{"type": "null"}, {"$ref": "#"}]},
+            "note": {"const": {"$ref": "#/not/a/reference"}},
+        },
+        "required": ["value", "child"],
+        "additionalProperties": False,
+    }
+    for r in run(engine, tool_call_grammar((Tool("walk", tree),), False), n=20, max_tokens=200):
+        text, calls = parse(r.text)
+        assert r.finish_reason == FinishReason.STOP and len(calls) == 1 and text == "", r.text
+        assert calls[0].name == "walk"
+        jsonschema.validate(json.loads(calls[0].arguments), tree)
+    # Two such tools side by side: each under its own key.
+    both = tool_call_grammar((Tool("walk", tree), Tool("climb", tree)), True)
+    assert structured.grammar_error(engine._grammar_tokenizer(), both) is None
 
 
 def test_an_uncompilable_grammar_fails_the_request_alone(engine):

@@ -37,3 +37,25 @@ def test_an_unreachable_control_plane_is_a_503_with_retry_after():
     with pytest.raises(APIError) as err:
         asyncio.run(admin(ControlUnavailable("restarting")).add(parse_roles("d")))
     assert err.value.status == 503 and err.value.headers == {"Retry-After": "2"}
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),  # past the JSON nesting the API allows
+        (b'{"roles": "d"' + b"\xff}", "invalid_json"),  # not UTF-8
+        (b"[]", None),
+        (b'{"roles": 3}', None),
+        (b'{"roles": "x"}', None),
+    ],
+)
+def test_a_bad_roles_body_is_a_400_with_the_apis_json_guards(body, code):
+    """The body of a worker add or switch goes through the same parser as every request body: nesting
+    that would exhaust the interpreter's recursion (a 500 once) is a 400, as is anything that is not
+    {"roles": "<roles>"}."""
+    from serving.gateway.admin import AdminAPI
+
+    with pytest.raises(APIError) as err:
+        AdminAPI._roles(body)
+    assert err.value.status == 400
+    assert err.value.code == code if code else err.value.param == "roles"
