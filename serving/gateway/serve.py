@@ -114,8 +114,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> Response:
-        message = "Not found." if exc.status_code == 404 else "The request could not be served."
-        return error_response(APIError(exc.status_code, message))
+        named = {404: ("Not found.", "not_found"), 405: ("Method not allowed.", "method_not_allowed")}
+        message, code = named.get(exc.status_code, ("The request could not be served.", None))
+        return error_response(APIError(exc.status_code, message, code=code))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:

@@ -267,8 +267,8 @@ CASES = [
     ("missing api key", "POST", C, chat_body(), {}, 401, "invalid_api_key"),
     ("wrong api key", "POST", C, chat_body(), {"Authorization": "Bearer nope"}, 401, "invalid_api_key"),
     ("basic auth instead of bearer", "POST", C, chat_body(), {"Authorization": "Basic dGVzdC1rZXk="}, 401, "invalid_api_key"),
-    ("unknown route", "GET", "/v1/nothing-here", None, AUTH, 404, None),
-    ("GET on a POST route", "GET", C, None, AUTH, 405, None),
+    ("unknown route", "GET", "/v1/nothing-here", None, AUTH, 404, "not_found"),
+    ("GET on a POST route", "GET", C, None, AUTH, 405, "method_not_allowed"),
 ]  # fmt: skip
 
 
