@@ -46,6 +46,8 @@ def output_grammar(fmt: OutputFormat) -> str:
 
 # Keys whose values are JSON data, not schemas: a "$ref" inside them is a value, never rewritten.
 _DATA_KEYS = frozenset({"const", "enum", "default", "examples"})
+# Keywords whose values map names to schemas.
+_NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
 
 def _call_schema(tool: Tool, index: int, defs: dict[str, Any]) -> dict[str, Any]:
@@ -67,27 +69,28 @@ def _call_schema(tool: Tool, index: int, defs: dict[str, Any]) -> dict[str, Any]
 
 
 def _has_local_ref(schema: Any) -> bool:
-    if isinstance(schema, dict):
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#"):
-            return True
-        return any(_has_local_ref(v) for k, v in schema.items() if k not in _DATA_KEYS)
-    return isinstance(schema, list) and any(_has_local_ref(v) for v in schema)
+    return _rebase(schema, "#/$defs/probe") != schema  # changed only where a local reference is
 
 
-def _rebase(schema: Any, root: str) -> Any:
-    """`schema` with every local reference `#...` made `root...`."""
-    if isinstance(schema, dict):
-        out = {}
-        for k, v in schema.items():
-            if k == "$ref" and isinstance(v, str) and v.startswith("#"):
-                out[k] = root + v[1:]
-            else:
-                out[k] = v if k in _DATA_KEYS else _rebase(v, root)
-        return out
+def _rebase(schema: Any, root: str, names: bool = False) -> Any:
+    """`schema` with every local pointer reference (`#`, `#/...`) made `root...`. `names` says the
+    dict is a map of names to schemas (`properties`, `$defs`...), whose keys are never keywords: a
+    property called `default` holds a schema like any other."""
     if isinstance(schema, list):
         return [_rebase(v, root) for v in schema]
-    return schema
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if names:
+            out[k] = _rebase(v, root)
+        elif k == "$ref" and isinstance(v, str) and (v == "#" or v.startswith("#/")):
+            out[k] = root + v[1:]
+        elif k in _DATA_KEYS:
+            out[k] = v
+        else:
+            out[k] = _rebase(v, root, names=k in _NAME_MAPS)
+    return out
 
 
 def tool_call_grammar(tools: tuple[Tool, ...], parallel: bool) -> str:

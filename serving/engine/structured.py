@@ -7,9 +7,9 @@ request reaches (prefill for the first token, decode for the rest, a new decode 
 migration) builds its own matcher from it. llguidance's default parser limits bound the work of one
 step (a few milliseconds at most), so no grammar a client sends can stall a worker: a step past them
 puts the matcher in an error state and the request fails alone, with a 400 (`grammar_too_complex`):
-its grammar, not the worker, is at fault. A matcher's state is a function of
-the tokens it consumed: `Sequence.restore` replays the streamed outputs through it, which is how it
-survives a migration or a role switch.
+its grammar, not the worker, is at fault (any other refusal is the engine's). A matcher's state is
+a function of the tokens it consumed: `Sequence.restore` replays the streamed outputs through it,
+which is how it survives a migration or a role switch.
 """
 
 from __future__ import annotations
@@ -76,16 +76,28 @@ def consume(matcher: LLMatcher, token_id: int) -> None:
     only the end of the sequence, and a request that ignores EOS goes on emitting it: nothing is left
     to check.
 
-    Every token consumed was allowed by this matcher's own mask (sampled under it, or replayed after
-    another worker's matcher consumed it), so a matcher that fails on one has run into llguidance's
-    lexer or parser limits, which a grammar reaches lazily (`a{1000000}` compiles and gives a first
-    mask, then fails on its first token): the client's grammar, a 400 (`Rejected`), not a stage's
-    failure."""
-    if matcher.is_stopped():
-        return
-    if not matcher.consume_token(token_id) or matcher.is_error():
-        log.info("token %d stopped a request's grammar: %s", token_id, matcher.get_error().split("\n")[0])
-        raise Rejected(TOO_COMPLEX)
+    A grammar can compile and give a first mask and only later run into llguidance's lexer or parser
+    limits (`a{1000000}` on its first token, whether while a mask is computed or a token consumed): the
+    client's grammar, a 400 (`Rejected`), not a stage's failure. Any other refusal (a token the mask
+    did not allow: logits with nothing usable left) is the engine's, a `ValueError`. llguidance gives
+    no typed reason (`stop_reason()` says `InternalError` for both), so its message tells them apart."""
+    if not matcher.is_error() and matcher.is_stopped():
+        return  # an errored matcher is stopped too: it must not pass for a finished one
+    if matcher.is_error() or not matcher.consume_token(token_id) or matcher.is_error():
+        error = matcher.get_error() or ""
+        if _past_limits(error):
+            log.info("a request's grammar met the parser's limits: %s", error.split("\n")[0])
+            raise Rejected(TOO_COMPLEX)
+        raise ValueError(
+            f"token {token_id} breaks the request's grammar: {error.splitlines()[0] if error else ''}"
+        )
+
+
+def _past_limits(error: str) -> bool:
+    """Whether llguidance stopped on its own limits (lexer expressions, parser items): its message's
+    first line says so; the state dump after it names limits whatever the cause."""
+    first = error.split("\n", 1)[0].lower()
+    return "too many" in first or "too complex" in first
 
 
 def allowed_mask(matchers: list[LLMatcher], vocab_size: int) -> torch.Tensor:

@@ -177,15 +177,28 @@ def test_replaying_tokens_rebuilds_the_matcher(engine):
         assert mask[0, tokens[k]], "the token the original sampled next is allowed"
 
 
-def test_a_token_the_matcher_cannot_take_is_an_error_never_an_invalid_answer(engine):
-    """The engine consumes only tokens the matcher's own mask allowed, so a matcher that refuses one
-    has met its parser limits (below): the request ends as the client's 400, not with the token."""
+def test_a_token_the_grammar_forbids_is_the_engines_error_never_an_invalid_answer(engine):
+    """A token outside the mask (the engine's fault: the sampler masks) ends the request with an error
+    that is not blamed on the client's grammar."""
     grammar = output_grammar(OutputFormat(OutputKind.CHOICE, ("yes",)))
     seq = engine.make_sequence("x", prompt(engine), SamplingParams(grammar=grammar))
     wrong = engine.tokenizer.encode_text("no")[0]
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(ValueError, match="grammar"):
         seq.append(wrong)
-    assert err.value.rejection.status == 400 and seq.output_token_ids == []
+    assert seq.output_token_ids == []
+
+
+def test_a_matcher_that_erred_while_masking_is_not_taken_for_finished(engine):
+    """An errored matcher also reports itself stopped: consuming after a limit hit inside the mask
+    must raise, not pass the end-of-sequence token as a completed answer."""
+    grammar = output_grammar(OutputFormat(OutputKind.REGEX, "a{1000000}"))
+    matcher = structured.new_matcher(engine._grammar_tokenizer(), grammar)
+    vocab = engine.model_config.text.vocab_size
+    allowed = structured.allowed_mask([matcher], vocab)[0].nonzero().flatten().tolist()
+    with pytest.raises(Rejected):
+        structured.consume(matcher, allowed[-1])  # the first token: past the lexer's limits
+    with pytest.raises(Rejected):  # and after it, whatever comes (an EOS included)
+        structured.consume(matcher, engine.tokenizer.token_id("<|im_end|>"))
 
 
 @pytest.mark.parametrize(
@@ -243,6 +256,15 @@ def test_tool_arguments_that_refer_into_their_own_schema_compile_and_match(engin
         assert r.finish_reason == FinishReason.STOP and len(calls) == 1 and text == "", r.text
         assert calls[0].name == "walk"
         jsonschema.validate(json.loads(calls[0].arguments), tree)
+    # Properties named like keywords hold schemas too: their references are rebased.
+    keyworded = {
+        "type": "object",
+        "$defs": {"v": {"enum": [1, 2]}},
+        "properties": {"default": {"$ref": "#/$defs/v"}, "enum": {"$ref": "#/$defs/v"}},
+        "required": ["default", "enum"],
+    }
+    grammar = tool_call_grammar((Tool("pick", keyworded),), False)
+    assert structured.grammar_error(engine._grammar_tokenizer(), grammar) is None
     # Two such tools side by side: each under its own key.
     both = tool_call_grammar((Tool("walk", tree), Tool("climb", tree)), True)
     assert structured.grammar_error(engine._grammar_tokenizer(), both) is None
