@@ -105,7 +105,7 @@ def _kernels() -> _Kernels:  # built on first use, so importing this module need
             tl.store(Total + row + cols, x, mask=ok)
         wide = x.to(tl.float32)
         mean_square = tl.sum(wide * wide, axis=0) / dim
-        scale = tl.div_rn(1.0, tl.sqrt_rn(mean_square + eps))  # torch.rsqrt, correctly rounded
+        scale = tl.div_rn(1.0, tl.sqrt_rn(mean_square + eps))  # as the CPU's rsqrt
         normed = (wide * scale).to(dtype, fp_downcast_rounding="rtne")
         w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(
