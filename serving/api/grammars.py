@@ -55,10 +55,10 @@ def _call_schema(tool: Tool, index: int, defs: dict[str, Any]) -> dict[str, Any]
     whose schema refers into itself (`#`, `#/$defs/...`) are placed under the grammar's root `$defs`
     with those references rewritten, since a reference resolves from the root of the whole schema:
     nested as they are, `#/$defs/x` would point at nothing."""
-    arguments = tool.parameters
-    if _has_local_ref(arguments):
-        key = f"tool_{index}_arguments"
-        defs[key] = _rebase(arguments, f"#/$defs/{key}")
+    arguments, key = tool.parameters, f"tool_{index}_arguments"
+    rebased = _rebase(arguments, f"#/$defs/{key}")
+    if rebased != arguments:  # it refers into itself
+        defs[key] = rebased
         arguments = {"$ref": f"#/$defs/{key}"}
     return {
         "type": "object",
@@ -66,10 +66,6 @@ def _call_schema(tool: Tool, index: int, defs: dict[str, Any]) -> dict[str, Any]
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
-
-
-def _has_local_ref(schema: Any) -> bool:
-    return _rebase(schema, "#/$defs/probe") != schema  # changed only where a local reference is
 
 
 def _rebase(schema: Any, root: str, names: bool = False) -> Any:
